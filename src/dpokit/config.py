@@ -1,0 +1,368 @@
+"""The one config schema: typed dataclasses whose field docstrings are also the `--help` text.
+
+A config is built from a YAML file plus dotted overrides (`loss.beta=0.2`). Unknown keys, values of the
+wrong type and invalid values are collected and raised once, as a `ConfigError` listing every problem.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"
+    """Policy to train: a local HF folder, a hub id, a .gguf file, or an alias (smollm2-135m-instruct, tiny-random)."""
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint's repository to run. Off by default: it executes downloaded code."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers: sdpa or eager."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    """Train LoRA adapters (reference = same model, adapters off). False = full fine-tuning (reference = frozen copy)."""
+    r: int = 8
+    """LoRA rank."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input during training (always off for the reference pass)."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names that receive adapters."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Training data: a JSON/JSONL(.gz)/Parquet/CSV file, a saved HF dataset folder, or `builtin:demo`."""
+    eval: str = ""
+    """Separate held-out file. When empty, `eval_fraction` of the training prompts are held out."""
+    eval_fraction: float = 0.0
+    """Fraction of distinct prompts held out for evaluation when `eval` is empty (0 = no eval split)."""
+    max_length: int = 512
+    """Most tokens of prompt + one completion; completions are cut from the right to fit."""
+    max_prompt_length: int = 256
+    """Most prompt tokens; longer prompts are cut from the left (the end of a dialogue is kept)."""
+    skip_invalid: bool = False
+    """Skip and count invalid records instead of stopping at the first one."""
+    limit: int = 0
+    """Use only the first N valid pairs of the training file (0 = all)."""
+
+
+@dataclass
+class LossConfig:
+    type: str = "sigmoid"
+    """Preference loss: sigmoid (DPO)."""
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward r = beta * log(pi / pi_ref)."""
+    label_smoothing: float = 0.0
+    """Probability that a preference label is flipped (conservative DPO); 0 = plain DPO."""
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = ""
+    """Output folder (metrics.jsonl, config.yaml, checkpoints/). Empty = runs/<timestamp>."""
+    overwrite: bool = False
+    """Allow writing into a run_dir that already holds a run."""
+    seed: int = 0
+    """Seed for weights of new layers, data order and dropout."""
+    batch_size: int = 4
+    """Pairs per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 = run `epochs` epochs."""
+    epochs: float = 1.0
+    """Passes over the training pairs when max_steps is 0."""
+    lr: float = 5e-6
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warm-up steps from 0 to lr."""
+    scheduler: str = "linear"
+    """Decay after warm-up: linear (to 0), cosine (to 0) or constant."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 = no clipping; the norm is still logged)."""
+    bf16: bool = False
+    """bf16 autocast for the forward passes (fp32 master weights)."""
+    device: str = "auto"
+    """auto (cuda if present, else cpu), cpu or cuda."""
+    logps_chunk_size: int = 1024
+    """Completion tokens per chunk of the LM head + log-softmax (bounds the [tokens, vocab] buffer)."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every N optimizer steps (0 = only at the end)."""
+    save_final: bool = True
+    """Save a checkpoint at the end of training."""
+    progress: bool = True
+    """Show a progress bar with the live loss and margin."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate on the eval split every N optimizer steps (0 = only at the end)."""
+    at_start: bool = True
+    """Evaluate once before the first step (the reference point for the margins)."""
+    batch_size: int = 8
+    """Pairs per eval batch."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SCHEDULERS = ("linear", "cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+ATTENTION = ("sdpa", "eager")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass (its docstring), by field name."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = nxt.value.value
+    return docs
+
+
+def iter_fields(cls: type = Config, prefix: str = ""):
+    """Yield (dotted key, field type, default, doc) for every leaf field of the schema."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            yield from iter_fields(tp, key + ".")
+        else:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            yield key, tp, default, docs.get(f.name, "")
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (list, typing.List):  # noqa: UP006
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{key}={value!r}: expected a list of {item_tp.__name__}")
+            return value
+        return [_coerce(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, str):
+        # YAML 1.1 reads `1e-3` (no dot) as a string; a numeric literal is still a number.
+        try:
+            return tp(value)
+        except ValueError:
+            pass
+    if tp is bool and not isinstance(value, bool):
+        problems.append(f"{key}={value!r}: expected true or false")
+    elif tp is int and (not isinstance(value, int) or isinstance(value, bool)):
+        problems.append(f"{key}={value!r}: expected an integer")
+    elif tp is float and not isinstance(value, float):
+        problems.append(f"{key}={value!r}: expected a number")
+    elif tp is str and not isinstance(value, str):
+        problems.append(f"{key}={value!r}: expected a string")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str, problems: list[str]):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            close = [n for n in names if n.startswith(str(key)[:3])]
+            hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
+            problems.append(f"{prefix}{key}: unknown key{hint}; valid keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp, value, key = hints[f.name], data[f.name], prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                problems.append(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+                continue
+            kwargs[f.name] = _build(tp, value, key + ".", problems)
+        else:
+            kwargs[f.name] = _coerce(value, tp, key, problems)
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
+    """`a.b=1` strings -> nested dict; values are parsed as YAML scalars/lists (`true`, `0.1`, `[q,v]`)."""
+    nested: dict = {}
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r}: expected KEY=VALUE, e.g. loss.beta=0.2")
+            continue
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"override {item!r}: {part} is not a section")
+                break
+        else:
+            node[parts[-1]] = value
+    return nested, problems
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file, apply dotted overrides, type-check and validate; raise one ConfigError."""
+    problems: list[str] = []
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config file {str(path)!r} does not exist"])
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError([f"{path}: not valid YAML: {err}"]) from err
+        if not isinstance(data, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping of sections (model, data, ...)"])
+    extra, override_problems = parse_overrides(overrides or [])
+    problems += override_problems
+    cfg = _build(Config, _merge(data, extra), "", problems)
+    if not problems:
+        problems += validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def validate(cfg: Config) -> list[str]:
+    """Semantic checks on a type-correct config; returns every problem found (empty = valid)."""
+    from dpokit.losses import LOSSES
+
+    p = []
+    t, d, lo = cfg.train, cfg.data, cfg.loss
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            p.append(msg)
+
+    need(bool(d.train), "data.train is empty: give a preference file, e.g. data.train=pairs.jsonl")
+    need(0.0 <= d.eval_fraction < 1.0, f"data.eval_fraction={d.eval_fraction}: must be in [0, 1)")
+    need(not (d.eval and d.eval_fraction > 0), "data.eval and data.eval_fraction are both set: use one of them")
+    need(d.max_length > 1, f"data.max_length={d.max_length}: must be > 1")
+    need(d.max_prompt_length > 0, f"data.max_prompt_length={d.max_prompt_length}: must be > 0")
+    need(
+        d.max_prompt_length < d.max_length,
+        f"data.max_prompt_length={d.max_prompt_length} >= data.max_length={d.max_length}: "
+        "no room is left for the completion; lower max_prompt_length or raise max_length",
+    )
+    need(d.limit >= 0, f"data.limit={d.limit}: must be >= 0")
+    need(lo.type in LOSSES, f"loss.type={lo.type!r}: unknown loss; choose one of {sorted(LOSSES)}")
+    need(lo.beta > 0, f"loss.beta={lo.beta}: must be > 0 (typical 0.01 to 0.5)")
+    need(0.0 <= lo.label_smoothing < 0.5, f"loss.label_smoothing={lo.label_smoothing}: must be in [0, 0.5)")
+    need(t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1")
+    need(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum}: must be >= 1")
+    need(t.max_steps >= 0, f"train.max_steps={t.max_steps}: must be >= 0")
+    need(t.max_steps > 0 or t.epochs > 0, "train.max_steps=0 and train.epochs<=0: nothing to train")
+    need(t.lr > 0, f"train.lr={t.lr}: must be > 0 (DPO with LoRA: ~5e-5; full: ~5e-7)")
+    need(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0")
+    need(
+        len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
+        f"train.adam_betas={t.adam_betas}: two numbers in [0, 1)",
+    )
+    need(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps}: must be >= 0")
+    need(t.scheduler in SCHEDULERS, f"train.scheduler={t.scheduler!r}: choose one of {list(SCHEDULERS)}")
+    need(t.max_grad_norm >= 0, f"train.max_grad_norm={t.max_grad_norm}: must be >= 0 (0 = no clipping)")
+    need(t.device in DEVICES, f"train.device={t.device!r}: choose one of {list(DEVICES)}")
+    need(t.logps_chunk_size >= 1, f"train.logps_chunk_size={t.logps_chunk_size}: must be >= 1")
+    need(t.checkpoint_every >= 0, f"train.checkpoint_every={t.checkpoint_every}: must be >= 0")
+    need(cfg.eval.every >= 0, f"eval.every={cfg.eval.every}: must be >= 0")
+    need(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size}: must be >= 1")
+    need(
+        cfg.model.attn_implementation in ATTENTION,
+        f"model.attn_implementation={cfg.model.attn_implementation!r}: choose one of {list(ATTENTION)}",
+    )
+    if cfg.lora.enabled:
+        need(cfg.lora.r >= 1, f"lora.r={cfg.lora.r}: must be >= 1")
+        need(cfg.lora.alpha > 0, f"lora.alpha={cfg.lora.alpha}: must be > 0")
+        need(0 <= cfg.lora.dropout < 1, f"lora.dropout={cfg.lora.dropout}: must be in [0, 1)")
+        need(bool(cfg.lora.target_modules), "lora.target_modules is empty: name modules, e.g. [q_proj, v_proj]")
+    if t.device == "cuda":
+        import torch
+
+        need(torch.cuda.is_available(), "train.device=cuda but no CUDA device is visible; use device=auto or cpu")
+    return p
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def help_text() -> str:
+    """Every config key with its type, default and docstring (the `--help` epilog)."""
+    lines = []
+    for key, tp, default, doc in iter_fields():
+        name = getattr(tp, "__name__", str(tp))
+        lines.append(f"  {key} ({name}, default {default!r})\n      {doc}")
+    return "\n".join(lines)

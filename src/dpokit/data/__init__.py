@@ -1,0 +1,127 @@
+"""Preference data: read files, normalize records, count what is skipped, split train/eval."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from dpokit.data.formats import PreferenceExample, normalize, split_implicit_prompt
+from dpokit.data.readers import DataError, RawRecord, read_records
+
+__all__ = [
+    "DataError",
+    "LoadStats",
+    "PreferenceExample",
+    "load_examples",
+    "resolve_data_path",
+    "split_by_prompt",
+    "split_implicit_prompt",
+]
+
+log = logging.getLogger(__name__)
+MAX_LISTED_ERRORS = 20
+
+
+@dataclass
+class LoadStats:
+    records: int = 0
+    valid: int = 0
+    skipped: int = 0
+    formats: Counter = field(default_factory=Counter)
+    skip_reasons: Counter = field(default_factory=Counter)
+    first_errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "records": self.records,
+            "valid": self.valid,
+            "skipped": self.skipped,
+            "formats": dict(self.formats),
+            "skip_reasons": dict(self.skip_reasons),
+            "first_errors": self.first_errors,
+        }
+
+
+def resolve_data_path(spec: str) -> Path:
+    """`builtin:NAME` -> a preference file shipped in dpokit/assets; anything else is a path."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        path = Path(str(resources.files("dpokit") / "assets" / f"{name}_prefs.jsonl"))
+        if not path.exists():
+            raise DataError(spec, "unknown builtin data set; available: builtin:demo")
+        return path
+    return Path(spec)
+
+
+def load_examples(spec: str, skip_invalid: bool = False) -> tuple[list[PreferenceExample], LoadStats]:
+    """Read and normalize every record of a preference file.
+
+    Invalid records raise one DataError listing the first problems (file:line: field: what), unless
+    `skip_invalid`, in which case they are skipped and counted by reason in the returned stats.
+    """
+    path = resolve_data_path(spec)
+    stats = LoadStats()
+    examples: list[PreferenceExample] = []
+    errors: list[DataError] = []
+    for item in read_records(path):
+        stats.records += 1
+        try:
+            if isinstance(item, DataError):
+                raise item
+            assert isinstance(item, RawRecord)
+            example = normalize(item.where, item.value)
+        except DataError as err:
+            errors.append(err)
+            stats.skipped += 1
+            stats.skip_reasons[_reason(err)] += 1
+            if len(stats.first_errors) < MAX_LISTED_ERRORS:
+                stats.first_errors.append(str(err))
+            continue
+        stats.valid += 1
+        stats.formats[example.format] += 1
+        examples.append(example)
+    if errors and not skip_invalid:
+        listed = "\n".join(f"  {e}" for e in errors[:MAX_LISTED_ERRORS])
+        more = f"\n  ... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
+        raise DataError(
+            str(path),
+            f"{len(errors)} invalid record(s) of {stats.records}:\n{listed}{more}\n"
+            "Fix the records, or set data.skip_invalid=true to skip and count them.",
+        )
+    if errors:
+        log.warning("%s: skipped %d invalid record(s): %s", path, len(errors), dict(stats.skip_reasons))
+    if not examples:
+        raise DataError(str(path), "no usable preference pairs in the file")
+    return examples, stats
+
+
+def _reason(err: DataError) -> str:
+    field_name = (err.field or "record").split("[")[0]
+    msg = err.message.split(" (")[0].split(";")[0]
+    return f"{field_name}: {msg}"[:80]
+
+
+def prompt_key(example: PreferenceExample) -> str:
+    return hashlib.sha1(json.dumps(example.prompt, ensure_ascii=False).encode()).hexdigest()
+
+
+def split_by_prompt(
+    examples: list[PreferenceExample], fraction: float, seed: int
+) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
+    """Hold out `fraction` of the distinct prompts (all their pairs), so no prompt is on both sides."""
+    if fraction <= 0:
+        return examples, []
+    # Rank prompts by a seeded hash: deterministic across runs and machines, independent of file order.
+    keys = sorted({prompt_key(e) for e in examples}, key=lambda k: hashlib.sha1(f"{seed}:{k}".encode()).digest())
+    n_eval = max(1, round(fraction * len(keys)))
+    held = set(keys[:n_eval])
+    train = [e for e in examples if prompt_key(e) not in held]
+    evals = [e for e in examples if prompt_key(e) in held]
+    if not train:
+        raise DataError("data.eval_fraction", f"holding out {fraction} of the prompts leaves no training pairs")
+    return train, evals

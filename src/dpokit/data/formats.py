@@ -1,0 +1,233 @@
+"""Detect the format of each raw record and normalize it to a `PreferenceExample`.
+
+Formats (detected per record, by field names):
+- standard: `prompt`, `chosen`, `rejected` strings;
+- implicit prompt: `chosen`, `rejected` full texts sharing a prefix (Anthropic HH);
+- conversational: `prompt` as a message list, `chosen`/`rejected` as message lists or strings; or
+  `chosen`/`rejected` (or `chosen_messages`/`rejected_messages`) as whole conversations that share a prefix;
+- ShareGPT (LLaMA-Factory): `conversations` + `chosen`/`rejected` single messages with `from`/`value`.
+Messages may use `role`/`content` or `from`/`value`; content may be a string or a list of typed parts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from dpokit.data.readers import DataError
+
+HH_MARKER = "\n\nAssistant:"
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "tool": "tool",
+    "observation": "tool",
+}
+
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One preference pair, normalized.
+
+    Text examples have `str` prompt/chosen/rejected; conversational ones have message lists
+    (`[{"role", "content"}]`), where chosen/rejected are the messages that follow the prompt.
+    """
+
+    prompt: str | list[Message]
+    chosen: str | list[Message]
+    rejected: str | list[Message]
+    weight: float = 1.0
+    where: str = ""
+    format: str = "standard"
+    meta: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+def normalize(where: str, record: Any) -> PreferenceExample:
+    """Raise DataError naming `where` and the field when the record is not a usable preference pair."""
+    if not isinstance(record, dict):
+        raise DataError(where, f"expected an object with prompt/chosen/rejected fields, got {type(record).__name__}")
+    weight = _weight(where, record)
+    if "conversations" in record:
+        return _sharegpt(where, record, weight)
+    if "chosen_messages" in record or "rejected_messages" in record:
+        chosen = _messages(where, record, "chosen_messages")
+        rejected = _messages(where, record, "rejected_messages")
+        return _split_conversations(where, chosen, rejected, weight, "conversational")
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise DataError(where, f"missing field (found: {sorted(record)})", key)
+    chosen, rejected = record["chosen"], record["rejected"]
+    prompt = record.get("prompt")
+    if prompt is None:
+        if isinstance(chosen, list) and isinstance(rejected, list):
+            return _split_conversations(
+                where, _messages(where, record, "chosen"), _messages(where, record, "rejected"), weight, "conversational"
+            )
+        _need_str(where, record, "chosen")
+        _need_str(where, record, "rejected")
+        return _split_implicit(where, chosen, rejected, weight)
+    if isinstance(prompt, list):
+        prompt_msgs = _messages(where, record, "prompt")
+        if not prompt_msgs:
+            raise DataError(where, "empty message list", "prompt")
+        completions = [
+            _completion_messages(where, record, key) for key in ("chosen", "rejected")
+        ]
+        return PreferenceExample(prompt_msgs, completions[0], completions[1], weight, where, "conversational")
+    _need_str(where, record, "prompt")
+    for key in ("chosen", "rejected"):
+        _need_str(where, record, key)
+        _need_nonempty(where, record[key], key)
+    return PreferenceExample(prompt, chosen, rejected, weight, where, "standard")
+
+
+def _weight(where: str, record: dict) -> float:
+    if "weight" not in record or record["weight"] is None:
+        return 1.0
+    w = record["weight"]
+    if isinstance(w, str):
+        try:
+            w = float(w)
+        except ValueError:
+            raise DataError(where, f"expected a number, got {w!r}", "weight") from None
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        raise DataError(where, f"expected a finite number >= 0, got {w!r}", "weight")
+    return float(w)
+
+
+def _need_str(where: str, record: dict, key: str) -> None:
+    if not isinstance(record[key], str):
+        raise DataError(where, f"expected a string, got {type(record[key]).__name__}", key)
+
+
+def _need_nonempty(where: str, text: str, key: str) -> None:
+    if not text.strip():
+        raise DataError(where, "empty completion (nothing to score); remove the pair or use data.skip_invalid=true", key)
+
+
+def _content_text(where: str, content: Any, key: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # typed parts: [{"type": "text", "text"|"value": ...}]
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type", "text") != "text":
+                raise DataError(where, f"only text content parts are supported, got {part!r:.60}", key)
+            text = part.get("text", part.get("value"))
+            if not isinstance(text, str):
+                raise DataError(where, f"text part without a string 'text'/'value': {part!r:.60}", key)
+            parts.append(text)
+        return "".join(parts)
+    raise DataError(where, f"message content must be a string, got {type(content).__name__}", key)
+
+
+def _message(where: str, msg: Any, key: str) -> Message:
+    if not isinstance(msg, dict):
+        raise DataError(where, f"expected a message object, got {type(msg).__name__}", key)
+    role = msg.get("role", msg.get("from"))
+    content = msg.get("content", msg.get("value"))
+    if role is None or content is None:
+        raise DataError(where, f"message needs role/content (or from/value), got keys {sorted(msg)}", key)
+    norm_role = ROLE_ALIASES.get(str(role).lower())
+    if norm_role is None:
+        raise DataError(where, f"unknown role {role!r}; expected one of {sorted(ROLE_ALIASES)}", key)
+    return {"role": norm_role, "content": _content_text(where, content, key)}
+
+
+def _messages(where: str, record: dict, key: str) -> list[Message]:
+    value = record.get(key)
+    if not isinstance(value, list):
+        raise DataError(where, f"expected a list of messages, got {type(value).__name__}", key)
+    return [_message(where, m, f"{key}[{i}]") for i, m in enumerate(value)]
+
+
+def _completion_messages(where: str, record: dict, key: str) -> list[Message]:
+    value = record[key]
+    if isinstance(value, str):
+        msgs = [{"role": "assistant", "content": value}]
+    elif isinstance(value, dict):
+        msgs = [_message(where, value, key)]
+    else:
+        msgs = _messages(where, record, key)
+    if not msgs or msgs[-1]["role"] != "assistant":
+        raise DataError(where, "the completion must end with an assistant message", key)
+    if not msgs[-1]["content"].strip():
+        _need_nonempty(where, "", key)
+    return msgs
+
+
+def _sharegpt(where: str, record: dict, weight: float) -> PreferenceExample:
+    prompt = _messages(where, record, "conversations")
+    if not prompt:
+        raise DataError(where, "empty conversation", "conversations")
+    if prompt[-1]["role"] not in ("user", "tool"):
+        raise DataError(where, "the prompt must end with a human turn before the answers", "conversations")
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise DataError(where, "missing field", key)
+    chosen = _completion_messages(where, record, "chosen")
+    rejected = _completion_messages(where, record, "rejected")
+    return PreferenceExample(prompt, chosen, rejected, weight, where, "sharegpt")
+
+
+def _split_conversations(
+    where: str, chosen: list[Message], rejected: list[Message], weight: float, fmt: str
+) -> PreferenceExample:
+    """Whole conversations on both sides: the shared leading messages are the prompt."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise DataError(where, "chosen and rejected conversations share no leading prompt message", "chosen")
+    prompt, c, r = chosen[:n], chosen[n:], rejected[n:]
+    for key, msgs in (("chosen", c), ("rejected", r)):
+        if msgs[-1]["role"] != "assistant":
+            raise DataError(where, "the conversation must end with an assistant message", key)
+        _need_nonempty(where, msgs[-1]["content"], key)
+    return PreferenceExample(prompt, c, r, weight, where, fmt)
+
+
+def split_implicit_prompt(chosen: str, rejected: str) -> int:
+    """Index where the shared prompt ends in an implicit-prompt pair.
+
+    Anthropic HH: take the longest common prefix, then back off to the last "\\n\\nAssistant:" lying
+    fully inside it (splitting each side at its own last marker gives different prompts when a response
+    contains an inline "Human:" turn). Without the marker, back off to the last whitespace of the prefix.
+    """
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    common = chosen[:n]
+    marker = common.rfind(HH_MARKER)
+    if marker >= 0:
+        return marker + len(HH_MARKER)
+    if n == limit:  # one side is a prefix of the other: keep a word boundary
+        n = max(common.rfind(" "), common.rfind("\n"))
+        return max(n, 0)
+    while n > 0 and not common[n - 1].isspace():
+        n -= 1
+    return n
+
+
+def _split_implicit(where: str, chosen: str, rejected: str, weight: float) -> PreferenceExample:
+    cut = split_implicit_prompt(chosen, rejected)
+    if cut == 0:
+        raise DataError(where, "no 'prompt' field and chosen/rejected share no prefix to use as one", "prompt")
+    c, r = chosen[cut:], rejected[cut:]
+    _need_nonempty(where, c, "chosen")
+    _need_nonempty(where, r, "rejected")
+    return PreferenceExample(chosen[:cut], c, r, weight, where, "implicit")

@@ -1,0 +1,161 @@
+"""Read raw records from preference files, each tagged with where it came from (`file:line`).
+
+Supported: JSON arrays (`.json`), JSON Lines (`.jsonl`, `.json` with one object per line), any of those
+gzipped (`.gz`), Parquet, CSV, and folders written by `datasets.Dataset.save_to_disk`.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class DataError(ValueError):
+    """A record (or file) that cannot be used, with its location: `file:line: field: problem`."""
+
+    def __init__(self, where: str, message: str, field: str | None = None):
+        self.where, self.field, self.message = where, field, message
+        super().__init__(f"{where}: {field}: {message}" if field else f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    where: str
+    """`path:line N` (text formats) or `path:row N` (Parquet, CSV data rows, saved datasets)."""
+    value: Any
+    """The decoded record; normally a dict, anything else is reported by the format layer."""
+
+
+def read_records(path: str | Path) -> Iterator[RawRecord | DataError]:
+    """Yield every record of a file in order; undecodable records are yielded as DataError (not raised).
+
+    File-level problems (missing file, unknown extension, unreadable compression) raise DataError.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(str(path), "file does not exist; check data.train / data.eval")
+    if path.is_dir():
+        yield from _read_saved_dataset(path)
+        return
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    kind = suffixes[-1] if suffixes else ""
+    if kind in (".json", ".jsonl"):
+        yield from _read_json(path)
+    elif kind == ".parquet":
+        yield from _read_parquet(path)
+    elif kind == ".csv":
+        yield from _read_csv(path)
+    else:
+        raise DataError(
+            str(path), "unknown file type; use .json, .jsonl, .parquet, .csv (optionally .gz) or a saved dataset"
+        )
+
+
+def _open_text(path: Path):
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    return opener(path, "rt", encoding="utf-8", newline="")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        with _open_text(path) as fh:
+            return fh.read()
+    except UnicodeDecodeError as err:
+        raise DataError(str(path), f"not valid UTF-8 (byte offset {err.start}); re-encode the file as UTF-8") from err
+    except (OSError, EOFError) as err:
+        raise DataError(str(path), f"cannot read file: {err}") from err
+
+
+def _read_json(path: Path) -> Iterator[RawRecord | DataError]:
+    text = _read_text(path)
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        yield from _read_json_array(path, text)
+    else:
+        yield from _read_json_lines(path, text)
+
+
+def _read_json_lines(path: Path, text: str) -> Iterator[RawRecord | DataError]:
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:line {lineno}"
+        try:
+            yield RawRecord(where, json.loads(line))
+        except json.JSONDecodeError as err:
+            yield DataError(where, f"malformed JSON ({err.msg} at column {err.colno})")
+
+
+def _read_json_array(path: Path, text: str) -> Iterator[RawRecord | DataError]:
+    """Decode a top-level JSON array element by element so each record knows its starting line."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        pos = _skip_ws(text, pos)
+        if pos >= len(text):
+            yield DataError(str(path), "JSON array is not closed (missing ']')")
+            return
+        if text[pos] == "]":
+            return
+        line = text.count("\n", 0, pos) + 1
+        where = f"{path}:line {line}"
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            # Inside an array there is no safe place to resume, so one error ends the file.
+            yield DataError(f"{path}:line {err.lineno}", f"malformed JSON ({err.msg} at column {err.colno})")
+            return
+        yield RawRecord(where, value)
+        pos = _skip_ws(text, pos)
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+        elif pos < len(text) and text[pos] != "]":
+            yield DataError(f"{path}:line {text.count(chr(10), 0, pos) + 1}", "expected ',' or ']' between records")
+            return
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _read_csv(path: Path) -> Iterator[RawRecord | DataError]:
+    text = _read_text(path)
+    reader = csv.DictReader(text.splitlines())
+    for row in reader:
+        # csv line_num counts physical lines (quoted newlines included): the record's last line.
+        yield RawRecord(f"{path}:line {reader.line_num}", dict(row))
+
+
+def _read_parquet(path: Path) -> Iterator[RawRecord | DataError]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several unrelated types for corrupt files
+        raise DataError(str(path), f"cannot read Parquet: {err}") from err
+    for i, row in enumerate(table.to_pylist()):
+        yield RawRecord(f"{path}:row {i}", row)
+
+
+def _read_saved_dataset(path: Path) -> Iterator[RawRecord | DataError]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets raises FileNotFoundError/ValueError variants
+        raise DataError(str(path), f"not a dataset saved with save_to_disk: {err}") from err
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(str(path), f"DatasetDict without a 'train' split (splits: {list(ds)})")
+        ds = ds["train"]
+    for i, row in enumerate(ds):
+        yield RawRecord(f"{path}:row {i}", row)

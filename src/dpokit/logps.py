@@ -1,0 +1,98 @@
+"""Completion log-probs from final hidden states, without building the [rows, seq, vocab] logits.
+
+Only the hidden states that predict completion tokens go through the LM head, in chunks of
+`chunk_size` tokens; each chunk is activation-checkpointed, so the backward pass recomputes its
+[chunk, vocab] logits instead of keeping them. Peak logits memory is chunk_size x vocab floats.
+
+Imports only torch: the model is reached through the duck-typed methods every HF causal LM has.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap: float | None):
+    """(n, H) hidden, (n,) targets -> (n,) log p(target), computed in fp32."""
+    logits = head(hidden).float()  # (n, V)
+    if softcap:  # Gemma-2 style final logit soft-capping
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logps(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    pred_index: torch.Tensor,
+    target_ids: torch.Tensor,
+    chunk_size: int = 1024,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Log-probability of each completion token.
+
+    Args:
+        hidden: (R, T, H) final hidden states (after the last norm).
+        head: the output projection, (n, H) -> (n, V).
+        pred_index: (N,) flat index into R*T of the state predicting each target.
+        target_ids: (N,) completion token ids.
+    Returns:
+        (N,) fp32 log-probs.
+    """
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    selected = flat.index_select(0, pred_index)  # (N, H): only completion positions reach the head
+    out = []
+    for start in range(0, selected.shape[0], chunk_size):
+        h, t = selected[start : start + chunk_size], target_ids[start : start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            out.append(checkpoint(_chunk_token_logps, h, t, head, softcap, use_reentrant=False))
+        else:
+            out.append(_chunk_token_logps(h, t, head, softcap))
+    if not out:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(out)
+
+
+def sum_by_sequence(values: torch.Tensor, seq_index: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """(N,) per-token values -> (S,) sums per sequence."""
+    return torch.zeros(num_seqs, dtype=values.dtype, device=values.device).index_add(0, seq_index, values)
+
+
+def full_logits_token_logps(logits: torch.Tensor, pred_index: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """Reference path for tests: log_softmax over full (R, T, V) logits, then pick the completion tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
+    return logp[pred_index, target_ids]
+
+
+class CompletionLogps(nn.Module):
+    """Wraps a causal LM (or a PEFT model around one): batch tensors -> per-token completion log-probs.
+
+    Being an nn.Module whose forward does the whole computation lets Accelerate wrap it (DDP, FSDP)
+    and apply autocast, while the LM head only sees completion positions.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.softcap = getattr(base.config, "final_logit_softcapping", None)
+
+    def _parts(self) -> tuple[nn.Module, nn.Module]:
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return base.get_decoder(), base.get_output_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pred_index: torch.Tensor,
+        target_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        decoder, head = self._parts()
+        hidden = decoder(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state  # (R, T, H)
+        return token_logps(hidden, head, pred_index, target_ids, self.chunk_size, self.softcap)

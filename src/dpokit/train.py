@@ -1,0 +1,256 @@
+"""The training loop: one explicit function, read top to bottom.
+
+    pairs -> micro-batches -> reference logps (no_grad) + policy logps -> loss -> backward (accumulate)
+          -> clip -> AdamW step -> lr schedule -> metrics.jsonl -> eval / checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from dpokit import models
+from dpokit.batching import LAYOUTS, Batch
+from dpokit.checkpoint import save_checkpoint
+from dpokit.config import Config, dump_yaml
+from dpokit.data import load_examples, split_by_prompt
+from dpokit.logps import CompletionLogps, sum_by_sequence
+from dpokit.losses import LOSSES, LossOutput, PairLogps, compute_loss
+from dpokit.metrics import MetricsWriter, PairMetrics, StepReporter
+from dpokit.optim import build_optimizer, build_scheduler
+from dpokit.reference import Reference, eval_mode
+from dpokit.tokenize import TokenizedPair, tokenize_pairs
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, unusable run dir, ...); the message says what to change."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    history: list[dict]
+    initial_eval: dict | None
+    final_eval: dict | None
+    checkpoint: Path | None
+    model: torch.nn.Module | None = None
+    """The trained model (PEFT-wrapped for LoRA), unwrapped from Accelerate."""
+
+
+def train(cfg: Config) -> RunResult:
+    """Train the policy described by `cfg` and return where everything was written."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    started = time.perf_counter()
+    run_dir = prepare_run_dir(cfg)
+    set_seed(cfg.train.seed)
+    accelerator = Accelerator(cpu=cfg.train.device == "cpu", mixed_precision="bf16" if cfg.train.bf16 else "no")
+    model_path = models.resolve_model_path(cfg.model.name)
+    tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
+    train_pairs, eval_pairs = prepare_data(cfg, tokenizer, run_dir)
+
+    model = models.load_model(model_path, cfg.model.trust_remote_code, cfg.model.attn_implementation)
+    if cfg.lora.enabled:
+        lc = cfg.lora
+        model = models.add_lora(model, lc.r, lc.alpha, lc.dropout, lc.target_modules)
+    policy = CompletionLogps(model, cfg.train.logps_chunk_size)
+    optimizer = build_optimizer(policy.parameters(), cfg.train)
+    schedule = list(step_schedule(len(train_pairs), cfg.train))
+    scheduler = build_scheduler(optimizer, cfg.train, len(schedule))
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    reference = None
+    if LOSSES[cfg.loss.type].needs_reference:
+        # Built before any update, so a frozen copy is exactly the starting policy.
+        reference = Reference("adapter" if cfg.lora.enabled else "copy", policy, accelerator.autocast)
+    collate = LAYOUTS["padded"]
+    pad_id = tokenizer.pad_token_id
+    loss_params = dataclasses.asdict(cfg.loss)
+    steps_per_epoch = math.ceil(math.ceil(len(train_pairs) / cfg.train.batch_size) / cfg.train.grad_accum)
+
+    def run_eval() -> dict:
+        return evaluate(policy, reference, eval_pairs, collate, pad_id, cfg, accelerator) if eval_pairs else {}
+
+    writer = MetricsWriter(run_dir / "metrics.jsonl")
+    reporter = StepReporter(len(schedule), enabled=cfg.train.progress and accelerator.is_main_process)
+    history, initial_eval, final_eval, ckpt = [], None, None, None
+    if cfg.eval.at_start and eval_pairs:
+        initial_eval = run_eval()
+        writer.write({"step": 0, "epoch": 0.0, **initial_eval})
+        reporter.print_eval(0, initial_eval)
+    with reporter:
+        for step, micro_batches in enumerate(schedule, start=1):
+            t0 = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]
+            sums, tokens = PairMetrics(), 0
+            step_pairs = sum(len(m) for m in micro_batches)
+            for i, indices in enumerate(micro_batches):
+                batch = collate([train_pairs[j] for j in indices], pad_id).to(accelerator.device)
+                last = i == len(micro_batches) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(policy):
+                    out, x = pair_forward(policy, reference, batch, cfg.loss.type, loss_params)
+                    # Sum over the step's pairs / pairs per step: batch 4 x accum 1 == batch 1 x accum 4.
+                    accelerator.backward((out.losses * batch.weights).sum() / step_pairs)
+                sums.add(out, x.policy_chosen, x.policy_rejected)
+                tokens += batch.num_tokens
+            max_norm = cfg.train.max_grad_norm or math.inf
+            grad_norm = float(accelerator.clip_grad_norm_(policy.parameters(), max_norm))
+            record = {"step": step, "epoch": step / steps_per_epoch, **sums.compute(_sum_reduce(accelerator))}
+            check_finite(record["loss"], grad_norm, step, cfg)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - t0
+            record.update(lr=lr, grad_norm=grad_norm, tokens_per_s=tokens / elapsed, step_time_s=elapsed)
+            if (cfg.eval.every and step % cfg.eval.every == 0) or step == len(schedule):
+                record.update(run_eval())
+                reporter.print_eval(step, record)
+            writer.write(record)
+            history.append(record)
+            reporter.update(record)
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < len(schedule):
+                save_checkpoint(accelerator.unwrap_model(policy).model, tokenizer, run_dir, step)
+    writer.close()
+    final_eval = {k: v for k, v in history[-1].items() if k.startswith("eval/")} or None
+    if cfg.train.save_final and accelerator.is_main_process:
+        ckpt = save_checkpoint(accelerator.unwrap_model(policy).model, tokenizer, run_dir, len(schedule))
+    write_summary(run_dir, history, initial_eval, final_eval, ckpt, time.perf_counter() - started)
+    return RunResult(run_dir, history, initial_eval, final_eval, ckpt, accelerator.unwrap_model(policy).model)
+
+
+def pair_forward(
+    policy, reference: Reference | None, batch: Batch, loss_type: str, loss_params: dict
+) -> tuple[LossOutput, PairLogps]:
+    """Reference and policy log-probs of every sequence of a pair batch, then the loss."""
+    P = batch.num_pairs
+    ref = reference.sequence_logps(batch) if reference is not None else None
+    tok = policy(batch.input_ids, batch.position_ids, batch.attention_mask, batch.pred_index, batch.target_ids)
+    seq = sum_by_sequence(tok, batch.seq_index, batch.num_seqs)  # (2P,)
+    lengths = batch.completion_lengths()
+    x = PairLogps(
+        policy_chosen=seq[:P],
+        policy_rejected=seq[P:],
+        ref_chosen=None if ref is None else ref[:P],
+        ref_rejected=None if ref is None else ref[P:],
+        chosen_lengths=lengths[:P],
+        rejected_lengths=lengths[P:],
+    )
+    return compute_loss(loss_type, x, loss_params), x
+
+
+@torch.no_grad()
+def evaluate(policy, reference, pairs: list[TokenizedPair], collate, pad_id: int, cfg: Config, accelerator) -> dict:
+    """Held-out metrics (`eval/` keys), dropout off, averaged over every pair."""
+    sums = PairMetrics()
+    loss_params = dataclasses.asdict(cfg.loss)
+    with eval_mode(policy):
+        for start in range(0, len(pairs), cfg.eval.batch_size):
+            batch = collate(pairs[start : start + cfg.eval.batch_size], pad_id).to(accelerator.device)
+            out, x = pair_forward(policy, reference, batch, cfg.loss.type, loss_params)
+            sums.add(out, x.policy_chosen, x.policy_rejected)
+    return sums.compute(_sum_reduce(accelerator), prefix="eval/")
+
+
+def step_schedule(num_pairs: int, tc) -> Iterator[list[list[int]]]:
+    """Pair indices of every optimizer step: a list of micro-batches, each a list of pair indices.
+
+    Each epoch is a fresh seeded permutation; a step never spans two epochs (the last may be short).
+    """
+    steps_per_epoch = math.ceil(math.ceil(num_pairs / tc.batch_size) / tc.grad_accum)
+    total = tc.max_steps or math.ceil(tc.epochs * steps_per_epoch)
+    emitted, epoch = 0, 0
+    while emitted < total:
+        order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(tc.seed + epoch)).tolist()
+        micro = [order[i : i + tc.batch_size] for i in range(0, num_pairs, tc.batch_size)]
+        for i in range(0, len(micro), tc.grad_accum):
+            if emitted == total:
+                return
+            yield micro[i : i + tc.grad_accum]
+            emitted += 1
+        epoch += 1
+
+
+def prepare_data(cfg: Config, tokenizer, run_dir: Path) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
+    """Load, split and tokenize; every skip and drop is counted in RUN_DIR/data_stats.json."""
+    d = cfg.data
+    examples, load_stats = load_examples(d.train, d.skip_invalid)
+    if d.limit:
+        examples = examples[: d.limit]
+    stats = {"train_file": load_stats.to_dict()}
+    if d.eval:
+        eval_examples, eval_stats = load_examples(d.eval, d.skip_invalid)
+        stats["eval_file"] = eval_stats.to_dict()
+    else:
+        examples, eval_examples = split_by_prompt(examples, d.eval_fraction, cfg.train.seed)
+    train_pairs, tstats = tokenize_pairs(examples, tokenizer, d.max_length, d.max_prompt_length, d.skip_invalid)
+    eval_pairs, estats = tokenize_pairs(eval_examples, tokenizer, d.max_length, d.max_prompt_length, d.skip_invalid)
+    stats.update(train_tokenized=tstats.to_dict(), eval_tokenized=estats.to_dict())
+    (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
+    for name, s in (("train", tstats), ("eval", estats)):
+        if s.dropped:
+            log.warning("%s: dropped %s pairs (%s)", name, sum(s.dropped.values()), dict(s.dropped))
+    if not train_pairs:
+        raise TrainingError("no training pairs left after tokenization and truncation; see data_stats.json")
+    log.info("data: %d train pairs, %d eval pairs", len(train_pairs), len(eval_pairs))
+    return train_pairs, eval_pairs
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    if not cfg.train.run_dir:
+        cfg.train.run_dir = str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    run_dir = Path(cfg.train.run_dir)
+    if (run_dir / "metrics.jsonl").exists() and not cfg.train.overwrite:
+        raise TrainingError(
+            f"train.run_dir={str(run_dir)!r} already holds a run (metrics.jsonl). "
+            "Fix: choose another run_dir or set train.overwrite=true."
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    except OSError as err:
+        raise TrainingError(f"train.run_dir={str(run_dir)!r} is not writable: {err}") from err
+    return run_dir
+
+
+def check_finite(loss: float, grad_norm: float, step: int, cfg: Config) -> None:
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    raise TrainingError(
+        f"step {step}: loss={loss}, grad_norm={grad_norm} is not finite; the update was not applied. "
+        f"Likely causes: train.lr={cfg.train.lr} too high, loss.beta={cfg.loss.beta} too high, or bf16 overflow. "
+        "Fix: lower train.lr, lower loss.beta, or set train.bf16=false."
+    )
+
+
+def write_summary(run_dir: Path, history, initial_eval, final_eval, ckpt, wall_s: float) -> None:
+    summary = {
+        "steps": len(history),
+        "stopped": "completed all steps",
+        "final_train": history[-1] if history else None,
+        "initial_eval": initial_eval,
+        "final_eval": final_eval,
+        "checkpoint": str(ckpt) if ckpt else None,
+        "wall_s": wall_s,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def _sum_reduce(accelerator):
+    if accelerator.num_processes == 1:
+        return None
+    return lambda t: accelerator.reduce(t.to(accelerator.device), reduction="sum").cpu()

@@ -1,0 +1,32 @@
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data beside the checkout: skipped when absent, but a failure under CI=true."""
+    if not SHARED_DATA.is_dir():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but the shared preference data is missing at {SHARED_DATA}")
+        pytest.skip(f"shared preference data not found at {SHARED_DATA} (a checkout without ../shared)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from dpokit.models import build_tiny_random
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    build_tiny_random(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from dpokit.models import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
