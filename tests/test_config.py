@@ -17,7 +17,7 @@ def test_defaults_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  train: x.jsonl\nloss:\n  beta: 0.2\n")
     cfg = load_config(path, ["loss.beta=0.3", "lora.target_modules=[q_proj,k_proj]", "train.bf16=true"])
-    assert cfg.loss.beta == 0.3 and cfg.loss.type == "sigmoid"
+    assert cfg.loss.beta == 0.3 and cfg.loss.type == ["sigmoid"]
     assert cfg.lora.target_modules == ["q_proj", "k_proj"] and cfg.train.bf16 is True
     assert cfg.data.train == "x.jsonl"
 
@@ -42,7 +42,7 @@ def test_semantic_problems_all_reported():
     with pytest.raises(ConfigError) as info:
         load_config(None, ["loss.beta=-1", "train.lr=0", "loss.type=nope", "data.max_prompt_length=600"])
     text = str(info.value)
-    for fragment in ("data.train is empty", "loss.beta=-1", "train.lr=0", "loss.type='nope'", "max_prompt_length=600"):
+    for fragment in ("data.train is empty", "loss.beta=-1", "train.lr=0", "loss.type=['nope']", "max_prompt_length=600"):
         assert fragment in text
     assert len(info.value.problems) == 5
 

@@ -1,71 +1,229 @@
-"""Loss functions in closed form: numbers worked out by hand, not by the code under test."""
+"""Every loss in closed form: numbers worked out by hand in the comments, not by the code under test.
+
+Standard pair unless said otherwise: policy (chosen, rejected) = (-1, -3), reference = (-2, -2), so the
+log-ratios are c = +1, r = -1 and h = c - r = 2; completion lengths 2 (chosen) and 4 (rejected).
+Constants: log sigma(1) = -0.313261687518, log sigma(-1) = -1.313261687518, sigma(0.5) = 0.622459331202.
+"""
 
 import math
 
 import pytest
 import torch
 
-from dpokit.losses import LOSSES, PairLogps, compute_loss, sigmoid
+from dpokit.losses import LOSSES, PairLogps, UnpairedLogps, combine, compute_loss, preference_logits
+
+D = torch.float64
 
 
-def pair(pc, pr, rc, rr, requires_grad=False):
-    t = lambda v: torch.tensor([v], dtype=torch.float64, requires_grad=requires_grad)  # noqa: E731
-    return PairLogps(t(pc), t(pr), t(rc), t(rr))
+def std_pair(requires_grad=False) -> PairLogps:
+    t = lambda v: torch.tensor([v], dtype=D, requires_grad=requires_grad)  # noqa: E731
+    return PairLogps(t(-1.0), t(-3.0), t(-2.0), t(-2.0), torch.tensor([2]), torch.tensor([4]))
 
 
-def test_sigmoid_hand_worked():
-    # log-ratios: chosen -1 - (-2) = +1, rejected -3 - (-2) = -1, so h = 2; beta = 0.5 -> beta * h = 1.
-    # L = -log sigmoid(1) = log(1 + e^-1) = 0.313261687518...
-    out = sigmoid(pair(-1.0, -3.0, -2.0, -2.0), beta=0.5)
-    assert out.losses.item() == pytest.approx(0.31326168751822286, abs=1e-12)
-    assert out.chosen_rewards.item() == pytest.approx(0.5)
-    assert out.rejected_rewards.item() == pytest.approx(-0.5)
+PARAMS = {
+    "beta": 0.5,
+    "label_smoothing": 0.0,
+    "f_divergence": "reverse_kl",
+    "f_alpha": 1.0,
+    "discopop_tau": 0.05,
+    "simpo_gamma": 0.5,
+    "orpo_lambda": 0.1,
+    "cpo_alpha": 1.0,
+    "desirable_weight": 1.0,
+    "undesirable_weight": 1.0,
+    "bco_delta": 0.0,
+}
 
 
-def test_conservative_dpo_hand_worked():
-    # eps = 0.1: L = 0.9 * log(1 + e^-1) + 0.1 * log(1 + e^1); log(1+e^x) - log(1+e^-x) = x,
-    # so L = log(1 + e^-1) + 0.1 * 1 = 0.413261687518...
-    out = sigmoid(pair(-1.0, -3.0, -2.0, -2.0), beta=0.5, label_smoothing=0.1)
-    assert out.losses.item() == pytest.approx(0.41326168751822285, abs=1e-12)
+def loss_of(name, x=None, **overrides):
+    return compute_loss(name, x or std_pair(), {**PARAMS, **overrides})
 
 
-def test_sigmoid_matches_independent_formula():
-    g = torch.Generator().manual_seed(0)
-    x = PairLogps(*(torch.randn(16, generator=g, dtype=torch.float64) * 5 for _ in range(4)))
-    beta = 0.3
-    out = sigmoid(x, beta=beta)
-    for i in range(16):
-        h = (x.policy_chosen[i] - x.ref_chosen[i]) - (x.policy_rejected[i] - x.ref_rejected[i])
-        expected = math.log1p(math.exp(-beta * h.item()))
-        assert out.losses[i].item() == pytest.approx(expected, rel=1e-10)
+# name, parameter overrides, expected loss, with the hand derivation
+CLOSED_FORM = [
+    # -log sigma(beta h) = -log sigma(1) = log(1 + e^-1)
+    ("sigmoid", {}, 0.31326168751822286),
+    # cDPO eps=0.1: 0.9 log(1+e^-1) + 0.1 log(1+e^1) = log(1+e^-1) + 0.1 * 1  (log(1+e^x) - log(1+e^-x) = x)
+    ("sigmoid", {"label_smoothing": 0.1}, 0.41326168751822285),
+    # robust eps=0.1: (0.9 * 0.313261687518 - 0.1 * 1.313261687518) / 0.8
+    ("robust", {"label_smoothing": 0.1}, 0.1882616875182229),
+    # hinge, beta=0.25: max(0, 1 - 0.25 * 2) = 0.5
+    ("hinge", {"beta": 0.25}, 0.5),
+    # exo eps=0.1, z=1: sigma(1)(log sigma(1) - log 0.9) + sigma(-1)(log sigma(-1) - log 0.1)
+    ("exo_pair", {"label_smoothing": 0.1}, 0.11408210766749785),
+    # ipo: averaged ratios c/2 = 0.5, r/4 = -0.25 -> (0.75 - 1/(2*0.5))^2 = 0.0625
+    ("ipo", {}, 0.0625),
+    # length-normalized DPO: -log sigma(0.5 * 0.75)
+    ("sigmoid_norm", {}, 0.52312326413984),
+    # nca: -log sigma(0.5) - 0.5 log sigma(-0.5) - 0.5 log sigma(0.5)
+    ("nca_pair", {}, 1.1981539683602134),
+    # bco, delta 0.2: -log sigma(0.5 - 0.2) - log sigma(-(-0.5 - 0.2))
+    ("bco_pair", {"bco_delta": 0.2}, 0.9575412933539851),
+    # sppo_hard, beta=1: (1 - 0.5)^2 + (-1 + 0.5)^2
+    ("sppo_hard", {"beta": 1.0}, 0.5),
+    # apo_zero: 1 - sigma(0.5) + sigma(-0.5) = 2 * 0.377540668798
+    ("apo_zero", {}, 0.7550813375962908),
+    # apo_down: sigma(0.5) + 1 - sigma(0.5 * 2)
+    ("apo_down", {}, 0.8914007525718496),
+    # discopop, z = 1, tau = 0.05: m = sigma(20) ~ 1 - 2.06e-9, so L ~ e^-1
+    ("discopop", {}, 0.3678794410588668),
+    # simpo, beta=2, gamma=0.5: 2 * (-1/2 - (-3/4)) - 0.5 = 0 -> ln 2
+    ("simpo", {"beta": 2.0}, math.log(2)),
+    # orpo: p_w = -0.5, p_l = -0.75, odds(p) = p - log(1 - e^p); 0.5 - 0.1 log sigma(odds_w - odds_l)
+    ("orpo", {}, 0.5457912733313327),
+    # cpo: -log sigma(0.5 * (-1 + 3)) + 1.0 * (1/2)
+    ("cpo", {}, 0.8132616875182229),
+    # sft: -(-1) / 2
+    ("sft", {}, 0.5),
+]
+
+
+@pytest.mark.parametrize("name, overrides, expected", CLOSED_FORM, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(CLOSED_FORM)])
+def test_closed_form(name, overrides, expected):
+    assert loss_of(name, **overrides).losses.item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_every_registered_loss_has_a_closed_form_test_and_a_cited_docstring():
+    tested = {n for n, _, _ in CLOSED_FORM} | {"aot", "aot_unpaired", "kto", "apo_zero_unpaired"}
+    assert tested == set(LOSSES)
+    for name, spec in LOSSES.items():
+        assert "arXiv:" in spec.fn.__doc__, name
+
+
+def test_aot_sorts_gaps_across_the_batch():
+    # pair 1: policy gap -1 - (-3) = 2, ref gap 0;  pair 2: policy (-2, -1) gap -1, ref (-1, -3) gap 2.
+    # sorted policy gaps [-1, 2], sorted ref gaps [0, 2] -> deltas [-1, 0], beta 1:
+    # losses [-log sigma(-1), -log sigma(0)] = [1.313261687518, ln 2]
+    x = PairLogps(*(torch.tensor(v, dtype=D) for v in ([-1.0, -2.0], [-3.0, -1.0], [-2.0, -1.0], [-2.0, -3.0])))
+    out = compute_loss("aot", x, {**PARAMS, "beta": 1.0})
+    assert out.losses.tolist() == pytest.approx([1.3132616875182228, math.log(2)], abs=1e-12)
+    # unpaired AOT sorts c = [1, -1] and r = [-3 + 2, -1 + 3] = [-1, 2] separately:
+    # sorted c [-1, 1], sorted r [-1, 2] -> deltas [0, -1] -> [ln 2, 1.313261687518]
+    out = compute_loss("aot_unpaired", x, {**PARAMS, "beta": 1.0})
+    assert out.losses.tolist() == pytest.approx([math.log(2), 1.3132616875182228], abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "divergence, alpha, expected",
+    [
+        ("reverse_kl", 1.0, 0.31326168751822286),  # h = c - r = 2
+        ("forward_kl", 1.0, 0.26907771988202195),  # h = e^{-r} - e^{-c} = e - 1/e; -log sigma(0.5 h)
+        ("js_divergence", 1.0, 0.47407698418010663),  # h = 2 - (softplus(1) - softplus(-1)) = 1
+        ("alpha_divergence", 0.5, 0.30208873215374477),  # h = (e^{0.5} - e^{-0.5}) / 0.5
+    ],
+)
+def test_f_divergences(divergence, alpha, expected):
+    assert loss_of("sigmoid", f_divergence=divergence, f_alpha=alpha).losses.item() == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
+def test_f_divergence_margin_is_zero_at_initialization(divergence):
+    v = torch.tensor([-3.0, -7.0], dtype=D)
+    assert torch.allclose(preference_logits(PairLogps(v, v - 1, v.clone(), v - 1), divergence, 0.7), torch.zeros(2, dtype=D))
+
+
+def kto_batch(kl):
+    # rho = policy - ref = [1, -1]; labels [desirable, undesirable]
+    return UnpairedLogps(
+        torch.tensor([-1.0, -3.0], dtype=D, requires_grad=True),
+        torch.tensor([-2.0, -2.0], dtype=D),
+        torch.tensor([True, False]),
+        torch.tensor(kl, dtype=D),
+    )
+
+
+def test_kto_hand_worked():
+    # z0 = 0.2, beta 0.5, w_D = 2: desirable 2 (1 - sigma(0.5 (1 - 0.2))), undesirable 1 - sigma(0.5 (0.2 + 1))
+    out = compute_loss("kto", kto_batch(0.2), {**PARAMS, "desirable_weight": 2.0})
+    assert out.losses.tolist() == pytest.approx([0.802624679775096, 0.3543436937742046], abs=1e-12)
+    assert out.chosen_rewards.tolist() == [0.5] and out.rejected_rewards.tolist() == [-0.5]
+    # a negative KL estimate is clamped to 0: both 1 - sigma(0.5)
+    out = compute_loss("kto", kto_batch(-3.0), PARAMS)
+    assert out.losses.tolist() == pytest.approx([0.3775406687981454] * 2, abs=1e-12)
+
+
+def test_apo_zero_unpaired_hand_worked():
+    # desirable 1 - sigma(0.5), undesirable sigma(-0.5)
+    out = compute_loss("apo_zero_unpaired", kto_batch(0.0), PARAMS)
+    assert out.losses.tolist() == pytest.approx([0.3775406687981454] * 2, abs=1e-12)
+
+
+# --- known limits ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.2])
 def test_step_one_is_ln2_with_zero_rewards(eps):
-    logps = torch.tensor([-12.5, -3.0, -40.0], dtype=torch.float64)
-    x = PairLogps(logps, logps - 1, logps.clone(), logps - 1)  # policy == reference
-    out = sigmoid(x, beta=0.1, label_smoothing=eps)
-    assert torch.allclose(out.losses, torch.full((3,), math.log(2), dtype=torch.float64))
+    logps = torch.tensor([-12.5, -3.0, -40.0], dtype=D)
+    x = PairLogps(logps, logps - 1, logps.clone(), logps - 1)
+    out = compute_loss("sigmoid", x, {**PARAMS, "label_smoothing": eps})
+    assert torch.allclose(out.losses, torch.full((3,), math.log(2), dtype=D))
     assert torch.count_nonzero(out.chosen_rewards) == 0 and torch.count_nonzero(out.rejected_rewards) == 0
 
 
-def test_gradient_pushes_chosen_up_and_rejected_down():
-    x = pair(-5.0, -5.0, -5.0, -5.0, requires_grad=True)
-    sigmoid(x, beta=0.1).losses.sum().backward()
-    # dL/d(policy_chosen) = -beta * sigmoid(-beta*h) = -0.05 at h = 0; the rejected side is the mirror.
-    assert x.policy_chosen.grad.item() == pytest.approx(-0.05)
-    assert x.policy_rejected.grad.item() == pytest.approx(0.05)
-    assert x.ref_chosen.grad.item() == pytest.approx(0.05)  # the reference enters with the opposite sign
+@pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
+def test_ipo_at_zero_margin(beta):
+    v = torch.tensor([-5.0], dtype=D)
+    x = PairLogps(v, v - 2, v.clone(), v - 2, torch.tensor([3]), torch.tensor([5]))
+    assert loss_of("ipo", x, beta=beta).losses.item() == pytest.approx((1 / (2 * beta)) ** 2)
+
+
+def test_sigmoid_without_smoothing_is_plain_dpo_and_robust_at_zero_too():
+    g = torch.Generator().manual_seed(0)
+    x = PairLogps(*(torch.randn(16, generator=g, dtype=D) * 5 for _ in range(4)))
+    beta = 0.3
+    for name in ("sigmoid", "robust"):
+        out = compute_loss(name, x, {**PARAMS, "beta": beta})
+        for i in range(16):
+            h = (x.policy_chosen[i] - x.ref_chosen[i]) - (x.policy_rejected[i] - x.ref_rejected[i])
+            assert out.losses[i].item() == pytest.approx(math.log1p(math.exp(-beta * h.item())), rel=1e-10)
+
+
+def test_combination_is_the_weighted_sum():
+    x = std_pair()
+    out = combine(["sigmoid", "sft"], [1.0, 0.5], x, PARAMS)
+    assert out.losses.item() == pytest.approx(0.31326168751822286 + 0.5 * 0.5, abs=1e-12)
+    assert out.chosen_rewards.item() == pytest.approx(0.5)  # rewards of the first loss: beta * c
+
+
+# --- gradient direction -----------------------------------------------------------------------------
+
+# sign of dL/d(policy_chosen), dL/d(policy_rejected) at policy == reference: -1 = pushed up, +1 = pushed
+# down, 0 = untouched. apo_down leaves the chosen side flat at initialization (its two terms cancel).
+# DiscoPOP is not monotone at z = 0: with m = sigma(z / tau), dL/dz = m'(0) (1 - ln 2) - 1/4 - 1/2 and
+# m'(0) = 1 / (4 tau) = 5 for tau = 0.05, so dL/dz = 0.784 > 0 (test_discopop_direction_away_from_zero).
+DIRECTIONS = {name: (-1, 1) for name in LOSSES if not LOSSES[name].unpaired}
+DIRECTIONS.update(apo_down=(0, 1), sft=(-1, 0), discopop=(1, -1))
+
+
+@pytest.mark.parametrize("name", sorted(DIRECTIONS))
+def test_gradient_direction(name):
+    t = lambda v: torch.tensor([v], dtype=D, requires_grad=True)  # noqa: E731
+    x = PairLogps(t(-4.0), t(-4.0), t(-4.0), t(-4.0), torch.tensor([2]), torch.tensor([2]))
+    params = {**PARAMS, "label_smoothing": 0.1, "simpo_gamma": 0.0}
+    compute_loss(name, x, params).losses.sum().backward()
+    grads = [0.0 if g.grad is None else g.grad.item() for g in (x.policy_chosen, x.policy_rejected)]
+    signs = tuple(0 if abs(g) < 1e-12 else int(math.copysign(1, g)) for g in grads)
+    assert signs == DIRECTIONS[name]
+
+
+def test_discopop_direction_away_from_zero():
+    # at z = beta h = 1, m = sigma(20) ~ 1 and L ~ e^{-z}: dL/dz ~ -e^{-1} < 0, chosen pushed up
+    x = std_pair(requires_grad=True)
+    loss_of("discopop", x).losses.sum().backward()
+    assert x.policy_chosen.grad.item() == pytest.approx(-0.5 * math.exp(-1), rel=1e-6)
+    assert x.policy_rejected.grad.item() == pytest.approx(0.5 * math.exp(-1), rel=1e-6)
+
+
+def test_kto_gradient_direction():
+    x = kto_batch(0.0)
+    compute_loss("kto", x, PARAMS).losses.sum().backward()
+    assert x.policy.grad[0] < 0 < x.policy.grad[1]  # desirable pushed up, undesirable down
 
 
 def test_rewards_are_detached():
-    x = pair(-1.0, -2.0, -1.5, -1.5, requires_grad=True)
-    out = sigmoid(x, beta=0.1)
-    assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
-
-
-def test_registry_dispatch_uses_declared_params():
-    x = pair(-1.0, -3.0, -2.0, -2.0)
-    params = {"beta": 0.5, "label_smoothing": 0.0, "type": "sigmoid", "unused": 123}
-    assert compute_loss("sigmoid", x, params).losses.item() == pytest.approx(0.31326168751822286)
-    assert LOSSES["sigmoid"].needs_reference
+    for name in LOSSES:
+        if LOSSES[name].unpaired:
+            continue
+        x = std_pair(requires_grad=True)
+        out = loss_of(name, x, label_smoothing=0.1)
+        assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad, name

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dpokit.tokenize import TokenizedPair
+from dpokit.tokenize import TokenizedPair, TokenizedUnpaired
 
 
 @dataclass
@@ -40,6 +40,8 @@ class Batch:
     """(P,) per-pair weights (1.0 unless the data gives a `weight`)."""
     num_tokens: int
     """Real (non-padding) tokens in the rows: the work the forward pass does."""
+    labels: torch.Tensor | None = None
+    """(B,) bool desirability of unpaired examples (KTO); None for pairs."""
 
     @property
     def num_pairs(self) -> int:
@@ -84,9 +86,8 @@ def shifted_completion_index(
     return pred_index, input_ids[rows, cols], seq_index, completion_pos
 
 
-def collate_padded(pairs: list[TokenizedPair], pad_id: int) -> Batch:
-    """One sequence (prompt + completion) per row, right-padded: rows 0..P-1 chosen, P..2P-1 rejected."""
-    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+def collate_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int, weights: list[float]) -> Batch:
+    """One (prompt, completion) sequence per row, right-padded; sequence i is row i."""
     T = max(len(prompt) + len(completion) for prompt, completion in sequences)
     R = len(sequences)
     input_ids = torch.full((R, T), pad_id, dtype=torch.long)
@@ -108,9 +109,31 @@ def collate_padded(pairs: list[TokenizedPair], pad_id: int) -> Batch:
         seq_index=seq,
         completion_pos=pos,
         num_seqs=R,
-        weights=torch.tensor([p.weight for p in pairs], dtype=torch.float32),
+        weights=torch.tensor(weights, dtype=torch.float32),
         num_tokens=int(attention_mask.sum()),
     )
+
+
+def collate_padded(pairs: list[TokenizedPair], pad_id: int) -> Batch:
+    """Pairs, one sequence per row, right-padded: rows 0..P-1 chosen, P..2P-1 rejected."""
+    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    return collate_sequences(sequences, pad_id, [p.weight for p in pairs])
+
+
+def collate_unpaired(examples: list[TokenizedUnpaired], pad_id: int, max_length: int) -> tuple[Batch, Batch]:
+    """(targets, mismatched) batches for KTO.
+
+    The mismatched batch pairs prompt i with the completion of example (i + 1) mod B (cut to fit
+    max_length): its log-ratios estimate KL(pi_theta || pi_ref), the KTO baseline z0 (arXiv:2402.01306, sec. 4.1).
+    """
+    B = len(examples)
+    targets = collate_sequences([(e.prompt_ids, e.completion_ids) for e in examples], pad_id, [e.weight for e in examples])
+    targets.labels = torch.tensor([e.label for e in examples], dtype=torch.bool)
+    shifted = [
+        (e.prompt_ids, examples[(i + 1) % B].completion_ids[: max(max_length - len(e.prompt_ids), 1)])
+        for i, e in enumerate(examples)
+    ]
+    return targets, collate_sequences(shifted, pad_id, [1.0] * B)
 
 
 LAYOUTS: dict[str, Callable[[list[TokenizedPair], int], Batch]] = {"padded": collate_padded}

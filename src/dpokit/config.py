@@ -71,12 +71,34 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    type: str = "sigmoid"
-    """Preference loss: sigmoid (DPO)."""
+    type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    """Loss name, or a list combined as a weighted sum (e.g. [sigmoid, sft] = RPO). See docs/losses.md."""
+    weights: list[float] = field(default_factory=list)
+    """Weight of each loss in `type` (empty = 1.0 each)."""
     beta: float = 0.1
-    """Inverse temperature of the implicit reward r = beta * log(pi / pi_ref)."""
+    """Inverse temperature of the implicit reward r = beta * log(pi / pi_ref) (IPO's tau, SimPO's beta)."""
     label_smoothing: float = 0.0
-    """Probability that a preference label is flipped (conservative DPO); 0 = plain DPO."""
+    """Assumed label-flip rate eps: conservative DPO (sigmoid), robust, exo_pair (needs > 0), aot, simpo, cpo."""
+    ld_alpha: float = 1.0
+    """LD-DPO: weight of the log-probs of tokens past the shorter completion's length (1 = off, in [0, 1])."""
+    f_divergence: str = "reverse_kl"
+    """f-DPO regulariser for sigmoid/robust/hinge/exo_pair: reverse_kl, forward_kl, js_divergence, alpha_divergence."""
+    f_alpha: float = 1.0
+    """The alpha of alpha_divergence (> 0)."""
+    use_weighting: bool = False
+    """WPO: weight each pair by its policy-probability under the current model (arXiv:2406.11827)."""
+    discopop_tau: float = 0.05
+    """Temperature of the DiscoPOP modulation."""
+    simpo_gamma: float = 0.5
+    """SimPO target reward margin gamma."""
+    orpo_lambda: float = 0.1
+    """ORPO weight lambda of the odds-ratio term."""
+    cpo_alpha: float = 1.0
+    """CPO weight of the behaviour-cloning (NLL) term."""
+    desirable_weight: float = 1.0
+    """KTO weight of desirable examples."""
+    undesirable_weight: float = 1.0
+    """KTO weight of undesirable examples."""
 
 
 @dataclass
@@ -185,6 +207,8 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     origin = typing.get_origin(tp)
     if origin in (list, typing.List):  # noqa: UP006
         (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str) and item_tp is str:
+            value = [value]  # `loss.type=sigmoid` is a one-element list
         if not isinstance(value, list):
             problems.append(f"{key}={value!r}: expected a list of {item_tp.__name__}")
             return value
@@ -294,8 +318,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(cfg: Config) -> list[str]:
     """Semantic checks on a type-correct config; returns every problem found (empty = valid)."""
-    from dpokit.losses import LOSSES
-
     p = []
     t, d, lo = cfg.train, cfg.data, cfg.loss
 
@@ -314,9 +336,7 @@ def validate(cfg: Config) -> list[str]:
         "no room is left for the completion; lower max_prompt_length or raise max_length",
     )
     need(d.limit >= 0, f"data.limit={d.limit}: must be >= 0")
-    need(lo.type in LOSSES, f"loss.type={lo.type!r}: unknown loss; choose one of {sorted(LOSSES)}")
-    need(lo.beta > 0, f"loss.beta={lo.beta}: must be > 0 (typical 0.01 to 0.5)")
-    need(0.0 <= lo.label_smoothing < 0.5, f"loss.label_smoothing={lo.label_smoothing}: must be in [0, 0.5)")
+    p += validate_loss(lo, t.batch_size)
     need(t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1")
     need(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum}: must be >= 1")
     need(t.max_steps >= 0, f"train.max_steps={t.max_steps}: must be >= 0")
@@ -348,6 +368,65 @@ def validate(cfg: Config) -> list[str]:
         import torch
 
         need(torch.cuda.is_available(), "train.device=cuda but no CUDA device is visible; use device=auto or cpu")
+    return p
+
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+def validate_loss(lo: LossConfig, batch_size: int) -> list[str]:
+    """Every problem with the loss section, each with what to change."""
+    from dpokit.losses import LOSSES
+
+    p = []
+    unknown = [n for n in lo.type if n not in LOSSES]
+    if not lo.type or unknown:
+        p.append(f"loss.type={lo.type}: unknown or empty; choose from {sorted(LOSSES)}")
+    if len(set(lo.type)) != len(lo.type):
+        p.append(f"loss.type={lo.type}: a loss is listed twice; give it one weight instead")
+    if lo.weights and len(lo.weights) != len(lo.type):
+        p.append(f"loss.weights={lo.weights}: needs one weight per loss in loss.type={lo.type}")
+    if any(w < 0 for w in lo.weights):
+        p.append(f"loss.weights={lo.weights}: weights must be >= 0")
+    names = [n for n in lo.type if n in LOSSES]
+    specs = [LOSSES[n] for n in names]
+    if len({s.unpaired for s in specs}) > 1:
+        p.append(
+            f"loss.type={lo.type}: unpaired losses (kto, apo_zero_unpaired) cannot be combined with paired "
+            "ones; they read different data"
+        )
+    if lo.beta <= 0:
+        p.append(f"loss.beta={lo.beta}: must be > 0 (typical 0.01 to 0.5; SimPO 2 to 10)")
+    if not 0.0 <= lo.label_smoothing < 0.5:
+        p.append(f"loss.label_smoothing={lo.label_smoothing}: must be in [0, 0.5)")
+    if "exo_pair" in lo.type and lo.label_smoothing <= 0:
+        p.append("loss.type=exo_pair needs loss.label_smoothing > 0 (e.g. 1e-3): EXO's label distribution must not be 0/1")
+    if not 0.0 <= lo.ld_alpha <= 1.0:
+        p.append(f"loss.ld_alpha={lo.ld_alpha}: must be in [0, 1] (1 = off; LD-DPO uses 0.3 to 0.7)")
+    if lo.f_divergence not in F_DIVERGENCES:
+        p.append(f"loss.f_divergence={lo.f_divergence!r}: choose one of {list(F_DIVERGENCES)}")
+    elif lo.f_divergence != "reverse_kl":
+        plain = [n for n, s in zip(names, specs, strict=True) if not s.f_divergence]
+        if plain:
+            p.append(
+                f"loss.f_divergence={lo.f_divergence} applies only to sigmoid, robust, hinge and exo_pair; "
+                f"not to {plain}. Fix: set loss.f_divergence=reverse_kl or change loss.type"
+            )
+    if lo.f_alpha <= 0:
+        p.append(f"loss.f_alpha={lo.f_alpha}: must be > 0")
+    if lo.discopop_tau <= 0:
+        p.append(f"loss.discopop_tau={lo.discopop_tau}: must be > 0")
+    if lo.orpo_lambda < 0 or lo.cpo_alpha < 0:
+        p.append("loss.orpo_lambda and loss.cpo_alpha must be >= 0")
+    if lo.desirable_weight <= 0 or lo.undesirable_weight <= 0:
+        p.append("loss.desirable_weight and loss.undesirable_weight must be > 0")
+    if any(s.unpaired for s in specs) and (lo.use_weighting or lo.ld_alpha != 1.0):
+        p.append("loss.use_weighting and loss.ld_alpha apply to paired losses only; unset them for kto")
+    if "kto" in lo.type and batch_size < 2:
+        p.append(
+            f"loss.type=kto with train.batch_size={batch_size}: the KL baseline pairs each prompt with another "
+            "example's completion in the batch; use train.batch_size >= 2"
+        )
     return p
 
 

@@ -14,12 +14,19 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap: float | None):
-    """(n, H) hidden, (n,) targets -> (n,) log p(target), computed in fp32."""
+def _chunk_token_logps(
+    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap: float | None, with_sq: bool = False
+):
+    """(n, H) hidden, (n,) targets -> (n,) log p(target) in fp32; with_sq also (n,) log sum_v p_v^2."""
     logits = head(hidden).float()  # (n, V)
     if softcap:  # Gemma-2 style final logit soft-capping
         logits = softcap * torch.tanh(logits / softcap)
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    target_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    if not with_sq:
+        return target_logp
+    log_sum_sq = torch.logsumexp(2 * (logits - lse.unsqueeze(-1)), dim=-1)  # WPO's normaliser
+    return target_logp, log_sum_sq
 
 
 def token_logps(
@@ -29,8 +36,9 @@ def token_logps(
     target_ids: torch.Tensor,
     chunk_size: int = 1024,
     softcap: float | None = None,
-) -> torch.Tensor:
-    """Log-probability of each completion token.
+    with_sq: bool = False,
+):
+    """Log-probability of each completion token (and, with `with_sq`, log sum_v p_v^2 at that position).
 
     Args:
         hidden: (R, T, H) final hidden states (after the last norm).
@@ -38,7 +46,7 @@ def token_logps(
         pred_index: (N,) flat index into R*T of the state predicting each target.
         target_ids: (N,) completion token ids.
     Returns:
-        (N,) fp32 log-probs.
+        (N,) fp32 log-probs, or a pair of (N,) tensors with `with_sq`.
     """
     flat = hidden.reshape(-1, hidden.shape[-1])
     selected = flat.index_select(0, pred_index)  # (N, H): only completion positions reach the head
@@ -46,9 +54,14 @@ def token_logps(
     for start in range(0, selected.shape[0], chunk_size):
         h, t = selected[start : start + chunk_size], target_ids[start : start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
-            out.append(checkpoint(_chunk_token_logps, h, t, head, softcap, use_reentrant=False))
+            out.append(checkpoint(_chunk_token_logps, h, t, head, softcap, with_sq, use_reentrant=False))
         else:
-            out.append(_chunk_token_logps(h, t, head, softcap))
+            out.append(_chunk_token_logps(h, t, head, softcap, with_sq))
+    if with_sq:
+        if not out:
+            empty = hidden.new_zeros(0, dtype=torch.float32)
+            return empty, empty
+        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
     if not out:
         return hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat(out)
@@ -90,9 +103,10 @@ class CompletionLogps(nn.Module):
         attention_mask: torch.Tensor,
         pred_index: torch.Tensor,
         target_ids: torch.Tensor,
-    ) -> torch.Tensor:
+        with_sq: bool = False,
+    ):
         decoder, head = self._parts()
         hidden = decoder(
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state  # (R, T, H)
-        return token_logps(hidden, head, pred_index, target_ids, self.chunk_size, self.softcap)
+        return token_logps(hidden, head, pred_index, target_ids, self.chunk_size, self.softcap, with_sq)

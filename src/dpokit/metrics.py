@@ -22,35 +22,46 @@ PAIR_KEYS = (
 
 
 class PairMetrics:
-    """Accumulates per-pair sums of the standard preference metrics over micro-batches."""
+    """Accumulates sums and counts of the standard preference metrics over micro-batches.
+
+    Paired losses give one chosen and one rejected reward per pair (margins and accuracies per pair);
+    unpaired ones (KTO) give rewards for the desirable and undesirable examples separately, and the
+    margin is then the difference of the two means.
+    """
 
     def __init__(self):
-        self.sums = torch.zeros(len(PAIR_KEYS), dtype=torch.float64)
-        self.pairs = 0
+        self.sums = dict.fromkeys(PAIR_KEYS, 0.0)
+        self.counts = dict.fromkeys(PAIR_KEYS, 0)
+
+    def _add(self, key: str, values: torch.Tensor) -> None:
+        self.sums[key] += float(values.detach().double().sum())
+        self.counts[key] += values.numel()
 
     def add(self, out: LossOutput, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor) -> None:
-        margins = out.chosen_rewards - out.rejected_rewards
-        values = torch.stack(
-            [
-                out.losses.detach().sum(),
-                out.chosen_rewards.sum(),
-                out.rejected_rewards.sum(),
-                margins.sum(),
-                (margins > 0).float().sum(),
-                policy_chosen.detach().sum(),
-                policy_rejected.detach().sum(),
-            ]
-        )
-        self.sums += values.double().cpu()
-        self.pairs += out.losses.shape[0]
+        self._add("loss", out.losses)
+        self._add("rewards/chosen", out.chosen_rewards)
+        self._add("rewards/rejected", out.rejected_rewards)
+        self._add("logps/chosen", policy_chosen)
+        self._add("logps/rejected", policy_rejected)
+        if out.chosen_rewards.shape == out.rejected_rewards.shape and out.chosen_rewards.numel() == out.losses.numel():
+            margins = out.chosen_rewards - out.rejected_rewards
+            self._add("rewards/margins", margins)
+            self._add("rewards/accuracies", (margins > 0).float())
+
+    @property
+    def pairs(self) -> int:
+        return self.counts["loss"]
 
     def compute(self, reduce=None, prefix: str = "") -> dict[str, float]:
-        """Means per pair. `reduce` sums a tensor over ranks (e.g. accelerator.reduce with 'sum')."""
-        totals = torch.cat([self.sums, torch.tensor([float(self.pairs)], dtype=torch.float64)])
+        """Means per example. `reduce` sums a tensor over ranks (e.g. accelerator.reduce with 'sum')."""
+        totals = torch.tensor([self.sums[k] for k in PAIR_KEYS] + [float(self.counts[k]) for k in PAIR_KEYS], dtype=torch.float64)
         if reduce is not None:
             totals = reduce(totals)
-        n = totals[-1].item()
-        return {prefix + k: (v / n if n else math.nan) for k, v in zip(PAIR_KEYS, totals[:-1].tolist(), strict=True)}
+        n = len(PAIR_KEYS)
+        means = {k: s / c for k, s, c in zip(PAIR_KEYS, totals[:n].tolist(), totals[n:].tolist(), strict=True) if c > 0}
+        if "rewards/margins" not in means and "rewards/chosen" in means and "rewards/rejected" in means:
+            means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
+        return {prefix + k: means[k] for k in PAIR_KEYS if k in means}
 
 
 class MetricsWriter:
@@ -105,7 +116,7 @@ class StepReporter:
             self.console.print(
                 f"step {record['step']:>4} loss {record['loss']:.4f} "
                 f"r+ {record['rewards/chosen']:+.3f} r- {record['rewards/rejected']:+.3f} "
-                f"margin {record['rewards/margins']:+.3f} acc {record['rewards/accuracies']:.2f} "
+                f"margin {record['rewards/margins']:+.3f} acc {record.get('rewards/accuracies', math.nan):.2f} "
                 f"lr {record['lr']:.1e} |g| {record['grad_norm']:.2f} {record['tokens_per_s']:.0f} tok/s",
                 highlight=False,
             )
@@ -114,6 +125,6 @@ class StepReporter:
         if self.enabled and record and "eval/loss" in record:
             self.console.print(
                 f"[bold]eval @ step {step}[/bold]  loss {record['eval/loss']:.4f}  "
-                f"margin {record['eval/rewards/margins']:+.4f}  accuracy {record['eval/rewards/accuracies']:.3f}",
+                f"margin {record['eval/rewards/margins']:+.4f}  accuracy {record.get('eval/rewards/accuracies', math.nan):.3f}",
                 highlight=False,
             )

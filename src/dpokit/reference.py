@@ -44,8 +44,9 @@ class Reference:
             self.frozen.requires_grad_(False)
 
     @torch.no_grad()
-    def sequence_logps(self, batch: Batch) -> torch.Tensor:
-        """(S,) reference log-probs of every sequence of the batch, summed over completion tokens."""
+    def sequence_logps(self, batch: Batch, token_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """(S,) reference log-probs of every sequence of the batch, summed over completion tokens
+        (each token times `token_weights` when given, e.g. LD-DPO)."""
         args = (batch.input_ids, batch.position_ids, batch.attention_mask, batch.pred_index, batch.target_ids)
         with self.autocast():
             if self.frozen is not None:
@@ -53,6 +54,8 @@ class Reference:
             else:
                 with eval_mode(self.policy), _unwrap(self.policy).model.disable_adapter():
                     tok = self.policy(*args)
+        if token_weights is not None:
+            tok = tok * token_weights
         return sum_by_sequence(tok, batch.seq_index, batch.num_seqs)
 
 

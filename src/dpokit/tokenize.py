@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from dpokit.data import DataError, PreferenceExample
+from dpokit.data import DataError, PreferenceExample, UnpairedExample
 
 
 @dataclass(frozen=True)
@@ -44,31 +44,56 @@ class TokenizeStats:
         }
 
 
+@dataclass(frozen=True)
+class TokenizedUnpaired:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+    weight: float = 1.0
+    where: str = ""
+
+
+def encode_prompt(prompt, tokenizer) -> list[int]:
+    if isinstance(prompt, list):
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def encode_completion(prompt, prompt_ids: list[int], completion, tokenizer, where: str, side: str) -> list[int]:
+    """Token ids of one completion after `prompt` (whose ids are `prompt_ids`)."""
+    if isinstance(prompt, list):
+        full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False, add_generation_prompt=False)
+        full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise DataError(
+                where,
+                "the chat template's prompt tokens are not a prefix of prompt + completion tokens; "
+                "this template cannot separate prompt from answer (use a text format or another template)",
+                side,
+            )
+        return full_ids[len(prompt_ids) :]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
+
+
 def encode_example(example: PreferenceExample, tokenizer) -> tuple[list[int], list[int], list[int]]:
     """Untruncated (prompt_ids, chosen_ids, rejected_ids) of one pair."""
-    if example.conversational:
-        prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        completions = []
-        for side in ("chosen", "rejected"):
-            full_text = tokenizer.apply_chat_template(
-                example.prompt + getattr(example, side), tokenize=False, add_generation_prompt=False
-            )
-            full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-            if full_ids[: len(prompt_ids)] != prompt_ids:
-                raise DataError(
-                    example.where,
-                    "the chat template's prompt tokens are not a prefix of prompt + completion tokens; "
-                    "this template cannot separate prompt from answer (use a text format or another template)",
-                    side,
-                )
-            completions.append(full_ids[len(prompt_ids) :])
-        return prompt_ids, completions[0], completions[1]
-    prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    chosen = tokenizer(example.chosen, add_special_tokens=False)["input_ids"] + eos
-    rejected = tokenizer(example.rejected, add_special_tokens=False)["input_ids"] + eos
+    prompt_ids = encode_prompt(example.prompt, tokenizer)
+    chosen = encode_completion(example.prompt, prompt_ids, example.chosen, tokenizer, example.where, "chosen")
+    rejected = encode_completion(example.prompt, prompt_ids, example.rejected, tokenizer, example.where, "rejected")
     return prompt_ids, chosen, rejected
+
+
+def truncate(prompt: list[int], completions: list[list[int]], max_length: int, max_prompt_length: int, stats):
+    """Prompt keeps its last max_prompt_length tokens; completions their first max_length - len(prompt)."""
+    if len(prompt) > max_prompt_length:
+        prompt = prompt[-max_prompt_length:]
+        stats.prompts_truncated += 1
+    budget = max(max_length - len(prompt), 0)
+    if any(len(c) > budget for c in completions):
+        stats.completions_truncated += 1
+    return prompt, [c[:budget] for c in completions]
 
 
 def tokenize_pairs(
@@ -89,16 +114,34 @@ def tokenize_pairs(
                 raise
             stats.dropped["chat template prefix mismatch"] += 1
             continue
-        if len(prompt) > max_prompt_length:
-            prompt = prompt[-max_prompt_length:]
-            stats.prompts_truncated += 1
-        budget = max_length - len(prompt)
-        if len(chosen) > budget or len(rejected) > budget:
-            stats.completions_truncated += 1
-        chosen, rejected = chosen[: max(budget, 0)], rejected[: max(budget, 0)]
+        prompt, (chosen, rejected) = truncate(prompt, [chosen, rejected], max_length, max_prompt_length, stats)
         if not chosen or not rejected:
             stats.dropped["empty completion after truncation"] += 1
             continue
         pairs.append(TokenizedPair(prompt, chosen, rejected, example.weight, example.where))
     stats.kept = len(pairs)
     return pairs, stats
+
+
+def tokenize_unpaired(
+    examples: list[UnpairedExample], tokenizer, max_length: int, max_prompt_length: int, skip_invalid: bool = False
+) -> tuple[list[TokenizedUnpaired], TokenizeStats]:
+    stats = TokenizeStats()
+    out = []
+    for ex in examples:
+        stats.pairs += 1
+        try:
+            prompt = encode_prompt(ex.prompt, tokenizer)
+            completion = encode_completion(ex.prompt, prompt, ex.completion, tokenizer, ex.where, "completion")
+        except DataError:
+            if not skip_invalid:
+                raise
+            stats.dropped["chat template prefix mismatch"] += 1
+            continue
+        prompt, (completion,) = truncate(prompt, [completion], max_length, max_prompt_length, stats)
+        if not completion:
+            stats.dropped["empty completion after truncation"] += 1
+            continue
+        out.append(TokenizedUnpaired(prompt, completion, ex.label, ex.weight, ex.where))
+    stats.kept = len(out)
+    return out, stats

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
 import json
 import logging
 import math
@@ -21,16 +21,16 @@ from pathlib import Path
 import torch
 
 from dpokit import models
-from dpokit.batching import LAYOUTS, Batch
+from dpokit.batching import LAYOUTS, collate_unpaired
 from dpokit.checkpoint import save_checkpoint
 from dpokit.config import Config, dump_yaml
 from dpokit.data import load_examples, split_by_prompt
-from dpokit.logps import CompletionLogps, sum_by_sequence
-from dpokit.losses import LOSSES, LossOutput, PairLogps, compute_loss
+from dpokit.logps import CompletionLogps
 from dpokit.metrics import MetricsWriter, PairMetrics, StepReporter
+from dpokit.objective import Objective
 from dpokit.optim import build_optimizer, build_scheduler
 from dpokit.reference import Reference, eval_mode
-from dpokit.tokenize import TokenizedPair, tokenize_pairs
+from dpokit.tokenize import tokenize_pairs, tokenize_unpaired
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,10 @@ def train(cfg: Config) -> RunResult:
     run_dir = prepare_run_dir(cfg)
     set_seed(cfg.train.seed)
     accelerator = Accelerator(cpu=cfg.train.device == "cpu", mixed_precision="bf16" if cfg.train.bf16 else "no")
+    objective = Objective(cfg.loss, _mean_reduce(accelerator))
     model_path = models.resolve_model_path(cfg.model.name)
     tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
-    train_pairs, eval_pairs = prepare_data(cfg, tokenizer, run_dir)
+    train_pairs, eval_pairs = prepare_data(cfg, tokenizer, run_dir, objective.unpaired)
 
     model = models.load_model(model_path, cfg.model.trust_remote_code, cfg.model.attn_implementation)
     if cfg.lora.enabled:
@@ -73,16 +74,18 @@ def train(cfg: Config) -> RunResult:
     scheduler = build_scheduler(optimizer, cfg.train, len(schedule))
     policy, optimizer = accelerator.prepare(policy, optimizer)
     reference = None
-    if LOSSES[cfg.loss.type].needs_reference:
+    if objective.needs_reference:  # reference-free losses build no reference at all
         # Built before any update, so a frozen copy is exactly the starting policy.
         reference = Reference("adapter" if cfg.lora.enabled else "copy", policy, accelerator.autocast)
-    collate = LAYOUTS["padded"]
     pad_id = tokenizer.pad_token_id
-    loss_params = dataclasses.asdict(cfg.loss)
+    if objective.unpaired:
+        collate = functools.partial(collate_unpaired, max_length=cfg.data.max_length)
+    else:
+        collate = LAYOUTS["padded"]
     steps_per_epoch = math.ceil(math.ceil(len(train_pairs) / cfg.train.batch_size) / cfg.train.grad_accum)
 
     def run_eval() -> dict:
-        return evaluate(policy, reference, eval_pairs, collate, pad_id, cfg, accelerator) if eval_pairs else {}
+        return evaluate(policy, reference, objective, eval_pairs, collate, pad_id, cfg, accelerator) if eval_pairs else {}
 
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     reporter = StepReporter(len(schedule), enabled=cfg.train.progress and accelerator.is_main_process)
@@ -98,14 +101,15 @@ def train(cfg: Config) -> RunResult:
             sums, tokens = PairMetrics(), 0
             step_pairs = sum(len(m) for m in micro_batches)
             for i, indices in enumerate(micro_batches):
-                batch = collate([train_pairs[j] for j in indices], pad_id).to(accelerator.device)
+                batch = to_device(collate([train_pairs[j] for j in indices], pad_id), accelerator.device)
+                main = batch[0] if isinstance(batch, tuple) else batch
                 last = i == len(micro_batches) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(policy):
-                    out, x = pair_forward(policy, reference, batch, cfg.loss.type, loss_params)
+                    out, chosen_logps, rejected_logps = objective(policy, reference, batch)
                     # Sum over the step's pairs / pairs per step: batch 4 x accum 1 == batch 1 x accum 4.
-                    accelerator.backward((out.losses * batch.weights).sum() / step_pairs)
-                sums.add(out, x.policy_chosen, x.policy_rejected)
-                tokens += batch.num_tokens
+                    accelerator.backward((out.losses * main.weights).sum() / step_pairs)
+                sums.add(out, chosen_logps, rejected_logps)
+                tokens += main.num_tokens
             max_norm = cfg.train.max_grad_norm or math.inf
             grad_norm = float(accelerator.clip_grad_norm_(policy.parameters(), max_norm))
             record = {"step": step, "epoch": step / steps_per_epoch, **sums.compute(_sum_reduce(accelerator))}
@@ -131,37 +135,20 @@ def train(cfg: Config) -> RunResult:
     return RunResult(run_dir, history, initial_eval, final_eval, ckpt, accelerator.unwrap_model(policy).model)
 
 
-def pair_forward(
-    policy, reference: Reference | None, batch: Batch, loss_type: str, loss_params: dict
-) -> tuple[LossOutput, PairLogps]:
-    """Reference and policy log-probs of every sequence of a pair batch, then the loss."""
-    P = batch.num_pairs
-    ref = reference.sequence_logps(batch) if reference is not None else None
-    tok = policy(batch.input_ids, batch.position_ids, batch.attention_mask, batch.pred_index, batch.target_ids)
-    seq = sum_by_sequence(tok, batch.seq_index, batch.num_seqs)  # (2P,)
-    lengths = batch.completion_lengths()
-    x = PairLogps(
-        policy_chosen=seq[:P],
-        policy_rejected=seq[P:],
-        ref_chosen=None if ref is None else ref[:P],
-        ref_rejected=None if ref is None else ref[P:],
-        chosen_lengths=lengths[:P],
-        rejected_lengths=lengths[P:],
-    )
-    return compute_loss(loss_type, x, loss_params), x
-
-
 @torch.no_grad()
-def evaluate(policy, reference, pairs: list[TokenizedPair], collate, pad_id: int, cfg: Config, accelerator) -> dict:
-    """Held-out metrics (`eval/` keys), dropout off, averaged over every pair."""
+def evaluate(policy, reference, objective: Objective, examples: list, collate, pad_id: int, cfg: Config, accelerator) -> dict:
+    """Held-out metrics (`eval/` keys), dropout off, averaged over every example."""
     sums = PairMetrics()
-    loss_params = dataclasses.asdict(cfg.loss)
     with eval_mode(policy):
-        for start in range(0, len(pairs), cfg.eval.batch_size):
-            batch = collate(pairs[start : start + cfg.eval.batch_size], pad_id).to(accelerator.device)
-            out, x = pair_forward(policy, reference, batch, cfg.loss.type, loss_params)
-            sums.add(out, x.policy_chosen, x.policy_rejected)
+        for start in range(0, len(examples), cfg.eval.batch_size):
+            batch = to_device(collate(examples[start : start + cfg.eval.batch_size], pad_id), accelerator.device)
+            out, chosen_logps, rejected_logps = objective(policy, reference, batch)
+            sums.add(out, chosen_logps, rejected_logps)
     return sums.compute(_sum_reduce(accelerator), prefix="eval/")
+
+
+def to_device(batch, device):
+    return tuple(b.to(device) for b in batch) if isinstance(batch, tuple) else batch.to(device)
 
 
 def step_schedule(num_pairs: int, tc) -> Iterator[list[list[int]]]:
@@ -183,20 +170,22 @@ def step_schedule(num_pairs: int, tc) -> Iterator[list[list[int]]]:
         epoch += 1
 
 
-def prepare_data(cfg: Config, tokenizer, run_dir: Path) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
-    """Load, split and tokenize; every skip and drop is counted in RUN_DIR/data_stats.json."""
+def prepare_data(cfg: Config, tokenizer, run_dir: Path, unpaired: bool = False) -> tuple[list, list]:
+    """Load, split and tokenize (pairs, or unpaired examples for KTO); every skip and drop is counted in
+    RUN_DIR/data_stats.json."""
     d = cfg.data
-    examples, load_stats = load_examples(d.train, d.skip_invalid)
+    examples, load_stats = load_examples(d.train, d.skip_invalid, unpaired)
     if d.limit:
         examples = examples[: d.limit]
     stats = {"train_file": load_stats.to_dict()}
     if d.eval:
-        eval_examples, eval_stats = load_examples(d.eval, d.skip_invalid)
+        eval_examples, eval_stats = load_examples(d.eval, d.skip_invalid, unpaired)
         stats["eval_file"] = eval_stats.to_dict()
     else:
         examples, eval_examples = split_by_prompt(examples, d.eval_fraction, cfg.train.seed)
-    train_pairs, tstats = tokenize_pairs(examples, tokenizer, d.max_length, d.max_prompt_length, d.skip_invalid)
-    eval_pairs, estats = tokenize_pairs(eval_examples, tokenizer, d.max_length, d.max_prompt_length, d.skip_invalid)
+    tokenize = tokenize_unpaired if unpaired else tokenize_pairs
+    train_pairs, tstats = tokenize(examples, tokenizer, d.max_length, d.max_prompt_length, d.skip_invalid)
+    eval_pairs, estats = tokenize(eval_examples, tokenizer, d.max_length, d.max_prompt_length, d.skip_invalid)
     stats.update(train_tokenized=tstats.to_dict(), eval_tokenized=estats.to_dict())
     (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
     for name, s in (("train", tstats), ("eval", estats)):
@@ -248,6 +237,12 @@ def write_summary(run_dir: Path, history, initial_eval, final_eval, ckpt, wall_s
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def _mean_reduce(accelerator):
+    if accelerator.num_processes == 1:
+        return None
+    return lambda t: accelerator.reduce(t.to(accelerator.device), reduction="mean")
 
 
 def _sum_reduce(accelerator):

@@ -10,13 +10,20 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from dpokit.data.formats import PreferenceExample, normalize, split_implicit_prompt
-from dpokit.data.readers import DataError, RawRecord, read_records
+from dpokit.data.formats import (
+    PreferenceExample,
+    UnpairedExample,
+    normalize,
+    normalize_unpaired,
+    split_implicit_prompt,
+)
+from dpokit.data.readers import DataError, read_records
 
 __all__ = [
     "DataError",
     "LoadStats",
     "PreferenceExample",
+    "UnpairedExample",
     "load_examples",
     "resolve_data_path",
     "split_by_prompt",
@@ -58,23 +65,25 @@ def resolve_data_path(spec: str) -> Path:
     return Path(spec)
 
 
-def load_examples(spec: str, skip_invalid: bool = False) -> tuple[list[PreferenceExample], LoadStats]:
-    """Read and normalize every record of a preference file.
+def load_examples(
+    spec: str, skip_invalid: bool = False, unpaired: bool = False
+) -> tuple[list[PreferenceExample] | list[UnpairedExample], LoadStats]:
+    """Read and normalize every record of a preference file (`unpaired`: prompt/completion/label records).
 
     Invalid records raise one DataError listing the first problems (file:line: field: what), unless
     `skip_invalid`, in which case they are skipped and counted by reason in the returned stats.
     """
     path = resolve_data_path(spec)
     stats = LoadStats()
-    examples: list[PreferenceExample] = []
+    examples: list = []
+    to_example = normalize_unpaired if unpaired else normalize
     errors: list[DataError] = []
     for item in read_records(path):
         stats.records += 1
         try:
             if isinstance(item, DataError):
                 raise item
-            assert isinstance(item, RawRecord)
-            example = normalize(item.where, item.value)
+            example = to_example(item.where, item.value)
         except DataError as err:
             errors.append(err)
             stats.skipped += 1
@@ -106,13 +115,11 @@ def _reason(err: DataError) -> str:
     return f"{field_name}: {msg}"[:80]
 
 
-def prompt_key(example: PreferenceExample) -> str:
+def prompt_key(example: PreferenceExample | UnpairedExample) -> str:
     return hashlib.sha1(json.dumps(example.prompt, ensure_ascii=False).encode()).hexdigest()
 
 
-def split_by_prompt(
-    examples: list[PreferenceExample], fraction: float, seed: int
-) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
+def split_by_prompt(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     """Hold out `fraction` of the distinct prompts (all their pairs), so no prompt is on both sides."""
     if fraction <= 0:
         return examples, []

@@ -55,10 +55,33 @@ class PreferenceExample:
         return isinstance(self.prompt, list)
 
 
+@dataclass(frozen=True)
+class UnpairedExample:
+    """One unpaired example for KTO-style losses: a completion labelled desirable (True) or not."""
+
+    prompt: str | list[Message]
+    completion: str | list[Message]
+    label: bool
+    weight: float = 1.0
+    where: str = ""
+    format: str = "unpaired"
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
 def normalize(where: str, record: Any) -> PreferenceExample:
     """Raise DataError naming `where` and the field when the record is not a usable preference pair."""
     if not isinstance(record, dict):
         raise DataError(where, f"expected an object with prompt/chosen/rejected fields, got {type(record).__name__}")
+    if "label" in record and "chosen" not in record:
+        raise DataError(
+            where,
+            "an unpaired record (completion + label), but the loss needs preference pairs; "
+            "use loss.type=kto (or apo_zero_unpaired) for unpaired data",
+            "label",
+        )
     weight = _weight(where, record)
     if "conversations" in record:
         return _sharegpt(where, record, weight)
@@ -231,3 +254,40 @@ def _split_implicit(where: str, chosen: str, rejected: str, weight: float) -> Pr
     _need_nonempty(where, c, "chosen")
     _need_nonempty(where, r, "rejected")
     return PreferenceExample(chosen[:cut], c, r, weight, where, "implicit")
+
+
+def normalize_unpaired(where: str, record: Any) -> UnpairedExample:
+    """`prompt`/`completion`/`label`, or `messages` (the last assistant turn is the completion) + `label`."""
+    if not isinstance(record, dict):
+        raise DataError(where, f"expected an object with prompt/completion/label, got {type(record).__name__}")
+    if "chosen" in record or "rejected" in record or "conversations" in record:
+        raise DataError(
+            where,
+            "a preference pair (chosen/rejected), but loss.type is unpaired (kto, apo_zero_unpaired), which needs "
+            "prompt/completion/label records; use a paired loss such as sigmoid, or unpaired data",
+            "chosen",
+        )
+    if "label" not in record:
+        raise DataError(where, f"missing field (found: {sorted(record)})", "label")
+    label = record["label"]
+    if isinstance(label, str) and label.lower() in ("true", "false"):
+        label = label.lower() == "true"
+    if not isinstance(label, bool) and label not in (0, 1):
+        raise DataError(where, f"expected true/false, got {label!r}", "label")
+    weight = _weight(where, record)
+    if "messages" in record:
+        msgs = _messages(where, record, "messages")
+        if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+            raise DataError(where, "needs a prompt and a final assistant message (the completion)", "messages")
+        _need_nonempty(where, msgs[-1]["content"], "messages")
+        return UnpairedExample(msgs[:-1], msgs[-1:], bool(label), weight, where, "unpaired")
+    for key in ("prompt", "completion"):
+        if key not in record:
+            raise DataError(where, f"missing field (found: {sorted(record)})", key)
+    if isinstance(record["prompt"], list):
+        prompt = _messages(where, record, "prompt")
+        return UnpairedExample(prompt, _completion_messages(where, record, "completion"), bool(label), weight, where)
+    _need_str(where, record, "prompt")
+    _need_str(where, record, "completion")
+    _need_nonempty(where, record["completion"], "completion")
+    return UnpairedExample(record["prompt"], record["completion"], bool(label), weight, where)

@@ -1,0 +1,112 @@
+"""From a batch to a loss: reference and policy log-probs, token weighting (LD-DPO), pair weighting (WPO),
+running state (the BCO reward baseline) and the unpaired KL baseline (KTO), then the registered losses.
+
+The loss functions stay pure; everything stateful or model-dependent lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+
+from dpokit.batching import Batch
+from dpokit.config import LossConfig
+from dpokit.logps import sum_by_sequence
+from dpokit.losses import LOSSES, LossOutput, PairLogps, UnpairedLogps, combine
+from dpokit.reference import Reference
+
+
+class RunningMean:
+    """Count-weighted mean of every value seen (BCO's reward baseline delta)."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def update(self, values: torch.Tensor) -> float:
+        self.total += float(values.sum())
+        self.count += values.numel()
+        return self.total / self.count
+
+
+def ld_token_weights(batch: Batch, alpha: float) -> torch.Tensor:
+    """LD-DPO (arXiv:2409.06411, eq. 9): weight 1 on the first min(|y_w|, |y_l|) tokens of each completion,
+    alpha on the tokens past the shorter completion's length."""
+    P = batch.num_pairs
+    lengths = batch.completion_lengths()
+    shared = torch.minimum(lengths[:P], lengths[P:])  # (P,)
+    pair_of_token = batch.seq_index % P
+    past = batch.completion_pos >= shared[pair_of_token]
+    return torch.where(past, torch.full_like(past, alpha, dtype=torch.float32), torch.ones_like(past, dtype=torch.float32))
+
+
+class Objective:
+    """Callable: (policy, reference, batch) -> (LossOutput, per-example policy logps of chosen, rejected)."""
+
+    def __init__(self, cfg: LossConfig, reduce_mean=None):
+        self.cfg = cfg
+        self.names = list(cfg.type)
+        self.weights = list(cfg.weights) or [1.0] * len(self.names)
+        self.params = asdict(cfg)
+        self.unpaired = LOSSES[self.names[0]].unpaired
+        self.needs_reference = any(LOSSES[n].needs_reference for n in self.names)
+        self.bco = RunningMean() if "bco_pair" in self.names else None
+        self.reduce_mean = reduce_mean or (lambda t: t)  # averages a tensor over ranks
+
+    def __call__(self, policy, reference: Reference | None, batch) -> tuple[LossOutput, torch.Tensor, torch.Tensor]:
+        if self.unpaired:
+            return self.unpaired_loss(policy, reference, *batch)
+        return self.pair_loss(policy, reference, batch)
+
+    def pair_loss(self, policy, reference, batch: Batch):
+        P, cfg = batch.num_pairs, self.cfg
+        token_w = ld_token_weights(batch, cfg.ld_alpha) if cfg.ld_alpha != 1.0 else None
+        ref = reference.sequence_logps(batch, token_w) if self.needs_reference else None
+        args = (batch.input_ids, batch.position_ids, batch.attention_mask, batch.pred_index, batch.target_ids)
+        tok = policy(*args, with_sq=True) if cfg.use_weighting else policy(*args)
+        tok, log_sum_sq = tok if cfg.use_weighting else (tok, None)
+        seq = sum_by_sequence(tok if token_w is None else tok * token_w, batch.seq_index, batch.num_seqs)
+        lengths = batch.completion_lengths()
+        x = PairLogps(
+            policy_chosen=seq[:P],
+            policy_rejected=seq[P:],
+            ref_chosen=None if ref is None else ref[:P],
+            ref_rejected=None if ref is None else ref[P:],
+            chosen_lengths=lengths[:P],
+            rejected_lengths=lengths[P:],
+        )
+        params = self.params
+        if self.bco is not None:
+            rewards = cfg.beta * torch.cat([x.policy_chosen - x.ref_chosen, x.policy_rejected - x.ref_rejected])
+            params = {**params, "bco_delta": self.bco.update(self.reduce_mean(rewards.detach().mean()).reshape(1))}
+        out = combine(self.names, self.weights, x, params)
+        if log_sum_sq is not None:
+            out.losses = out.losses * wpo_weights(tok, log_sum_sq, batch)
+        return out, x.policy_chosen, x.policy_rejected
+
+    def unpaired_loss(self, policy, reference, targets: Batch, mismatched: Batch):
+        args = (targets.input_ids, targets.position_ids, targets.attention_mask, targets.pred_index, targets.target_ids)
+        ref = reference.sequence_logps(targets)
+        pol = sum_by_sequence(policy(*args), targets.seq_index, targets.num_seqs)
+        with torch.no_grad():  # the KL baseline is a detached estimate (KTO, sec. 4.1)
+            kl_args = (
+                mismatched.input_ids,
+                mismatched.position_ids,
+                mismatched.attention_mask,
+                mismatched.pred_index,
+                mismatched.target_ids,
+            )
+            kl_pol = sum_by_sequence(policy(*kl_args), mismatched.seq_index, mismatched.num_seqs)
+            kl = self.reduce_mean((kl_pol - reference.sequence_logps(mismatched)).mean())
+        x = UnpairedLogps(pol, ref, targets.labels, kl, targets.completion_lengths())
+        out = combine(self.names, self.weights, x, self.params)
+        return out, pol[targets.labels], pol[~targets.labels]
+
+
+def wpo_weights(tok_logps: torch.Tensor, log_sum_sq: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """WPO (arXiv:2406.11827, eq. 2): w = min(1, exp(mean_t[log p_t - log sum_v p_v^2] over y_w + the same
+    over y_l)), detached; the normaliser keeps w near 1 for outputs typical of the current policy."""
+    P = batch.num_pairs
+    per_seq = sum_by_sequence((tok_logps - log_sum_sq).detach(), batch.seq_index, batch.num_seqs)
+    per_seq = per_seq / batch.completion_lengths().clamp(min=1)
+    return torch.exp(per_seq[:P] + per_seq[P:]).clamp(max=1.0)
