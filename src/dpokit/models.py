@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -211,7 +212,10 @@ def add_lora(model, r: int, alpha: float, dropout: float, target_modules: list[s
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft still calls transformers' deprecated `is_gradient_checkpointing`; nothing for users to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:

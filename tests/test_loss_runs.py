@@ -1,0 +1,158 @@
+"""Every loss end to end through the CLI on a tiny model, combined losses, KTO on unpaired data,
+reference-free runs with no reference at all, LD-DPO / WPO weighting, and bad combinations refused."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from dpokit import reference as reference_module
+from dpokit.batching import collate_padded
+from dpokit.cli import main
+from dpokit.config import ConfigError, load_config
+from dpokit.logps import CompletionLogps
+from dpokit.losses import LOSSES
+from dpokit.metrics import read_metrics
+from dpokit.objective import ld_token_weights, wpo_weights
+from dpokit.tokenize import TokenizedPair
+
+PAIRED = sorted(n for n, s in LOSSES.items() if not s.unpaired)
+
+
+def cli_run(tmp_path, model_dir, data, *overrides):
+    run_dir = tmp_path / "run"
+    args = [
+        "train",
+        f"model.name={model_dir}",
+        f"data.train={data}",
+        "data.limit=16",
+        "data.max_length=160",
+        "data.max_prompt_length=80",
+        "data.eval_fraction=0.25",
+        "lora.r=4",
+        "train.batch_size=4",
+        "train.max_steps=2",
+        "train.lr=1e-3",
+        "train.device=cpu",
+        "train.progress=false",
+        "train.save_final=false",
+        f"train.run_dir={run_dir}",
+        *overrides,
+    ]
+    assert main(args) == 0
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("name", PAIRED)
+def test_each_paired_loss_runs_through_the_cli(tmp_path, tiny_model_dir, name):
+    extra = ["loss.label_smoothing=0.1"] if name in ("exo_pair", "robust") else []
+    records = cli_run(tmp_path, tiny_model_dir, "builtin:demo", f"loss.type={name}", *extra)
+    steps = [r for r in records if r["step"] > 0]
+    assert len(steps) == 2
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in steps)
+    assert "eval/loss" in steps[-1] and "rewards/margins" in steps[-1]
+
+
+def test_two_combined_losses_rpo(tmp_path, tiny_model_dir):
+    records = cli_run(tmp_path, tiny_model_dir, "builtin:demo", "loss.type=[sigmoid,sft]", "loss.weights=[1.0,0.5]")
+    first = records[1]
+    # step 1: sigmoid = ln 2 and sft = mean per-token NLL of the chosen completions, so loss > ln 2
+    assert first["loss"] > math.log(2) and first["rewards/margins"] == 0
+
+
+def test_kto_on_the_unpaired_llama_factory_file(tmp_path, tiny_model_dir, shared_data):
+    data = shared_data / "llama-factory" / "kto_en_demo.json"
+    records = cli_run(tmp_path, tiny_model_dir, data, "loss.type=kto", "data.limit=40", "train.batch_size=8")
+    first, last = records[1], records[-1]
+    # at step 1 rho = 0 and z0 = 0, so every example's loss is 1 - sigma(0) = 0.5
+    assert first["loss"] == pytest.approx(0.5, abs=1e-6)
+    assert "rewards/chosen" in first and "rewards/rejected" in first and "eval/loss" in last
+    stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
+    assert stats["train_file"]["formats"] == {"unpaired": 300}
+
+
+def test_kto_refuses_paired_data_and_dpo_refuses_unpaired(tmp_path, tiny_model_dir, shared_data, capsys):
+    base = [f"model.name={tiny_model_dir}", "train.progress=false", f"train.run_dir={tmp_path / 'r'}", "train.overwrite=true"]
+    assert main(["train", "data.train=builtin:demo", "loss.type=kto", *base]) == 2
+    assert "needs prompt/completion/label records" in capsys.readouterr().err
+    kto_file = shared_data / "llama-factory" / "kto_en_demo.json"
+    assert main(["train", f"data.train={kto_file}", "loss.type=sigmoid", *base]) == 2
+    assert "use loss.type=kto" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["simpo", "orpo", "cpo", "sft"])
+@pytest.mark.parametrize("lora", ["true", "false"])
+def test_reference_free_losses_build_and_run_no_reference(tmp_path, tiny_model_dir, monkeypatch, name, lora):
+    created, ref_calls, policy_calls = [], [], []
+    real_init, real_forward = reference_module.Reference.__init__, CompletionLogps.forward
+    monkeypatch.setattr(reference_module.Reference, "__init__", lambda self, *a, **k: created.append(1) or real_init(self, *a, **k))
+    monkeypatch.setattr(reference_module.Reference, "sequence_logps", lambda *a, **k: ref_calls.append(1))
+
+    def counting_forward(self, *args, **kwargs):
+        policy_calls.append(1)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CompletionLogps, "forward", counting_forward)
+    cli_run(tmp_path, tiny_model_dir, "builtin:demo", f"loss.type={name}", f"lora.enabled={lora}", "data.eval_fraction=0")
+    # no Reference object (so no frozen copy of the weights) and no reference forward pass;
+    # the policy ran exactly once per micro-batch (2 steps x 1 micro-batch)
+    assert created == [] and ref_calls == [] and len(policy_calls) == 2
+
+
+def test_dpo_runs_one_reference_pass_per_micro_batch(tmp_path, tiny_model_dir, monkeypatch):
+    calls = []
+    real = reference_module.Reference.sequence_logps
+    monkeypatch.setattr(reference_module.Reference, "sequence_logps", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    cli_run(tmp_path, tiny_model_dir, "builtin:demo", "data.eval_fraction=0", "train.grad_accum=2")
+    assert len(calls) == 4
+
+
+def test_ld_token_weights_literal():
+    # pair 0: chosen 3 tokens, rejected 1 -> shared length 1; pair 1: chosen 1, rejected 2 -> shared 1
+    pairs = [TokenizedPair([1], [2, 3, 4], [5]), TokenizedPair([1], [6], [7, 8])]
+    batch = collate_padded(pairs, pad_id=0)
+    # token order: seq0 (2,3,4), seq1 (6), seq2 (5), seq3 (7,8)
+    assert ld_token_weights(batch, 0.25).tolist() == [1.0, 0.25, 0.25, 1.0, 1.0, 1.0, 0.25]
+
+
+def test_ld_alpha_one_is_plain_dpo_and_below_one_changes_the_loss(tmp_path, tiny_model_dir):
+    plain = cli_run(tmp_path / "a", tiny_model_dir, "builtin:demo", "data.eval_fraction=0")
+    same = cli_run(tmp_path / "b", tiny_model_dir, "builtin:demo", "data.eval_fraction=0", "loss.ld_alpha=1.0")
+    assert [r["loss"] for r in plain] == [r["loss"] for r in same]
+    ld = cli_run(tmp_path / "c", tiny_model_dir, "builtin:demo", "data.eval_fraction=0", "loss.ld_alpha=0.5")
+    assert ld[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and ld[1]["loss"] != plain[1]["loss"]
+
+
+def test_wpo_weights_hand_worked():
+    # one pair, chosen 1 token with log p = log 0.5 and sum_v p_v^2 = 0.5 -> mean term log 0.5 - log 0.5 = 0;
+    # rejected 2 tokens with terms -1 and -2 -> mean -1.5. w = min(1, exp(0 - 1.5)) = e^-1.5
+    batch = collate_padded([TokenizedPair([1], [2], [3, 4])], pad_id=0)
+    tok = torch.tensor([math.log(0.5), -1.0, -2.0])
+    sq = torch.tensor([math.log(0.5), 0.0, 0.0])
+    assert wpo_weights(tok, sq, batch).tolist() == pytest.approx([math.exp(-1.5)])
+
+
+def test_wpo_run(tmp_path, tiny_model_dir):
+    records = cli_run(tmp_path, tiny_model_dir, "builtin:demo", "loss.use_weighting=true", "data.eval_fraction=0")
+    # weights < 1 scale the ln 2 of step 1 down
+    assert 0 < records[0]["loss"] < math.log(2)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["loss.type=[kto,sigmoid]"], "cannot be combined"),
+        (["loss.type=exo_pair"], "exo_pair needs loss.label_smoothing > 0"),
+        (["loss.ld_alpha=1.5"], "loss.ld_alpha=1.5: must be in [0, 1]"),
+        (["loss.ld_alpha=-0.1"], "must be in [0, 1]"),
+        (["loss.type=[sigmoid,sft]", "loss.weights=[1.0]"], "one weight per loss"),
+        (["loss.type=ipo", "loss.f_divergence=js_divergence"], "applies only to sigmoid"),
+        (["loss.type=kto", "train.batch_size=1"], "train.batch_size >= 2"),
+        (["loss.f_divergence=chi2"], "loss.f_divergence='chi2'"),
+    ],
+)
+def test_bad_combinations_are_refused_up_front(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["data.train=x.jsonl", *overrides])
+    assert fragment in str(info.value)
