@@ -61,11 +61,12 @@ def test_two_combined_losses_rpo(tmp_path, tiny_model_dir):
     assert first["loss"] > math.log(2) and first["rewards/margins"] == 0
 
 
-def test_kto_on_the_unpaired_llama_factory_file(tmp_path, tiny_model_dir, shared_data):
+@pytest.mark.parametrize("name", ["kto", "apo_zero_unpaired"])
+def test_unpaired_losses_on_the_llama_factory_kto_file(tmp_path, tiny_model_dir, shared_data, name):
     data = shared_data / "llama-factory" / "kto_en_demo.json"
-    records = cli_run(tmp_path, tiny_model_dir, data, "loss.type=kto", "data.limit=40", "train.batch_size=8")
+    records = cli_run(tmp_path, tiny_model_dir, data, f"loss.type={name}", "data.limit=40", "train.batch_size=8")
     first, last = records[1], records[-1]
-    # at step 1 rho = 0 and z0 = 0, so every example's loss is 1 - sigma(0) = 0.5
+    # at step 1 rho = 0 (and z0 = 0), so every example's loss is 1 - sigma(0) = sigma(0) = 0.5
     assert first["loss"] == pytest.approx(0.5, abs=1e-6)
     assert "rewards/chosen" in first and "rewards/rejected" in first and "eval/loss" in last
     stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())

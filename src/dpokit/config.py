@@ -256,7 +256,10 @@ def _build(cls: type, data: dict, prefix: str, problems: list[str]):
                 continue
             kwargs[f.name] = _build(tp, value, key + ".", problems)
         else:
-            kwargs[f.name] = _coerce(value, tp, key, problems)
+            before = len(problems)
+            coerced = _coerce(value, tp, key, problems)
+            if len(problems) == before:  # a mistyped value keeps the default, so validation can still run
+                kwargs[f.name] = coerced
     return cls(**kwargs)
 
 
@@ -309,8 +312,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     extra, override_problems = parse_overrides(overrides or [])
     problems += override_problems
     cfg = _build(Config, _merge(data, extra), "", problems)
-    if not problems:
-        problems += validate(cfg)
+    problems += validate(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -96,52 +96,49 @@ def truncate(prompt: list[int], completions: list[list[int]], max_length: int, m
     return prompt, [c[:budget] for c in completions]
 
 
-def tokenize_pairs(
-    examples: list[PreferenceExample],
-    tokenizer,
-    max_length: int,
-    max_prompt_length: int,
-    skip_invalid: bool = False,
-) -> tuple[list[TokenizedPair], TokenizeStats]:
+def _tokenize_all(examples, encode, build, max_length: int, max_prompt_length: int, skip_invalid: bool):
+    """Shared loop: encode -> truncate -> drop (and count) empty completions -> build."""
     stats = TokenizeStats()
-    pairs = []
+    out = []
     for example in examples:
         stats.pairs += 1
         try:
-            prompt, chosen, rejected = encode_example(example, tokenizer)
+            prompt, completions = encode(example)
         except DataError:
             if not skip_invalid:
                 raise
             stats.dropped["chat template prefix mismatch"] += 1
             continue
-        prompt, (chosen, rejected) = truncate(prompt, [chosen, rejected], max_length, max_prompt_length, stats)
-        if not chosen or not rejected:
+        prompt, completions = truncate(prompt, completions, max_length, max_prompt_length, stats)
+        if not all(completions):
             stats.dropped["empty completion after truncation"] += 1
             continue
-        pairs.append(TokenizedPair(prompt, chosen, rejected, example.weight, example.where))
-    stats.kept = len(pairs)
-    return pairs, stats
+        out.append(build(example, prompt, completions))
+    stats.kept = len(out)
+    return out, stats
+
+
+def tokenize_pairs(
+    examples: list[PreferenceExample], tokenizer, max_length: int, max_prompt_length: int, skip_invalid: bool = False
+) -> tuple[list[TokenizedPair], TokenizeStats]:
+    def encode(ex):
+        prompt, chosen, rejected = encode_example(ex, tokenizer)
+        return prompt, [chosen, rejected]
+
+    def build(ex, prompt, completions):
+        return TokenizedPair(prompt, completions[0], completions[1], ex.weight, ex.where)
+
+    return _tokenize_all(examples, encode, build, max_length, max_prompt_length, skip_invalid)
 
 
 def tokenize_unpaired(
     examples: list[UnpairedExample], tokenizer, max_length: int, max_prompt_length: int, skip_invalid: bool = False
 ) -> tuple[list[TokenizedUnpaired], TokenizeStats]:
-    stats = TokenizeStats()
-    out = []
-    for ex in examples:
-        stats.pairs += 1
-        try:
-            prompt = encode_prompt(ex.prompt, tokenizer)
-            completion = encode_completion(ex.prompt, prompt, ex.completion, tokenizer, ex.where, "completion")
-        except DataError:
-            if not skip_invalid:
-                raise
-            stats.dropped["chat template prefix mismatch"] += 1
-            continue
-        prompt, (completion,) = truncate(prompt, [completion], max_length, max_prompt_length, stats)
-        if not completion:
-            stats.dropped["empty completion after truncation"] += 1
-            continue
-        out.append(TokenizedUnpaired(prompt, completion, ex.label, ex.weight, ex.where))
-    stats.kept = len(out)
-    return out, stats
+    def encode(ex):
+        prompt = encode_prompt(ex.prompt, tokenizer)
+        return prompt, [encode_completion(ex.prompt, prompt, ex.completion, tokenizer, ex.where, "completion")]
+
+    def build(ex, prompt, completions):
+        return TokenizedUnpaired(prompt, completions[0], ex.label, ex.weight, ex.where)
+
+    return _tokenize_all(examples, encode, build, max_length, max_prompt_length, skip_invalid)
