@@ -1,18 +1,18 @@
-"""Padded collation with literal expected tensors."""
+"""Every layout with literal expected tensors: ids, positions, masks and the completion index."""
 
-import torch
-
-from dpokit.batching import collate_padded, shifted_completion_index
+from dpokit.batching import Layout, collate_padded
 from dpokit.tokenize import TokenizedPair
 
+PAIRS = [TokenizedPair([5, 6], [7], [8, 9], weight=2.0), TokenizedPair([10], [11, 12], [13])]
+T_, F_ = True, False
 
-def test_collate_padded_literal():
-    pairs = [TokenizedPair([5, 6], [7], [8, 9], weight=2.0), TokenizedPair([10], [11, 12], [13])]
-    b = collate_padded(pairs, pad_id=0)
+
+def test_padded_literal():
+    b = collate_padded(PAIRS, pad_id=0)
     # rows: chosen of pair 0, chosen of pair 1, rejected of pair 0, rejected of pair 1
     assert b.input_ids.tolist() == [[5, 6, 7, 0], [10, 11, 12, 0], [5, 6, 8, 9], [10, 13, 0, 0]]
     assert b.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]
-    assert b.position_ids.tolist() == [[0, 1, 2, 3]] * 4
+    assert b.position_ids.tolist() == [[0, 1, 2, 0], [0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 0, 0]]  # padding: 0
     # completion tokens in row-major order: (r0,2)=7 (r1,1)=11 (r1,2)=12 (r2,2)=8 (r2,3)=9 (r3,1)=13,
     # each predicted by the state one position to the left: flat index row * 4 + col - 1.
     assert b.pred_index.tolist() == [1, 4, 5, 9, 10, 12]
@@ -25,12 +25,52 @@ def test_collate_padded_literal():
     assert b.num_tokens == 12
 
 
-def test_completion_at_position_zero_is_rejected():
-    ids = torch.tensor([[1, 2]])
-    mask = torch.tensor([[True, True]])
-    try:
-        shifted_completion_index(ids, mask, torch.zeros_like(ids))
-    except ValueError as err:
-        assert "position 0" in str(err)
-    else:
-        raise AssertionError("expected a ValueError")
+def test_prefix_shared_literal():
+    b = Layout(prefix_share=True).pairs(PAIRS, pad_id=0, ids=[7, 3])
+    # one row per pair: prompt, chosen, rejected; the rejected positions restart after the prompt
+    assert b.input_ids.tolist() == [[5, 6, 7, 8, 9], [10, 11, 12, 13, 0]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 2, 3], [0, 1, 2, 1, 0]]
+    assert b.attention_mask[0, 0].tolist() == [
+        [T_, F_, F_, F_, F_],  # prompt
+        [T_, T_, F_, F_, F_],
+        [T_, T_, T_, F_, F_],  # chosen: prompt + itself
+        [T_, T_, F_, T_, F_],  # rejected: prompt + itself, never the chosen token
+        [T_, T_, F_, T_, T_],
+    ]
+    assert b.attention_mask[1, 0].tolist() == [
+        [T_, F_, F_, F_, F_],
+        [T_, T_, F_, F_, F_],
+        [T_, T_, T_, F_, F_],
+        [T_, F_, F_, T_, F_],
+        [F_, F_, F_, F_, T_],  # padding sees only itself
+    ]
+    # the first rejected token is predicted by the last prompt token (flat index 1 in row 0, 5 in row 1)
+    assert b.pred_index.tolist() == [1, 1, 3, 5, 6, 5]
+    assert b.target_ids.tolist() == [7, 8, 9, 11, 12, 13]
+    assert b.seq_index.tolist() == [0, 2, 2, 1, 1, 3]
+    assert b.completion_pos.tolist() == [0, 0, 1, 0, 1, 0]
+    assert b.completion_lengths().tolist() == [1, 2, 2, 1]
+    assert b.num_tokens == 9 and b.example_ids.tolist() == [7, 3]
+
+
+def test_packed_literal():
+    b = Layout(pack=True, pack_tokens=8).pairs(PAIRS, pad_id=0)
+    # documents: c0=[5,6,7] c1=[10,11,12] r0=[5,6,8,9] r1=[10,13]; first-fit decreasing into rows of 8:
+    # r0 (4) -> row 0, c0 (3) -> row 0, c1 (3) -> row 1, r1 (2) -> row 1; each row keeps document order
+    assert b.input_ids.tolist() == [[5, 6, 7, 5, 6, 8, 9], [10, 11, 12, 10, 13, 0, 0]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 0, 1, 0, 0]]
+    row0 = b.attention_mask[0, 0]
+    assert row0[3].tolist() == [F_, F_, F_, T_, F_, F_, F_]  # second document starts fresh
+    assert row0[6].tolist() == [F_, F_, F_, T_, T_, T_, T_]
+    assert b.pred_index.tolist() == [1, 4, 5, 7, 8, 10]
+    assert b.target_ids.tolist() == [7, 8, 9, 11, 12, 13]
+    assert b.seq_index.tolist() == [0, 2, 2, 1, 1, 3]
+    assert b.num_tokens == 12 and b.input_ids.numel() == 14
+
+
+def test_packed_prefix_shared_puts_both_pairs_in_one_row():
+    b = Layout(prefix_share=True, pack=True, pack_tokens=16).pairs(PAIRS, pad_id=0)
+    assert b.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 2, 3, 0, 1, 2, 1]]
+    assert b.pred_index.tolist() == [1, 1, 3, 5, 6, 5]
+    assert b.attention_mask[0, 0, 8].tolist() == [F_, F_, F_, F_, F_, T_, F_, F_, T_]

@@ -135,6 +135,12 @@ class TrainConfig:
     """auto (cuda if present, else cpu), cpu or cuda."""
     logps_chunk_size: int = 1024
     """Completion tokens per chunk of the LM head + log-softmax (bounds the [tokens, vocab] buffer)."""
+    prefix_sharing: bool = False
+    """Prompt + chosen + rejected in one sequence: the prompt is computed once per pair (exact)."""
+    packing: bool = False
+    """Pack several sequences per row up to `pack_tokens`, with block-diagonal masks: no padding compute."""
+    pack_tokens: int = 4096
+    """Token budget of a packed row."""
     checkpoint_every: int = 0
     """Save a checkpoint every N optimizer steps (0 = only at the end)."""
     save_final: bool = True
@@ -354,6 +360,7 @@ def validate(cfg: Config) -> list[str]:
     need(t.max_grad_norm >= 0, f"train.max_grad_norm={t.max_grad_norm}: must be >= 0 (0 = no clipping)")
     need(t.device in DEVICES, f"train.device={t.device!r}: choose one of {list(DEVICES)}")
     need(t.logps_chunk_size >= 1, f"train.logps_chunk_size={t.logps_chunk_size}: must be >= 1")
+    need(t.pack_tokens >= 2, f"train.pack_tokens={t.pack_tokens}: must be >= 2")
     need(t.checkpoint_every >= 0, f"train.checkpoint_every={t.checkpoint_every}: must be >= 0")
     need(cfg.eval.every >= 0, f"eval.every={cfg.eval.every}: must be >= 0")
     need(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size}: must be >= 1")

@@ -110,6 +110,9 @@ def _tokenize_all(examples, encode, build, max_length: int, max_prompt_length: i
             stats.dropped["chat template prefix mismatch"] += 1
             continue
         prompt, completions = truncate(prompt, completions, max_length, max_prompt_length, stats)
+        if not prompt:  # nothing would predict the first completion token
+            stats.dropped["empty prompt"] += 1
+            continue
         if not all(completions):
             stats.dropped["empty completion after truncation"] += 1
             continue

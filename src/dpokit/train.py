@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dpokit import models
-from dpokit.batching import LAYOUTS, collate_unpaired
+from dpokit.batching import Layout
 from dpokit.checkpoint import save_checkpoint
 from dpokit.config import Config, dump_yaml
 from dpokit.data import load_examples, split_by_prompt
@@ -78,10 +78,8 @@ def train(cfg: Config) -> RunResult:
         # Built before any update, so a frozen copy is exactly the starting policy.
         reference = Reference("adapter" if cfg.lora.enabled else "copy", policy, accelerator.autocast)
     pad_id = tokenizer.pad_token_id
-    if objective.unpaired:
-        collate = functools.partial(collate_unpaired, max_length=cfg.data.max_length)
-    else:
-        collate = LAYOUTS["padded"]
+    layout = Layout(cfg.train.prefix_sharing, cfg.train.packing, cfg.train.pack_tokens)
+    collate = functools.partial(layout.unpaired, max_length=cfg.data.max_length) if objective.unpaired else layout.pairs
     steps_per_epoch = math.ceil(math.ceil(len(train_pairs) / cfg.train.batch_size) / cfg.train.grad_accum)
 
     def run_eval() -> dict:
@@ -101,7 +99,7 @@ def train(cfg: Config) -> RunResult:
             sums, tokens = PairMetrics(), 0
             step_pairs = sum(len(m) for m in micro_batches)
             for i, indices in enumerate(micro_batches):
-                batch = to_device(collate([train_pairs[j] for j in indices], pad_id), accelerator.device)
+                batch = to_device(collate([train_pairs[j] for j in indices], pad_id, ids=indices), accelerator.device)
                 main = batch[0] if isinstance(batch, tuple) else batch
                 last = i == len(micro_batches) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(policy):
@@ -141,7 +139,8 @@ def evaluate(policy, reference, objective: Objective, examples: list, collate, p
     sums = PairMetrics()
     with eval_mode(policy):
         for start in range(0, len(examples), cfg.eval.batch_size):
-            batch = to_device(collate(examples[start : start + cfg.eval.batch_size], pad_id), accelerator.device)
+            stop = min(start + cfg.eval.batch_size, len(examples))
+            batch = to_device(collate(examples[start:stop], pad_id, ids=list(range(start, stop))), accelerator.device)
             out, chosen_logps, rejected_logps = objective(policy, reference, batch)
             sums.add(out, chosen_logps, rejected_logps)
     return sums.compute(_sum_reduce(accelerator), prefix="eval/")
