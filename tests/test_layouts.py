@@ -94,3 +94,104 @@ def test_training_trajectory_is_the_same_in_every_layout(tmp_path, tiny_model_di
             for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "eval/loss"):
                 if key in a:
                     assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (name, a["step"], key)
+
+
+def small_cfg(tmp_path, model_dir, name, *flags):
+    return load_config(
+        None,
+        [
+            f"model.name={model_dir}",
+            "data.train=builtin:demo",
+            "data.limit=24",
+            "data.eval_fraction=0.25",
+            "lora.r=4",
+            "train.batch_size=4",
+            "train.max_steps=3",
+            "train.lr=1e-3",
+            "train.device=cpu",
+            "train.progress=false",
+            "train.save_final=false",
+            f"train.run_dir={tmp_path / name}",
+            f"train.ref_cache_dir={tmp_path / 'ref-cache'}",
+            *flags,
+        ],
+    )
+
+
+def assert_same_history(a, b, label):
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "eval/loss", "eval/rewards/margins"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (label, ra["step"], key)
+
+
+@pytest.mark.parametrize("lora", ["true", "false"])
+def test_cached_reference_gives_the_same_trajectory(tmp_path, tiny_model_dir, monkeypatch, lora):
+    from dpokit import reference
+
+    lr = "train.lr=1e-3" if lora == "true" else "train.lr=1e-4"
+    plain = train(small_cfg(tmp_path, tiny_model_dir, "plain", f"lora.enabled={lora}", lr)).history
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("a cached reference must not build a frozen copy")
+
+    monkeypatch.setattr(reference.FrozenCopyReference, "__init__", no_copy)
+    for name, flags in {
+        "cached": [],
+        "cached_packed_prefix": ["train.packing=true", "train.prefix_sharing=true", "train.pack_tokens=400"],
+    }.items():
+        cached = train(small_cfg(tmp_path, tiny_model_dir, name, f"lora.enabled={lora}", lr, "train.precompute_ref=true", *flags))
+        assert_same_history(plain, cached.history, name)
+
+
+def test_cache_is_reused_on_a_matching_key_and_recomputed_otherwise(tmp_path, tiny_model_dir, caplog):
+    import logging
+
+    from dpokit.cli import main
+
+    caplog.set_level(logging.INFO, logger="dpokit.train")
+    common = [f"model.name={tiny_model_dir}", "data.train=builtin:demo", "data.limit=24", "data.eval_fraction=0.25",
+              f"train.ref_cache_dir={tmp_path / 'cache'}", "train.device=cpu"]
+    assert main(["precompute-ref", *common]) == 0
+    files = sorted((tmp_path / "cache").glob("*.safetensors"))
+    assert len(files) == 2  # train and eval splits
+    stamps = [f.stat().st_mtime_ns for f in files]
+    caplog.clear()
+    train(load_config(None, [*common, "train.precompute_ref=true", "train.max_steps=1", "train.progress=false",
+                             "train.save_final=false", f"train.run_dir={tmp_path / 'r1'}"]))
+    messages = [r.getMessage() for r in caplog.records if r.name == "dpokit.train"]
+    assert sum("reused" in m for m in messages) == 2 and not any("computed" in m for m in messages)
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    for changed in ("data.max_prompt_length=32", "loss.ld_alpha=0.5", "train.bf16=true"):
+        caplog.clear()
+        train(load_config(None, [*common, changed, "train.precompute_ref=true", "train.max_steps=1",
+                                 "train.progress=false", "train.save_final=false", "train.overwrite=true",
+                                 f"train.run_dir={tmp_path / 'r2'}"]))
+        assert any("computed" in r.getMessage() for r in caplog.records), changed
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2 + 3 * 2
+
+
+def test_bf16_autocast_starts_at_ln2_and_tracks_fp32(tmp_path, tiny_model_dir):
+    fp32 = train(small_cfg(tmp_path, tiny_model_dir, "fp32")).history
+    bf16 = train(small_cfg(tmp_path, tiny_model_dir, "bf16", "train.bf16=true")).history
+    assert bf16[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # policy == reference, same precision
+    for a, b in zip(fp32, bf16, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.05, abs=0.01)
+        assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], rel=0.2, abs=0.02)
+
+
+def test_fast_fp32_matmul_is_exact_or_refused(tmp_path, tiny_model_dir):
+    from dpokit.train import TrainingError, apply_matmul_backend
+
+    plain = train(small_cfg(tmp_path, tiny_model_dir, "ieee")).history
+    try:
+        apply_matmul_backend(True)
+    except TrainingError as err:  # a CPU that really computes this path in bf16 is refused, with the fix
+        assert "train.fast_fp32_matmul=false" in str(err)
+        return
+    finally:
+        apply_matmul_backend(False)
+    fast = train(small_cfg(tmp_path, tiny_model_dir, "fast", "train.fast_fp32_matmul=true")).history
+    assert_same_history(plain, fast, "fast_fp32_matmul")
+    assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    apply_matmul_backend(False)

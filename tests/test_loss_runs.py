@@ -86,9 +86,11 @@ def test_kto_refuses_paired_data_and_dpo_refuses_unpaired(tmp_path, tiny_model_d
 @pytest.mark.parametrize("lora", ["true", "false"])
 def test_reference_free_losses_build_and_run_no_reference(tmp_path, tiny_model_dir, monkeypatch, name, lora):
     created, ref_calls, policy_calls = [], [], []
-    real_init, real_forward = reference_module.Reference.__init__, CompletionLogps.forward
-    monkeypatch.setattr(reference_module.Reference, "__init__", lambda self, *a, **k: created.append(1) or real_init(self, *a, **k))
-    monkeypatch.setattr(reference_module.Reference, "sequence_logps", lambda *a, **k: ref_calls.append(1))
+    real_forward = CompletionLogps.forward
+    for cls in (reference_module.AdapterReference, reference_module.FrozenCopyReference, reference_module.InitialPolicyReference):
+        real_init = cls.__init__
+        monkeypatch.setattr(cls, "__init__", lambda self, *a, _init=real_init, **k: created.append(1) or _init(self, *a, **k))
+        monkeypatch.setattr(cls, "sequence_logps", lambda *a, **k: ref_calls.append(1))
 
     def counting_forward(self, *args, **kwargs):
         policy_calls.append(1)
@@ -103,8 +105,8 @@ def test_reference_free_losses_build_and_run_no_reference(tmp_path, tiny_model_d
 
 def test_dpo_runs_one_reference_pass_per_micro_batch(tmp_path, tiny_model_dir, monkeypatch):
     calls = []
-    real = reference_module.Reference.sequence_logps
-    monkeypatch.setattr(reference_module.Reference, "sequence_logps", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    real = reference_module.AdapterReference.sequence_logps
+    monkeypatch.setattr(reference_module.AdapterReference, "sequence_logps", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     cli_run(tmp_path, tiny_model_dir, "builtin:demo", "data.eval_fraction=0", "train.grad_accum=2")
     assert len(calls) == 4
 

@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", nargs="?", help="YAML config file (optional: everything can be given as overrides)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.beta=0.2")
+    r = sub.add_parser(
+        "precompute-ref",
+        help="compute the reference log-probs of a training config once and cache them on disk",
+        formatter_class=fmt,
+        epilog="Training with train.precompute_ref=true and the same model, data and settings reuses the cache.",
+    )
+    r.add_argument("config", nargs="?", help="YAML config file")
+    r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=512")
     d = sub.add_parser("demo", help="DPO with LoRA on the embedded SmolLM2-135M-Instruct (the main job)")
     d.add_argument("overrides", nargs="*", help="dotted overrides on top of the demo settings")
     return parser
@@ -60,14 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        if args.command == "train":
-            from dpokit.train import train
+        if args.command in ("train", "precompute-ref"):
+            from dpokit.train import precompute_reference, train
 
             config, overrides = args.config, list(args.overrides)
             if config and "=" in config:  # only overrides were given
                 config, overrides = None, [config, *overrides]
-            result = train(load_config(config, overrides + flags))
-            print(f"run dir: {result.run_dir}")
+            cfg = load_config(config, overrides + flags)
+            if args.command == "train":
+                print(f"run dir: {train(cfg).run_dir}")
+            else:
+                for path in precompute_reference(cfg):
+                    print(f"reference log-probs: {path}")
         elif args.command == "demo":
             from dpokit.demo import run_demo, summary_lines
 

@@ -141,6 +141,15 @@ class TrainConfig:
     """Pack several sequences per row up to `pack_tokens`, with block-diagonal masks: no padding compute."""
     pack_tokens: int = 4096
     """Token budget of a packed row."""
+    precompute_ref: bool = False
+    """Compute reference log-probs once before training and cache them on disk (no reference passes in
+    training; full fine-tuning then holds no frozen copy)."""
+    ref_cache_dir: str = ""
+    """Folder of the reference log-prob cache (empty = $DPOKIT_CACHE/ref-logps)."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder-layer activations in the backward pass: less memory, ~30% more compute."""
+    fast_fp32_matmul: bool = False
+    """Route fp32 matmuls through oneDNN on CPU (~2x here), after an accuracy check against float64."""
     checkpoint_every: int = 0
     """Save a checkpoint every N optimizer steps (0 = only at the end)."""
     save_final: bool = True
@@ -361,6 +370,11 @@ def validate(cfg: Config) -> list[str]:
     need(t.device in DEVICES, f"train.device={t.device!r}: choose one of {list(DEVICES)}")
     need(t.logps_chunk_size >= 1, f"train.logps_chunk_size={t.logps_chunk_size}: must be >= 1")
     need(t.pack_tokens >= 2, f"train.pack_tokens={t.pack_tokens}: must be >= 2")
+    need(
+        not (t.precompute_ref and any(n in ("kto", "apo_zero_unpaired") for n in lo.type)),
+        "train.precompute_ref=true with an unpaired loss: KTO's KL baseline pairs each prompt with another "
+        "example's completion in the batch, so it cannot be cached; set train.precompute_ref=false",
+    )
     need(t.checkpoint_every >= 0, f"train.checkpoint_every={t.checkpoint_every}: must be >= 0")
     need(cfg.eval.every >= 0, f"eval.every={cfg.eval.every}: must be >= 0")
     need(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size}: must be >= 1")

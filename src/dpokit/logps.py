@@ -85,10 +85,11 @@ class CompletionLogps(nn.Module):
     and apply autocast, while the LM head only sees completion positions.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, bf16: bool = False):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.bf16 = bf16  # autocast the forward to bf16; the weights stay fp32
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.softcap = getattr(base.config, "final_logit_softcapping", None)
 
@@ -106,7 +107,8 @@ class CompletionLogps(nn.Module):
         with_sq: bool = False,
     ):
         decoder, head = self._parts()
-        hidden = decoder(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state  # (R, T, H)
-        return token_logps(hidden, head, pred_index, target_ids, self.chunk_size, self.softcap, with_sq)
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            hidden = decoder(
+                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state  # (R, T, H)
+            return token_logps(hidden, head, pred_index, target_ids, self.chunk_size, self.softcap, with_sq)

@@ -14,7 +14,6 @@ from dpokit.batching import Batch
 from dpokit.config import LossConfig
 from dpokit.logps import sum_by_sequence
 from dpokit.losses import LOSSES, LossOutput, PairLogps, UnpairedLogps, combine
-from dpokit.reference import Reference
 
 
 class RunningMean:
@@ -53,7 +52,7 @@ class Objective:
         self.bco = RunningMean() if "bco_pair" in self.names else None
         self.reduce_mean = reduce_mean or (lambda t: t)  # averages a tensor over ranks
 
-    def __call__(self, policy, reference: Reference | None, batch) -> tuple[LossOutput, torch.Tensor, torch.Tensor]:
+    def __call__(self, policy, reference, batch) -> tuple[LossOutput, torch.Tensor, torch.Tensor]:
         if self.unpaired:
             return self.unpaired_loss(policy, reference, *batch)
         return self.pair_loss(policy, reference, batch)

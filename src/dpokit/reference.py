@@ -1,20 +1,30 @@
 """The reference policy pi_ref, handled in one place: always under no_grad, always with dropout off.
 
-Strategies:
-- `adapter`: LoRA training; pi_ref is the same network with the adapters switched off (no second copy);
-- `copy`: full fine-tuning; pi_ref is a frozen copy of the starting weights.
+Strategies (each has `sequence_logps(batch, token_weights=None) -> (S,)`):
+- `AdapterReference`: LoRA training; the same network with the adapters switched off (no second copy);
+- `FrozenCopyReference`: full fine-tuning; a frozen copy of the starting weights;
+- `CachedReference`: log-probs precomputed once before training (`train.precompute_ref`) and looked up by
+  example id; stored on disk under a key of the model weights, the tokenized data and the settings that
+  change the numbers, so a matching key reuses the file and anything else recomputes it. Full
+  fine-tuning with a cache holds no second copy of the model at all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import logging
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from dpokit.batching import Batch
 from dpokit.logps import CompletionLogps, sum_by_sequence
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = "1"
 
 
 @contextlib.contextmanager
@@ -29,37 +39,121 @@ def eval_mode(module: nn.Module):
             m.training = training
 
 
-class Reference:
-    def __init__(self, strategy: str, policy: CompletionLogps, autocast=contextlib.nullcontext):
-        """`policy` is the (possibly Accelerate-wrapped) CompletionLogps of the trained model."""
-        if strategy not in ("adapter", "copy"):
-            raise ValueError(f"unknown reference strategy {strategy!r}")
-        self.strategy = strategy
-        self.policy = policy
-        self.autocast = autocast
-        self.frozen: CompletionLogps | None = None
-        if strategy == "copy":
-            inner = _unwrap(policy)
-            self.frozen = CompletionLogps(copy.deepcopy(inner.model), inner.chunk_size).eval()
-            self.frozen.requires_grad_(False)
-
-    @torch.no_grad()
-    def sequence_logps(self, batch: Batch, token_weights: torch.Tensor | None = None) -> torch.Tensor:
-        """(S,) reference log-probs of every sequence of the batch, summed over completion tokens
-        (each token times `token_weights` when given, e.g. LD-DPO)."""
-        args = (batch.input_ids, batch.position_ids, batch.attention_mask, batch.pred_index, batch.target_ids)
-        with self.autocast():
-            if self.frozen is not None:
-                tok = self.frozen(*args)
-            else:
-                with eval_mode(self.policy), _unwrap(self.policy).model.disable_adapter():
-                    tok = self.policy(*args)
-        if token_weights is not None:
-            tok = tok * token_weights
-        return sum_by_sequence(tok, batch.seq_index, batch.num_seqs)
-
-
-def _unwrap(module: nn.Module) -> CompletionLogps:
+def unwrap(module: nn.Module) -> CompletionLogps:
     while not isinstance(module, CompletionLogps):
         module = module.module  # DDP / FSDP wrappers keep the wrapped module in `.module`
     return module
+
+
+def _model_args(batch: Batch):
+    return batch.input_ids, batch.position_ids, batch.attention_mask, batch.pred_index, batch.target_ids
+
+
+def _sum(tok: torch.Tensor, batch: Batch, token_weights: torch.Tensor | None) -> torch.Tensor:
+    return sum_by_sequence(tok if token_weights is None else tok * token_weights, batch.seq_index, batch.num_seqs)
+
+
+class AdapterReference:
+    """pi_ref = the trained network with its LoRA adapters disabled."""
+
+    def __init__(self, policy: nn.Module):
+        self.policy = policy
+
+    @torch.no_grad()
+    def sequence_logps(self, batch: Batch, token_weights: torch.Tensor | None = None) -> torch.Tensor:
+        with eval_mode(self.policy), unwrap(self.policy).model.disable_adapter():
+            return _sum(self.policy(*_model_args(batch)), batch, token_weights)
+
+
+class FrozenCopyReference:
+    """pi_ref = a frozen copy of the policy, taken before any update."""
+
+    def __init__(self, policy: nn.Module):
+        inner = unwrap(policy)
+        self.frozen = CompletionLogps(copy.deepcopy(inner.model), inner.chunk_size, inner.bf16)
+        self.frozen.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def sequence_logps(self, batch: Batch, token_weights: torch.Tensor | None = None) -> torch.Tensor:
+        return _sum(self.frozen(*_model_args(batch)), batch, token_weights)
+
+
+class InitialPolicyReference:
+    """The policy itself, valid only before its first update (used to fill a cache without a copy)."""
+
+    def __init__(self, policy: nn.Module, lora: bool = False):
+        self.policy, self.lora = policy, lora
+
+    @torch.no_grad()
+    def sequence_logps(self, batch: Batch, token_weights: torch.Tensor | None = None) -> torch.Tensor:
+        adapters_off = unwrap(self.policy).model.disable_adapter() if self.lora else contextlib.nullcontext()
+        with eval_mode(self.policy), adapters_off:
+            return _sum(self.policy(*_model_args(batch)), batch, token_weights)
+
+
+class CachedReference:
+    """pi_ref log-probs looked up by example id: `table` is (num_examples, 2) = (chosen, rejected)."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+
+    def sequence_logps(self, batch: Batch, token_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if batch.example_ids is None:
+            raise ValueError("a cached reference needs batches built with example ids")
+        rows = self.table[batch.example_ids.cpu()].to(batch.input_ids.device)  # (P, 2)
+        return torch.cat([rows[:, 0], rows[:, 1]])  # chosen sequences first, then rejected
+
+
+@torch.no_grad()
+def precompute_table(reference, examples: list, collate, pad_id: int, batch_size: int, device, token_weights_fn=None):
+    """(N, 2) reference log-probs of every pair, in example order."""
+    out = []
+    for start in range(0, len(examples), batch_size):
+        stop = min(start + batch_size, len(examples))
+        batch = collate(examples[start:stop], pad_id, ids=list(range(start, stop))).to(device)
+        weights = token_weights_fn(batch) if token_weights_fn else None
+        seq = reference.sequence_logps(batch, weights).float().cpu()
+        P = batch.num_pairs
+        out.append(torch.stack([seq[:P], seq[P:]], dim=1))
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """Hash of every parameter and buffer (names and bytes) of the reference weights."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if "lora_" in name:  # adapters are off in the reference
+            continue
+        # the same weights give the same key with or without a PEFT wrapper
+        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        t = tensor.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def examples_fingerprint(examples: list) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for e in examples:
+        h.update(repr((e.prompt_ids, e.chosen_ids, e.rejected_ids)).encode())
+    return h.hexdigest()
+
+
+def cache_key(weights: str, examples: list, settings: dict) -> str:
+    parts = [CACHE_VERSION, weights, examples_fingerprint(examples), repr(sorted(settings.items()))]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def load_or_compute(path: Path, compute) -> tuple[torch.Tensor, bool]:
+    """Read the cached table at `path`, or compute and write it atomically. Returns (table, reused)."""
+    from safetensors.torch import load_file, save_file
+
+    if path.exists():
+        return load_file(str(path))["ref_logps"], True
+    table = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"ref_logps": table.contiguous()}, str(tmp))
+    tmp.replace(path)
+    return table, False

@@ -27,9 +27,20 @@ from dpokit.config import Config, dump_yaml
 from dpokit.data import load_examples, split_by_prompt
 from dpokit.logps import CompletionLogps
 from dpokit.metrics import MetricsWriter, PairMetrics, StepReporter
-from dpokit.objective import Objective
+from dpokit.objective import Objective, ld_token_weights
 from dpokit.optim import build_optimizer, build_scheduler
-from dpokit.reference import Reference, eval_mode
+from dpokit.reference import (
+    AdapterReference,
+    CachedReference,
+    FrozenCopyReference,
+    InitialPolicyReference,
+    cache_key,
+    eval_mode,
+    load_or_compute,
+    precompute_table,
+    unwrap,
+    weights_fingerprint,
+)
 from dpokit.tokenize import tokenize_pairs, tokenize_unpaired
 
 log = logging.getLogger(__name__)
@@ -50,40 +61,68 @@ class RunResult:
     """The trained model (PEFT-wrapped for LoRA), unwrapped from Accelerate."""
 
 
-def train(cfg: Config) -> RunResult:
-    """Train the policy described by `cfg` and return where everything was written."""
+@dataclass
+class Session:
+    """Everything the loop needs, built once from the config."""
+
+    cfg: Config
+    accelerator: object
+    tokenizer: object
+    objective: Objective
+    policy: torch.nn.Module
+    train_examples: list
+    eval_examples: list
+    collate: object
+    pad_id: int
+    weights_key: str | None = None
+    """Fingerprint of the reference weights, computed once (keys the reference cache)."""
+
+
+def setup(cfg: Config, run_dir: Path | None) -> Session:
+    """Seed, devices, tokenizer, data, model (+ LoRA), the wrapped policy; `run_dir` gets data_stats.json."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    started = time.perf_counter()
-    run_dir = prepare_run_dir(cfg)
     set_seed(cfg.train.seed)
-    accelerator = Accelerator(cpu=cfg.train.device == "cpu", mixed_precision="bf16" if cfg.train.bf16 else "no")
+    apply_matmul_backend(cfg.train.fast_fp32_matmul)
+    # bf16 is autocast inside CompletionLogps (fp32 master weights), not through Accelerate's process-wide
+    # mixed-precision state, which cannot change between two runs in one Python process.
+    accelerator = Accelerator(cpu=cfg.train.device == "cpu")
     objective = Objective(cfg.loss, _mean_reduce(accelerator))
     model_path = models.resolve_model_path(cfg.model.name)
     tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
-    train_pairs, eval_pairs = prepare_data(cfg, tokenizer, run_dir, objective.unpaired)
-
+    train_examples, eval_examples = prepare_data(cfg, tokenizer, run_dir, objective.unpaired)
     model = models.load_model(model_path, cfg.model.trust_remote_code, cfg.model.attn_implementation)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         lc = cfg.lora
         model = models.add_lora(model, lc.r, lc.alpha, lc.dropout, lc.target_modules)
-    policy = CompletionLogps(model, cfg.train.logps_chunk_size)
-    optimizer = build_optimizer(policy.parameters(), cfg.train)
-    schedule = list(step_schedule(len(train_pairs), cfg.train))
-    scheduler = build_scheduler(optimizer, cfg.train, len(schedule))
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    reference = None
-    if objective.needs_reference:  # reference-free losses build no reference at all
-        # Built before any update, so a frozen copy is exactly the starting policy.
-        reference = Reference("adapter" if cfg.lora.enabled else "copy", policy, accelerator.autocast)
-    pad_id = tokenizer.pad_token_id
     layout = Layout(cfg.train.prefix_sharing, cfg.train.packing, cfg.train.pack_tokens)
     collate = functools.partial(layout.unpaired, max_length=cfg.data.max_length) if objective.unpaired else layout.pairs
+    policy = CompletionLogps(model, cfg.train.logps_chunk_size, bf16=cfg.train.bf16)
+    return Session(
+        cfg, accelerator, tokenizer, objective, policy, train_examples, eval_examples, collate, tokenizer.pad_token_id
+    )
+
+
+def train(cfg: Config) -> RunResult:
+    """Train the policy described by `cfg` and return where everything was written."""
+    started = time.perf_counter()
+    run_dir = prepare_run_dir(cfg)
+    s = setup(cfg, run_dir)
+    accelerator, objective, collate, pad_id = s.accelerator, s.objective, s.collate, s.pad_id
+    train_pairs, eval_pairs = s.train_examples, s.eval_examples
+    optimizer = build_optimizer(s.policy.parameters(), cfg.train)
+    schedule = list(step_schedule(len(train_pairs), cfg.train))
+    scheduler = build_scheduler(optimizer, cfg.train, len(schedule))
+    policy, optimizer = accelerator.prepare(s.policy, optimizer)
+    # Built before any update, so every strategy sees exactly the starting policy.
+    train_ref, eval_ref = make_references(s, policy)
     steps_per_epoch = math.ceil(math.ceil(len(train_pairs) / cfg.train.batch_size) / cfg.train.grad_accum)
 
     def run_eval() -> dict:
-        return evaluate(policy, reference, objective, eval_pairs, collate, pad_id, cfg, accelerator) if eval_pairs else {}
+        return evaluate(policy, eval_ref, objective, eval_pairs, collate, pad_id, cfg, accelerator) if eval_pairs else {}
 
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     reporter = StepReporter(len(schedule), enabled=cfg.train.progress and accelerator.is_main_process)
@@ -103,7 +142,7 @@ def train(cfg: Config) -> RunResult:
                 main = batch[0] if isinstance(batch, tuple) else batch
                 last = i == len(micro_batches) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(policy):
-                    out, chosen_logps, rejected_logps = objective(policy, reference, batch)
+                    out, chosen_logps, rejected_logps = objective(policy, train_ref, batch)
                     # Sum over the step's pairs / pairs per step: batch 4 x accum 1 == batch 1 x accum 4.
                     accelerator.backward((out.losses * main.weights).sum() / step_pairs)
                 sums.add(out, chosen_logps, rejected_logps)
@@ -124,13 +163,81 @@ def train(cfg: Config) -> RunResult:
             history.append(record)
             reporter.update(record)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < len(schedule):
-                save_checkpoint(accelerator.unwrap_model(policy).model, tokenizer, run_dir, step)
+                save_checkpoint(accelerator.unwrap_model(policy).model, s.tokenizer, run_dir, step)
     writer.close()
     final_eval = {k: v for k, v in history[-1].items() if k.startswith("eval/")} or None
     if cfg.train.save_final and accelerator.is_main_process:
-        ckpt = save_checkpoint(accelerator.unwrap_model(policy).model, tokenizer, run_dir, len(schedule))
+        ckpt = save_checkpoint(accelerator.unwrap_model(policy).model, s.tokenizer, run_dir, len(schedule))
     write_summary(run_dir, history, initial_eval, final_eval, ckpt, time.perf_counter() - started)
     return RunResult(run_dir, history, initial_eval, final_eval, ckpt, accelerator.unwrap_model(policy).model)
+
+
+def precompute_reference(cfg: Config) -> list[Path]:
+    """`dpokit precompute-ref`: fill the on-disk reference cache for the train and eval splits."""
+    cfg.train.precompute_ref = True
+    s = setup(cfg, None)
+    policy = s.accelerator.prepare(s.policy)
+    make_references(s, policy)
+    return [ref_cache_path(s, policy, examples) for examples in (s.train_examples, s.eval_examples)]
+
+
+def make_references(s: Session, policy):
+    """(train reference, eval reference): None for reference-free losses (nothing is built or run)."""
+    cfg = s.cfg
+    if not s.objective.needs_reference:
+        return None, None
+    if not cfg.train.precompute_ref:
+        ref = AdapterReference(policy) if cfg.lora.enabled else FrozenCopyReference(policy)
+        return ref, ref
+    initial = InitialPolicyReference(policy, lora=cfg.lora.enabled)
+    token_weights = (lambda b: ld_token_weights(b, cfg.loss.ld_alpha)) if cfg.loss.ld_alpha != 1.0 else None
+    refs = []
+    for name, examples in (("train", s.train_examples), ("eval", s.eval_examples)):
+        path = ref_cache_path(s, policy, examples)
+        table, reused = load_or_compute(
+            path,
+            lambda ex=examples: precompute_table(
+                initial, ex, s.collate, s.pad_id, cfg.eval.batch_size, s.accelerator.device, token_weights
+            ),
+        )
+        log.info("reference log-probs (%s, %d pairs): %s %s", name, len(examples), "reused" if reused else "computed", path)
+        refs.append(CachedReference(table))
+    return tuple(refs)
+
+
+def ref_cache_path(s: Session, policy, examples: list) -> Path:
+    cfg = s.cfg
+    settings = {
+        "ld_alpha": cfg.loss.ld_alpha,
+        "bf16": cfg.train.bf16,
+        "attn": cfg.model.attn_implementation,
+        "fast_fp32_matmul": cfg.train.fast_fp32_matmul,
+    }
+    if s.weights_key is None:
+        s.weights_key = weights_fingerprint(unwrap(policy).model)
+    root = Path(cfg.train.ref_cache_dir) if cfg.train.ref_cache_dir else models.cache_dir() / "ref-logps"
+    return root / f"{cache_key(s.weights_key, examples, settings)}.safetensors"
+
+
+def apply_matmul_backend(fast: bool) -> None:
+    """Route fp32 matmuls through oneDNN (`fp32_precision = "bf16"` on CPU) only after checking, on this
+    CPU, that the result keeps fp32-level accuracy; some CPUs really compute it in bf16 (DESIGN.md)."""
+    backend = torch.backends.mkldnn.matmul
+    if not fast:
+        backend.fp32_precision = "ieee"
+        return
+    backend.fp32_precision = "bf16"
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 512, generator=g), torch.randn(512, 256, generator=g)
+    exact = (a.double() @ b.double()).float()
+    error = ((a @ b - exact).norm() / exact.norm()).item()
+    if error > 1e-5:
+        backend.fp32_precision = "ieee"
+        raise TrainingError(
+            f"train.fast_fp32_matmul=true: this CPU computes the oneDNN fp32 path with relative error {error:.1e} "
+            "(bf16-level), which would change the results. Fix: set train.fast_fp32_matmul=false (or use train.bf16)."
+        )
+    log.info("fast fp32 matmul: oneDNN path, relative error %.1e against float64", error)
 
 
 @torch.no_grad()
@@ -169,7 +276,7 @@ def step_schedule(num_pairs: int, tc) -> Iterator[list[list[int]]]:
         epoch += 1
 
 
-def prepare_data(cfg: Config, tokenizer, run_dir: Path, unpaired: bool = False) -> tuple[list, list]:
+def prepare_data(cfg: Config, tokenizer, run_dir: Path | None, unpaired: bool = False) -> tuple[list, list]:
     """Load, split and tokenize (pairs, or unpaired examples for KTO); every skip and drop is counted in
     RUN_DIR/data_stats.json."""
     d = cfg.data
@@ -186,7 +293,8 @@ def prepare_data(cfg: Config, tokenizer, run_dir: Path, unpaired: bool = False) 
     train_pairs, tstats = tokenize(examples, tokenizer, d.max_length, d.max_prompt_length, d.skip_invalid)
     eval_pairs, estats = tokenize(eval_examples, tokenizer, d.max_length, d.max_prompt_length, d.skip_invalid)
     stats.update(train_tokenized=tstats.to_dict(), eval_tokenized=estats.to_dict())
-    (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
+    if run_dir is not None:
+        (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
     for name, s in (("train", tstats), ("eval", estats)):
         if s.dropped:
             log.warning("%s: dropped %s pairs (%s)", name, sum(s.dropped.values()), dict(s.dropped))
