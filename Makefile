@@ -28,6 +28,7 @@ test: install lint
 	$(BIN)/pytest -q
 
 bench: install
+	$(BIN)/pip install -q -e ".[trl]"
 	$(BIN)/python benchmarks/bench_train.py
 
 clean:

@@ -195,3 +195,19 @@ def test_fast_fp32_matmul_is_exact_or_refused(tmp_path, tiny_model_dir):
     assert_same_history(plain, fast, "fast_fp32_matmul")
     assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
     apply_matmul_backend(False)
+
+
+def test_policy_trains_in_train_mode_and_checkpointing_is_exact(tmp_path, tiny_model_dir, monkeypatch):
+    modes = []
+    real = CompletionLogps.forward
+
+    def record(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            modes.append(self.model.training)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(CompletionLogps, "forward", record)
+    plain = train(small_cfg(tmp_path, tiny_model_dir, "plain")).history
+    assert modes and all(modes)  # from_pretrained returns eval mode; training must switch it
+    checkpointed = train(small_cfg(tmp_path, tiny_model_dir, "gc", "train.gradient_checkpointing=true")).history
+    assert_same_history(plain, checkpointed, "gradient_checkpointing")

@@ -133,7 +133,7 @@ class TrainConfig:
     """bf16 autocast for the forward passes (fp32 master weights)."""
     device: str = "auto"
     """auto (cuda if present, else cpu), cpu or cuda."""
-    logps_chunk_size: int = 1024
+    logps_chunk_size: int = 256
     """Completion tokens per chunk of the LM head + log-softmax (bounds the [tokens, vocab] buffer)."""
     prefix_sharing: bool = False
     """Prompt + chosen + rejected in one sequence: the prompt is computed once per pair (exact)."""

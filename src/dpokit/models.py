@@ -206,6 +206,14 @@ def load_model(path: str, trust_remote_code: bool = False, attn_implementation: 
     return model
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward pass (non-reentrant, so LoRA inputs need no grad)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def add_lora(model, r: int, alpha: float, dropout: float, target_modules: list[str]):
     from peft import LoraConfig, get_peft_model
 

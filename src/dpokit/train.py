@@ -94,7 +94,7 @@ def setup(cfg: Config, run_dir: Path | None) -> Session:
     train_examples, eval_examples = prepare_data(cfg, tokenizer, run_dir, objective.unpaired)
     model = models.load_model(model_path, cfg.model.trust_remote_code, cfg.model.attn_implementation)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        models.enable_activation_checkpointing(model)
     if cfg.lora.enabled:
         lc = cfg.lora
         model = models.add_lora(model, lc.r, lc.alpha, lc.dropout, lc.target_modules)
@@ -117,6 +117,8 @@ def train(cfg: Config) -> RunResult:
     schedule = list(step_schedule(len(train_pairs), cfg.train))
     scheduler = build_scheduler(optimizer, cfg.train, len(schedule))
     policy, optimizer = accelerator.prepare(s.policy, optimizer)
+    # from_pretrained returns eval mode: without this, LoRA dropout and activation checkpointing stay off.
+    policy.train()
     # Built before any update, so every strategy sees exactly the starting policy.
     train_ref, eval_ref = make_references(s, policy)
     steps_per_epoch = math.ceil(math.ceil(len(train_pairs) / cfg.train.batch_size) / cfg.train.grad_accum)
