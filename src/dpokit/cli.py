@@ -51,6 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("config", nargs="?", help="YAML config file")
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=512")
+    data = sub.add_parser("data", help="inspect or filter a preference file").add_subparsers(dest="data_command", required=True)
+    c = data.add_parser("check", help="report the known DPO failure modes of a preference file")
+    c.add_argument("data", nargs="+", help="preference file(s) (JSON/JSONL/gz/Parquet/CSV/saved dataset)")
+    c.add_argument("--model", help="tokenize with this model's tokenizer (needed for truncation numbers)")
+    c.add_argument("--max-length", type=int, default=None)
+    c.add_argument("--max-prompt-length", type=int, default=None)
+    c.add_argument("--similarity-threshold", type=float, default=0.9)
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    f = data.add_parser("filter", help="write a cleaned copy of a preference file, counting every drop")
+    f.add_argument("data")
+    f.add_argument("--out", required=True, help="output JSONL file")
+    f.add_argument("--model", help="tokenize with this model's tokenizer (for similarity and length)")
+    f.add_argument("--keep-identical", action="store_true", help="keep pairs whose chosen == rejected")
+    f.add_argument("--max-similarity", type=float, default=1.0)
+    f.add_argument("--min-agreement", type=float, default=None)
+    f.add_argument("--min-score-gap", type=float, default=None)
+    f.add_argument("--min-confidence", type=float, default=None)
+    f.add_argument("--rebalance-length", action="store_true")
+    f.add_argument("--skip-invalid", action="store_true")
+    f.add_argument("--seed", type=int, default=0)
     d = sub.add_parser("demo", help="DPO with LoRA on the embedded SmolLM2-135M-Instruct (the main job)")
     d.add_argument("overrides", nargs="*", help="dotted overrides on top of the demo settings")
     return parser
@@ -80,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 for path in precompute_reference(cfg):
                     print(f"reference log-probs: {path}")
+        elif args.command == "data":
+            run_data_command(args)
         elif args.command == "demo":
             from dpokit.demo import run_demo, summary_lines
 
@@ -96,6 +118,54 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpokit {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_data_command(args) -> None:
+    import json
+
+    from rich.console import Console
+
+    tokenizer = None
+    if getattr(args, "model", None):
+        from dpokit.models import load_tokenizer, resolve_model_path
+
+        tokenizer = load_tokenizer(resolve_model_path(args.model))
+    if args.data_command == "check":
+        from dpokit.data.check import check_file
+        from dpokit.data.report import render
+
+        reports = [
+            check_file(p, tokenizer, args.max_length, args.max_prompt_length, args.similarity_threshold) for p in args.data
+        ]
+        if args.json:
+            print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+        else:
+            for report in reports:
+                render(report, Console())
+        return
+    from dpokit.data import load_examples
+    from dpokit.data.filters import filter_pairs
+
+    examples, stats = load_examples(args.data, args.skip_invalid)
+    kept, dropped = filter_pairs(
+        examples,
+        drop_identical=not args.keep_identical,
+        max_similarity=args.max_similarity,
+        min_agreement=args.min_agreement,
+        min_score_gap=args.min_score_gap,
+        min_confidence=args.min_confidence,
+        rebalance_length=args.rebalance_length,
+        tokenizer=tokenizer,
+        seed=args.seed,
+    )
+    with open(args.out, "w", encoding="utf-8") as fh:
+        for e in kept:
+            row = {"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected, **({"weight": e.weight} if e.weight != 1 else {})}
+            row.update({k: v for k, v in e.meta.items() if k in ("score_chosen", "score_rejected", "confidence", "agreement")})
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"kept {len(kept)} of {len(examples)} pairs -> {args.out}")
+    for reason, n in {**dict(stats.skip_reasons), **dict(dropped)}.items():
+        print(f"  dropped {n}: {reason}")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,18 @@ class DataConfig:
     """Skip and count invalid records instead of stopping at the first one."""
     limit: int = 0
     """Use only the first N valid pairs of the training file (0 = all)."""
+    drop_identical: bool = True
+    """Drop pairs whose chosen and rejected are identical (no signal); counted in data_stats.json."""
+    max_similarity: float = 1.0
+    """Drop pairs whose chosen/rejected token similarity (Dice, see `dpokit data check`) exceeds this (1 = off)."""
+    min_agreement: float | None = None
+    """Drop pairs whose annotator agreement (share voting with the majority) is below this."""
+    min_score_gap: float | None = None
+    """Drop pairs whose score_chosen - score_rejected is below this."""
+    min_confidence: float | None = None
+    """Drop pairs whose `confidence` field is below this."""
+    rebalance_length: bool = False
+    """Subsample so that chosen is longer in as many pairs as it is shorter (counters length bias)."""
 
 
 @dataclass
@@ -154,6 +166,12 @@ class TrainConfig:
     """Save a checkpoint every N optimizer steps (0 = only at the end)."""
     save_final: bool = True
     """Save a checkpoint at the end of training."""
+    drift_warn: float = 1.0
+    """Warn when the mean |log pi/pi_ref| per completion token exceeds this many nats (reference drift)."""
+    flat_window: int = 25
+    """Warn when rewards/margins has not grown over this many steps (0 = off)."""
+    flat_min_delta: float = 0.0
+    """Growth of the windowed mean margin below which margins count as flat."""
     progress: bool = True
     """Show a progress bar with the live loss and margin."""
 
@@ -166,6 +184,10 @@ class EvalConfig:
     """Evaluate once before the first step (the reference point for the margins)."""
     batch_size: int = 8
     """Pairs per eval batch."""
+    patience: int = 0
+    """Early stopping: stop after this many evaluations without improvement of eval/rewards/margins (0 = off)."""
+    min_delta: float = 0.0
+    """Early stopping: the least gain in eval/rewards/margins that counts as an improvement."""
 
 
 @dataclass
@@ -353,6 +375,7 @@ def validate(cfg: Config) -> list[str]:
         "no room is left for the completion; lower max_prompt_length or raise max_length",
     )
     need(d.limit >= 0, f"data.limit={d.limit}: must be >= 0")
+    need(0.0 <= d.max_similarity <= 1.0, f"data.max_similarity={d.max_similarity}: must be in [0, 1] (1 = off)")
     p += validate_loss(lo, t.batch_size)
     need(t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1")
     need(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum}: must be >= 1")
@@ -377,6 +400,17 @@ def validate(cfg: Config) -> list[str]:
     )
     need(t.checkpoint_every >= 0, f"train.checkpoint_every={t.checkpoint_every}: must be >= 0")
     need(cfg.eval.every >= 0, f"eval.every={cfg.eval.every}: must be >= 0")
+    need(cfg.eval.patience >= 0, f"eval.patience={cfg.eval.patience}: must be >= 0")
+    need(t.flat_window >= 0, f"train.flat_window={t.flat_window}: must be >= 0")
+    need(t.drift_warn > 0, f"train.drift_warn={t.drift_warn}: must be > 0")
+    need(
+        not (cfg.eval.patience and not cfg.eval.every),
+        "eval.patience needs periodic evaluation: set eval.every (e.g. eval.every=50)",
+    )
+    need(
+        not (cfg.eval.patience and not (d.eval or d.eval_fraction > 0)),
+        "eval.patience needs held-out data: set data.eval or data.eval_fraction",
+    )
     need(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size}: must be >= 1")
     need(
         cfg.model.attn_implementation in ATTENTION,

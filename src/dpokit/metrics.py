@@ -22,46 +22,49 @@ PAIR_KEYS = (
 
 
 class PairMetrics:
-    """Accumulates sums and counts of the standard preference metrics over micro-batches.
+    """Accumulates sums and counts of the preference metrics over micro-batches.
 
     Paired losses give one chosen and one rejected reward per pair (margins and accuracies per pair);
     unpaired ones (KTO) give rewards for the desirable and undesirable examples separately, and the
-    margin is then the difference of the two means.
+    margin is then the difference of the two means. Any extra per-example tensor (log-probs, drift)
+    is averaged the same way.
     """
 
     def __init__(self):
-        self.sums = dict.fromkeys(PAIR_KEYS, 0.0)
-        self.counts = dict.fromkeys(PAIR_KEYS, 0)
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
 
     def _add(self, key: str, values: torch.Tensor) -> None:
-        self.sums[key] += float(values.detach().double().sum())
-        self.counts[key] += values.numel()
+        self.sums[key] = self.sums.get(key, 0.0) + float(values.detach().double().sum())
+        self.counts[key] = self.counts.get(key, 0) + values.numel()
 
-    def add(self, out: LossOutput, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor) -> None:
+    def add(self, out: LossOutput, extras: dict[str, torch.Tensor]) -> None:
         self._add("loss", out.losses)
         self._add("rewards/chosen", out.chosen_rewards)
         self._add("rewards/rejected", out.rejected_rewards)
-        self._add("logps/chosen", policy_chosen)
-        self._add("logps/rejected", policy_rejected)
         if out.chosen_rewards.shape == out.rejected_rewards.shape and out.chosen_rewards.numel() == out.losses.numel():
             margins = out.chosen_rewards - out.rejected_rewards
             self._add("rewards/margins", margins)
             self._add("rewards/accuracies", (margins > 0).float())
+        for key, values in extras.items():
+            self._add(key, values)
 
     @property
     def pairs(self) -> int:
-        return self.counts["loss"]
+        return self.counts.get("loss", 0)
 
     def compute(self, reduce=None, prefix: str = "") -> dict[str, float]:
         """Means per example. `reduce` sums a tensor over ranks (e.g. accelerator.reduce with 'sum')."""
-        totals = torch.tensor([self.sums[k] for k in PAIR_KEYS] + [float(self.counts[k]) for k in PAIR_KEYS], dtype=torch.float64)
+        keys = sorted(self.sums)  # the same keys on every rank: they depend only on the config
+        totals = torch.tensor([self.sums[k] for k in keys] + [float(self.counts[k]) for k in keys], dtype=torch.float64)
         if reduce is not None:
             totals = reduce(totals)
-        n = len(PAIR_KEYS)
-        means = {k: s / c for k, s, c in zip(PAIR_KEYS, totals[:n].tolist(), totals[n:].tolist(), strict=True) if c > 0}
+        n = len(keys)
+        means = {k: s / c for k, s, c in zip(keys, totals[:n].tolist(), totals[n:].tolist(), strict=True) if c > 0}
         if "rewards/margins" not in means and "rewards/chosen" in means and "rewards/rejected" in means:
             means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
-        return {prefix + k: means[k] for k in PAIR_KEYS if k in means}
+        ordered = [k for k in PAIR_KEYS if k in means] + [k for k in sorted(means) if k not in PAIR_KEYS]
+        return {prefix + k: means[k] for k in ordered}
 
 
 class MetricsWriter:

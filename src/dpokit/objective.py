@@ -40,7 +40,11 @@ def ld_token_weights(batch: Batch, alpha: float) -> torch.Tensor:
 
 
 class Objective:
-    """Callable: (policy, reference, batch) -> (LossOutput, per-example policy logps of chosen, rejected)."""
+    """Callable: (policy, reference, batch) -> (LossOutput, extras).
+
+    `extras` maps metric names to per-example tensors to average: the policy log-probs of chosen and
+    rejected completions, and the reference-drift measures of guards.py when a reference is used.
+    """
 
     def __init__(self, cfg: LossConfig, reduce_mean=None):
         self.cfg = cfg
@@ -52,7 +56,7 @@ class Objective:
         self.bco = RunningMean() if "bco_pair" in self.names else None
         self.reduce_mean = reduce_mean or (lambda t: t)  # averages a tensor over ranks
 
-    def __call__(self, policy, reference, batch) -> tuple[LossOutput, torch.Tensor, torch.Tensor]:
+    def __call__(self, policy, reference, batch) -> tuple[LossOutput, dict[str, torch.Tensor]]:
         if self.unpaired:
             return self.unpaired_loss(policy, reference, *batch)
         return self.pair_loss(policy, reference, batch)
@@ -81,7 +85,12 @@ class Objective:
         out = combine(self.names, self.weights, x, params)
         if log_sum_sq is not None:
             out.losses = out.losses * wpo_weights(tok, log_sum_sq, batch)
-        return out, x.policy_chosen, x.policy_rejected
+        extras = {"logps/chosen": x.policy_chosen.detach(), "logps/rejected": x.policy_rejected.detach()}
+        if ref is not None:
+            per_token = (seq.detach() - ref) / lengths.clamp(min=1)  # (2P,) log-ratio per token
+            extras["drift/abs_logratio_per_token"] = per_token.abs()
+            extras["drift/kl_chosen_per_token"] = per_token[:P]
+        return out, extras
 
     def unpaired_loss(self, policy, reference, targets: Batch, mismatched: Batch):
         args = (targets.input_ids, targets.position_ids, targets.attention_mask, targets.pred_index, targets.target_ids)
@@ -99,7 +108,14 @@ class Objective:
             kl = self.reduce_mean((kl_pol - reference.sequence_logps(mismatched)).mean())
         x = UnpairedLogps(pol, ref, targets.labels, kl, targets.completion_lengths())
         out = combine(self.names, self.weights, x, self.params)
-        return out, pol[targets.labels], pol[~targets.labels]
+        per_token = (pol.detach() - ref) / targets.completion_lengths().clamp(min=1)
+        extras = {
+            "logps/chosen": pol[targets.labels].detach(),
+            "logps/rejected": pol[~targets.labels].detach(),
+            "drift/abs_logratio_per_token": per_token.abs(),
+            "kl": kl.reshape(1),
+        }
+        return out, extras
 
 
 def wpo_weights(tok_logps: torch.Tensor, log_sum_sq: torch.Tensor, batch: Batch) -> torch.Tensor:

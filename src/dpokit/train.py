@@ -25,6 +25,8 @@ from dpokit.batching import Layout
 from dpokit.checkpoint import save_checkpoint
 from dpokit.config import Config, dump_yaml
 from dpokit.data import load_examples, split_by_prompt
+from dpokit.data.filters import filter_pairs
+from dpokit.guards import Guards
 from dpokit.logps import CompletionLogps
 from dpokit.metrics import MetricsWriter, PairMetrics, StepReporter
 from dpokit.objective import Objective, ld_token_weights
@@ -59,6 +61,8 @@ class RunResult:
     checkpoint: Path | None
     model: torch.nn.Module | None = None
     """The trained model (PEFT-wrapped for LoRA), unwrapped from Accelerate."""
+    stopped: str = "completed all steps"
+    """Why the run ended (also in summary.json)."""
 
 
 @dataclass
@@ -112,24 +116,31 @@ def train(cfg: Config) -> RunResult:
     run_dir = prepare_run_dir(cfg)
     s = setup(cfg, run_dir)
     accelerator, objective, collate, pad_id = s.accelerator, s.objective, s.collate, s.pad_id
-    train_pairs, eval_pairs = s.train_examples, s.eval_examples
+    eval_pairs = s.eval_examples
     optimizer = build_optimizer(s.policy.parameters(), cfg.train)
-    schedule = list(step_schedule(len(train_pairs), cfg.train))
+    schedule = list(step_schedule(len(s.train_examples), cfg.train))
     scheduler = build_scheduler(optimizer, cfg.train, len(schedule))
     policy, optimizer = accelerator.prepare(s.policy, optimizer)
     # from_pretrained returns eval mode: without this, LoRA dropout and activation checkpointing stay off.
     policy.train()
     # Built before any update, so every strategy sees exactly the starting policy.
     train_ref, eval_ref = make_references(s, policy)
-    steps_per_epoch = math.ceil(math.ceil(len(train_pairs) / cfg.train.batch_size) / cfg.train.grad_accum)
+    steps_per_epoch = math.ceil(math.ceil(len(s.train_examples) / cfg.train.batch_size) / cfg.train.grad_accum)
+    t, e = cfg.train, cfg.eval
+    guards = Guards(t.drift_warn, t.flat_window, t.flat_min_delta, e.patience, e.min_delta)
 
     def run_eval() -> dict:
         return evaluate(policy, eval_ref, objective, eval_pairs, collate, pad_id, cfg, accelerator) if eval_pairs else {}
 
+    def save(step: int, name: str | None = None) -> Path | None:
+        if not accelerator.is_main_process:
+            return None
+        return save_checkpoint(accelerator.unwrap_model(policy).model, s.tokenizer, run_dir, step, name=name)
+
     writer = MetricsWriter(run_dir / "metrics.jsonl")
-    reporter = StepReporter(len(schedule), enabled=cfg.train.progress and accelerator.is_main_process)
-    history, initial_eval, final_eval, ckpt = [], None, None, None
-    if cfg.eval.at_start and eval_pairs:
+    reporter = StepReporter(len(schedule), enabled=t.progress and accelerator.is_main_process)
+    history, initial_eval, ckpt = [], None, None
+    if e.at_start and eval_pairs:
         initial_eval = run_eval()
         writer.write({"step": 0, "epoch": 0.0, **initial_eval})
         reporter.print_eval(0, initial_eval)
@@ -137,41 +148,57 @@ def train(cfg: Config) -> RunResult:
         for step, micro_batches in enumerate(schedule, start=1):
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
-            sums, tokens = PairMetrics(), 0
-            step_pairs = sum(len(m) for m in micro_batches)
-            for i, indices in enumerate(micro_batches):
-                batch = to_device(collate([train_pairs[j] for j in indices], pad_id, ids=indices), accelerator.device)
-                main = batch[0] if isinstance(batch, tuple) else batch
-                last = i == len(micro_batches) - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(policy):
-                    out, chosen_logps, rejected_logps = objective(policy, train_ref, batch)
-                    # Sum over the step's pairs / pairs per step: batch 4 x accum 1 == batch 1 x accum 4.
-                    accelerator.backward((out.losses * main.weights).sum() / step_pairs)
-                sums.add(out, chosen_logps, rejected_logps)
-                tokens += main.num_tokens
-            max_norm = cfg.train.max_grad_norm or math.inf
-            grad_norm = float(accelerator.clip_grad_norm_(policy.parameters(), max_norm))
+            sums, tokens = accumulate_gradients(s, policy, train_ref, micro_batches)
+            grad_norm = float(accelerator.clip_grad_norm_(policy.parameters(), t.max_grad_norm or math.inf))
             record = {"step": step, "epoch": step / steps_per_epoch, **sums.compute(_sum_reduce(accelerator))}
-            check_finite(record["loss"], grad_norm, step, cfg)
+            if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
+                # the update is not applied: the weights are still those of the last good step
+                last_good = save(step - 1, name=f"step-{step - 1}-last-good")
+                reason = non_finite_message(record["loss"], grad_norm, step, cfg, last_good)
+                write_summary(run_dir, history, initial_eval, None, last_good, time.perf_counter() - started, reason)
+                raise TrainingError(reason)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - t0
             record.update(lr=lr, grad_norm=grad_norm, tokens_per_s=tokens / elapsed, step_time_s=elapsed)
-            if (cfg.eval.every and step % cfg.eval.every == 0) or step == len(schedule):
+            guards.on_step(record, cfg.loss.beta, lr)
+            if ((e.every and step % e.every == 0) or step == len(schedule)) and eval_pairs:
                 record.update(run_eval())
                 reporter.print_eval(step, record)
+                if guards.on_eval(record) and e.patience:
+                    save(step, name="best")
             writer.write(record)
             history.append(record)
             reporter.update(record)
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < len(schedule):
-                save_checkpoint(accelerator.unwrap_model(policy).model, s.tokenizer, run_dir, step)
+            if guards.stop_reason:
+                break
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < len(schedule):
+                save(step)
     writer.close()
     final_eval = {k: v for k, v in history[-1].items() if k.startswith("eval/")} or None
-    if cfg.train.save_final and accelerator.is_main_process:
-        ckpt = save_checkpoint(accelerator.unwrap_model(policy).model, s.tokenizer, run_dir, len(schedule))
-    write_summary(run_dir, history, initial_eval, final_eval, ckpt, time.perf_counter() - started)
-    return RunResult(run_dir, history, initial_eval, final_eval, ckpt, accelerator.unwrap_model(policy).model)
+    if t.save_final:
+        ckpt = save(len(history))
+    stopped = guards.stop_reason or "completed all steps"
+    write_summary(run_dir, history, initial_eval, final_eval, ckpt, time.perf_counter() - started, stopped, guards)
+    return RunResult(run_dir, history, initial_eval, final_eval, ckpt, accelerator.unwrap_model(policy).model, stopped)
+
+
+def accumulate_gradients(s: Session, policy, reference, micro_batches: list[list[int]]) -> tuple[PairMetrics, int]:
+    """Forward + backward over the micro-batches of one optimizer step; returns their metric sums and tokens."""
+    sums, tokens = PairMetrics(), 0
+    step_pairs = sum(len(m) for m in micro_batches)
+    for i, indices in enumerate(micro_batches):
+        batch = to_device(s.collate([s.train_examples[j] for j in indices], s.pad_id, ids=indices), s.accelerator.device)
+        main = batch[0] if isinstance(batch, tuple) else batch
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else s.accelerator.no_sync(policy):
+            out, extras = s.objective(policy, reference, batch)
+            # Sum over the step's pairs / pairs per step: batch 4 x accum 1 == batch 1 x accum 4.
+            s.accelerator.backward((out.losses * main.weights).sum() / step_pairs)
+        sums.add(out, extras)
+        tokens += main.num_tokens
+    return sums, tokens
 
 
 def precompute_reference(cfg: Config) -> list[Path]:
@@ -250,8 +277,8 @@ def evaluate(policy, reference, objective: Objective, examples: list, collate, p
         for start in range(0, len(examples), cfg.eval.batch_size):
             stop = min(start + cfg.eval.batch_size, len(examples))
             batch = to_device(collate(examples[start:stop], pad_id, ids=list(range(start, stop))), accelerator.device)
-            out, chosen_logps, rejected_logps = objective(policy, reference, batch)
-            sums.add(out, chosen_logps, rejected_logps)
+            out, extras = objective(policy, reference, batch)
+            sums.add(out, extras)
     return sums.compute(_sum_reduce(accelerator), prefix="eval/")
 
 
@@ -291,6 +318,28 @@ def prepare_data(cfg: Config, tokenizer, run_dir: Path | None, unpaired: bool = 
         stats["eval_file"] = eval_stats.to_dict()
     else:
         examples, eval_examples = split_by_prompt(examples, d.eval_fraction, cfg.train.seed)
+    if not unpaired:
+        filtered = {}
+        for name, exs in (("train", examples), ("eval", eval_examples)):
+            kept, dropped = filter_pairs(
+                exs,
+                drop_identical=d.drop_identical,
+                max_similarity=d.max_similarity,
+                min_agreement=d.min_agreement,
+                min_score_gap=d.min_score_gap,
+                min_confidence=d.min_confidence,
+                rebalance_length=d.rebalance_length and name == "train",
+                tokenizer=tokenizer,
+                seed=cfg.train.seed,
+            )
+            filtered[name] = dict(dropped)
+            if dropped:
+                log.warning("%s: filtered out %d pairs (%s)", name, sum(dropped.values()), dict(dropped))
+            if name == "train":
+                examples = kept
+            else:
+                eval_examples = kept
+        stats["filtered"] = filtered
     tokenize = tokenize_unpaired if unpaired else tokenize_pairs
     train_pairs, tstats = tokenize(examples, tokenizer, d.max_length, d.max_prompt_length, d.skip_invalid)
     eval_pairs, estats = tokenize(eval_examples, tokenizer, d.max_length, d.max_prompt_length, d.skip_invalid)
@@ -324,20 +373,23 @@ def prepare_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def check_finite(loss: float, grad_norm: float, step: int, cfg: Config) -> None:
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        return
-    raise TrainingError(
-        f"step {step}: loss={loss}, grad_norm={grad_norm} is not finite; the update was not applied. "
-        f"Likely causes: train.lr={cfg.train.lr} too high, loss.beta={cfg.loss.beta} too high, or bf16 overflow. "
-        "Fix: lower train.lr, lower loss.beta, or set train.bf16=false."
+def non_finite_message(loss: float, grad_norm: float, step: int, cfg: Config, last_good: Path | None) -> str:
+    kept = f"the last good weights (after step {step - 1}) are in {last_good}" if last_good else "nothing was saved"
+    return (
+        f"stopped at step {step}: loss={loss}, grad_norm={grad_norm} is not finite, so the update was not applied; "
+        f"{kept}. Likely causes: train.lr={cfg.train.lr} too high, loss.beta={cfg.loss.beta} too high for the "
+        "log-prob scale, an empty or fully truncated completion, or bf16 overflow. Fix: lower train.lr, lower "
+        "loss.beta, check the data with `dpokit data check`, or set train.bf16=false."
     )
 
 
-def write_summary(run_dir: Path, history, initial_eval, final_eval, ckpt, wall_s: float) -> None:
+def write_summary(run_dir: Path, history, initial_eval, final_eval, ckpt, wall_s: float, stopped: str, guards=None) -> None:
     summary = {
         "steps": len(history),
-        "stopped": "completed all steps",
+        "stopped": stopped,
+        "warnings": guards.warnings if guards else [],
+        "best_eval_margin": guards.best if guards else None,
+        "best_eval_step": guards.best_step if guards else None,
         "final_train": history[-1] if history else None,
         "initial_eval": initial_eval,
         "final_eval": final_eval,

@@ -83,6 +83,8 @@ def normalize(where: str, record: Any) -> PreferenceExample:
             "label",
         )
     weight = _weight(where, record)
+    if "response1" in record and "response2" in record:
+        return _votes(where, record, weight)
     if "conversations" in record:
         return _sharegpt(where, record, weight)
     if "chosen_messages" in record or "rejected_messages" in record:
@@ -114,7 +116,62 @@ def normalize(where: str, record: Any) -> PreferenceExample:
     for key in ("chosen", "rejected"):
         _need_str(where, record, key)
         _need_nonempty(where, record[key], key)
-    return PreferenceExample(prompt, chosen, rejected, weight, where, "standard")
+    return PreferenceExample(prompt, chosen, rejected, weight, where, "standard", _scores(where, record))
+
+
+SCORE_FIELDS = ("score_chosen", "score_rejected", "confidence")
+
+
+def _scores(where: str, record: dict) -> dict:
+    """Optional numeric quality fields carried into `meta` (for confidence filtering)."""
+    meta = {}
+    for key in SCORE_FIELDS:
+        if record.get(key) is None:
+            continue
+        value = record[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DataError(where, f"expected a finite number, got {value!r}", key)
+        meta[key] = float(value)
+    return meta
+
+
+def _votes(where: str, record: dict, weight: float) -> PreferenceExample:
+    """PandaLM style: instruction (+ input), response1, response2 and annotator votes
+    (1 = response1 better, 2 = response2 better, 0 = tie). The majority label over all votes decides
+    ([1, 0, 0] is a tie); `agreement` is the share of annotators who voted with it. A tie (majority 0 or
+    no strict majority) has no preference and is reported as invalid."""
+    if not isinstance(record.get("instruction"), str):
+        raise DataError(where, "expected a string", "instruction")
+    vote_keys = sorted(k for k in record if k.startswith("annotator"))
+    if not vote_keys:
+        raise DataError(where, "response1/response2 records need annotator votes (annotator1, ...)", "annotator1")
+    votes = []
+    for key in vote_keys:
+        if record[key] not in (0, 1, 2) or isinstance(record[key], bool):
+            raise DataError(where, f"expected a vote 0, 1 or 2, got {record[key]!r}", key)
+        votes.append(record[key])
+    counts = sorted(((votes.count(v), v) for v in (0, 1, 2)), reverse=True)
+    (top, label), (second, _) = counts[0], counts[1]
+    if label == 0 or top == second:
+        raise DataError(where, f"annotators tie ({votes}): no preference", vote_keys[0])
+    text = record["instruction"]
+    if isinstance(record.get("input"), str) and record["input"].strip():
+        text += "\n\n" + record["input"]
+    # some responses are JSON booleans (`true`): take their text
+    responses = [str(record[k]) if record[k] is not None else "" for k in ("response1", "response2")]
+    better, worse = (0, 1) if label == 1 else (1, 0)
+    for i in (better, worse):
+        _need_nonempty(where, responses[i], f"response{i + 1}")
+    meta = {"agreement": top / len(votes), "votes": votes}
+    return PreferenceExample(
+        [{"role": "user", "content": text}],
+        [{"role": "assistant", "content": responses[better]}],
+        [{"role": "assistant", "content": responses[worse]}],
+        weight,
+        where,
+        "votes",
+        meta,
+    )
 
 
 def _weight(where: str, record: dict) -> float:

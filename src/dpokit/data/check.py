@@ -1,0 +1,236 @@
+"""`dpokit data check`: find the known DPO failure modes in a preference file before training.
+
+Measures (all per pair, over the valid pairs):
+- similarity: the Dice coefficient of the chosen and rejected token multisets,
+  2 |C ∩ R| / (|C| + |R|) (1 = the same tokens, 0 = nothing shared). Tokens come from the model's
+  tokenizer when one is given, else from words and punctuation (`\\w+|[^\\w\\s]`). Pairs above the
+  threshold are too alike to carry much preference signal;
+- length bias: d = len(chosen) - len(rejected) in tokens; the share of pairs with d > 0, mean and
+  median d, and the correlation of d with the preference: with score columns, Pearson's r between d and
+  the score gap; without, the point-biserial r of (d, +1), (-d, -1) over both orderings of every pair,
+  which is mean(d) / sqrt(mean(d^2));
+- truncation under max_length / max_prompt_length (needs the tokenizer);
+- annotator agreement (votes), score gaps and confidence when the data carries them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+from dpokit.data import resolve_data_path
+from dpokit.data.formats import normalize, normalize_unpaired
+from dpokit.data.readers import DataError, read_records
+
+WORD = re.compile(r"\w+|[^\w\s]")
+SIMILARITY_BINS = (0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0)
+LENGTH_BIAS_SHARE = 0.6
+LENGTH_BIAS_R = 0.2
+
+
+def text_of(value) -> str:
+    return value if isinstance(value, str) else "\n".join(m["content"] for m in value)
+
+
+def dice(a: list, b: list) -> float:
+    if not a and not b:
+        return 1.0
+    common = sum((Counter(a) & Counter(b)).values())
+    return 2 * common / (len(a) + len(b))
+
+
+def _tokenize_texts(texts: list[str], tokenizer) -> list[list]:
+    if tokenizer is None:
+        return [WORD.findall(t) for t in texts]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _quantiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    q = statistics.quantiles(values, n=20, method="inclusive") if len(values) > 1 else [values[0]] * 19
+    return {"min": min(values), "p05": q[0], "p25": q[4], "median": q[9], "p75": q[14], "p95": q[18], "max": max(values)}
+
+
+def _histogram(values: list[float], edges=SIMILARITY_BINS) -> dict:
+    counts = Counter()
+    for v in values:
+        for lo, hi in zip(edges, edges[1:], strict=False):
+            if lo <= v < hi or (hi == edges[-1] and v == hi):
+                counts[f"[{lo}, {hi}{']' if hi == edges[-1] else ')'}"] += 1
+                break
+    return {f"[{lo}, {hi}{']' if hi == edges[-1] else ')'}": counts.get(f"[{lo}, {hi}{']' if hi == edges[-1] else ')'}", 0)
+            for lo, hi in zip(edges, edges[1:], strict=False)}
+
+
+def _read(path: Path):
+    """Normalized examples (paired, or unpaired when the file holds completion/label records) + invalid."""
+    records = list(read_records(path))
+    unpaired = sum(1 for r in records if not isinstance(r, DataError) and isinstance(r.value, dict) and "label" in r.value
+                   and "chosen" not in r.value) > len(records) / 2
+    to_example = normalize_unpaired if unpaired else normalize
+    examples, invalid = [], []
+    for item in records:
+        try:
+            if isinstance(item, DataError):
+                raise item
+            examples.append(to_example(item.where, item.value))
+        except DataError as err:
+            invalid.append(err)
+    return examples, invalid, unpaired, len(records)
+
+
+def check_file(
+    spec: str,
+    tokenizer=None,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    similarity_threshold: float = 0.9,
+) -> dict:
+    """The full report as a JSON-ready dict (see the module docstring for every measure)."""
+    started = time.perf_counter()
+    path = resolve_data_path(spec)
+    examples, invalid, unpaired, n_records = _read(path)
+    reasons = Counter(f"{e.field or 'record'}: {e.message.split(' (')[0].split(';')[0]}" for e in invalid)
+    report = {
+        "file": str(path),
+        "records": n_records,
+        "valid": len(examples),
+        "kind": "unpaired" if unpaired else "paired",
+        "formats": dict(Counter(e.format for e in examples)),
+        "invalid": {"count": len(invalid), "reasons": dict(reasons), "first": [str(e) for e in invalid[:20]]},
+        "empty_completions": sum(n for r, n in reasons.items() if "empty completion" in r),
+    }
+    prompts = Counter(json.dumps(e.prompt, ensure_ascii=False) for e in examples)
+    report["repeated_prompts"] = {"prompts": sum(1 for c in prompts.values() if c > 1),
+                                  "examples": sum(c for c in prompts.values() if c > 1)}
+    if unpaired:
+        report.update(_unpaired_stats(examples, tokenizer))
+    else:
+        report.update(_pair_stats(examples, tokenizer, similarity_threshold))
+        if tokenizer is not None and max_length and max_prompt_length:
+            report["truncation"] = _truncation(examples, tokenizer, max_length, max_prompt_length)
+    report["advice"] = advice(report, similarity_threshold)
+    report["seconds"] = time.perf_counter() - started
+    return report
+
+
+def _pair_stats(examples, tokenizer, threshold: float) -> dict:
+    keys = Counter(json.dumps([e.prompt, e.chosen, e.rejected], ensure_ascii=False) for e in examples)
+    chosen = _tokenize_texts([text_of(e.chosen) for e in examples], tokenizer)
+    rejected = _tokenize_texts([text_of(e.rejected) for e in examples], tokenizer)
+    sims = [dice(c, r) for c, r in zip(chosen, rejected, strict=True)]
+    diffs = [len(c) - len(r) for c, r in zip(chosen, rejected, strict=True)]
+    out = {
+        "duplicate_pairs": sum(c - 1 for c in keys.values() if c > 1),
+        "identical_pairs": sum(1 for e in examples if e.chosen == e.rejected),
+        "similarity": {
+            "measure": "Dice of token multisets: 2|C & R| / (|C| + |R|)",
+            "quantiles": _quantiles(sims),
+            "histogram": _histogram(sims),
+            "threshold": threshold,
+            "above_threshold": sum(1 for s in sims if s > threshold),
+        },
+        "length": _length_bias(examples, diffs),
+    }
+    out.update(_quality(examples))
+    return out
+
+
+def _length_bias(examples, diffs: list[int]) -> dict:
+    n = len(diffs)
+    if n == 0:
+        return {}
+    gaps = [e.meta["score_chosen"] - e.meta["score_rejected"] for e in examples
+            if "score_chosen" in e.meta and "score_rejected" in e.meta]
+    if len(gaps) == n and n > 2 and statistics.pstdev(gaps) > 0 and statistics.pstdev(diffs) > 0:
+        r, basis = statistics.correlation(diffs, gaps), "Pearson r(length difference, score gap)"
+    else:
+        mean_sq = sum(d * d for d in diffs) / n
+        r = (sum(diffs) / n) / math.sqrt(mean_sq) if mean_sq else 0.0
+        basis = "point-biserial r(length difference, preference) = mean(d) / sqrt(mean(d^2))"
+    return {
+        "chosen_longer_share": sum(1 for d in diffs if d > 0) / n,
+        "equal_length_share": sum(1 for d in diffs if d == 0) / n,
+        "mean_difference": sum(diffs) / n,
+        "median_difference": statistics.median(diffs),
+        "correlation": r,
+        "correlation_basis": basis,
+    }
+
+
+def _quality(examples) -> dict:
+    out = {}
+    agreement = [e.meta["agreement"] for e in examples if "agreement" in e.meta]
+    if agreement:
+        out["agreement"] = {"distribution": {f"{a:.3f}": c for a, c in sorted(Counter(agreement).items())},
+                            "mean": sum(agreement) / len(agreement)}
+    gaps = [e.meta["score_chosen"] - e.meta["score_rejected"] for e in examples
+            if "score_chosen" in e.meta and "score_rejected" in e.meta]
+    if gaps:
+        out["score_gap"] = {"quantiles": _quantiles(gaps), "non_positive": sum(1 for g in gaps if g <= 0)}
+    conf = [e.meta["confidence"] for e in examples if "confidence" in e.meta]
+    if conf:
+        out["confidence"] = {"quantiles": _quantiles(conf)}
+    return out
+
+
+def _unpaired_stats(examples, tokenizer) -> dict:
+    lengths = _tokenize_texts([text_of(e.completion) for e in examples], tokenizer)
+    by_label = {True: [], False: []}
+    for e, toks in zip(examples, lengths, strict=True):
+        by_label[e.label].append(len(toks))
+    keys = Counter(json.dumps([e.prompt, e.completion, e.label], ensure_ascii=False) for e in examples)
+    return {
+        "labels": {"desirable": len(by_label[True]), "undesirable": len(by_label[False])},
+        "duplicate_examples": sum(c - 1 for c in keys.values() if c > 1),
+        "length": {
+            "desirable_median": statistics.median(by_label[True]) if by_label[True] else None,
+            "undesirable_median": statistics.median(by_label[False]) if by_label[False] else None,
+        },
+    }
+
+
+def _truncation(examples, tokenizer, max_length: int, max_prompt_length: int) -> dict:
+    from dpokit.tokenize import tokenize_pairs
+
+    _, stats = tokenize_pairs(examples, tokenizer, max_length, max_prompt_length, skip_invalid=True)
+    return {"max_length": max_length, "max_prompt_length": max_prompt_length, **stats.to_dict()}
+
+
+def advice(report: dict, threshold: float) -> list[str]:
+    """What to change, with the config keys, for every problem found."""
+    tips = []
+    if report["invalid"]["count"]:
+        tips.append(f"{report['invalid']['count']} invalid records: fix them or train with data.skip_invalid=true "
+                    "(they are skipped and counted)")
+    if report.get("identical_pairs"):
+        tips.append(f"{report['identical_pairs']} pairs have chosen == rejected (no signal): data.drop_identical=true "
+                    "(the default) drops them")
+    if report.get("duplicate_pairs"):
+        tips.append(f"{report['duplicate_pairs']} exact duplicate pairs: deduplicate the file (dpokit data filter)")
+    sim = report.get("similarity", {})
+    if sim.get("above_threshold"):
+        tips.append(f"{sim['above_threshold']} pairs are more than {threshold} similar: data.max_similarity={threshold} "
+                    "drops them")
+    length = report.get("length", {})
+    if length.get("chosen_longer_share", 0.5) > LENGTH_BIAS_SHARE or length.get("correlation", 0) > LENGTH_BIAS_R:
+        tips.append(
+            f"length bias: chosen is longer in {length['chosen_longer_share']:.0%} of pairs (r = "
+            f"{length['correlation']:.2f}); DPO will learn to write longer. Use loss.type=sigmoid_norm, "
+            "or loss.ld_alpha=0.5 (LD-DPO), or data.rebalance_length=true"
+        )
+    if "agreement" in report and report["agreement"]["mean"] < 1:
+        tips.append("annotators disagree on some pairs: data.min_agreement=0.67 (or 1.0) keeps the confident ones")
+    if "score_gap" in report and report["score_gap"]["non_positive"]:
+        tips.append(f"{report['score_gap']['non_positive']} pairs have score_chosen <= score_rejected: data.min_score_gap")
+    trunc = report.get("truncation")
+    if trunc and (trunc["prompts_truncated"] or trunc["dropped"]):
+        tips.append(f"truncation: {trunc['prompts_truncated']} prompts are cut and {sum(trunc['dropped'].values())} pairs "
+                    "lose their whole completion; raise data.max_length / data.max_prompt_length")
+    return tips

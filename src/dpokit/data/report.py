@@ -1,0 +1,58 @@
+"""Terminal rendering of a `dpokit data check` report (rich tables)."""
+
+from __future__ import annotations
+
+
+def render(report: dict, console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{report['file']}  ({report['kind']}, {report['seconds']:.1f} s)", show_header=False)
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    t.add_row("records / valid", f"{report['records']} / {report['valid']}")
+    t.add_row("formats", ", ".join(f"{k}: {v}" for k, v in report["formats"].items()) or "-")
+    inv = report["invalid"]
+    t.add_row("invalid", f"{inv['count']}" + (f"  ({'; '.join(f'{k}: {v}' for k, v in inv['reasons'].items())})" if inv["count"] else ""))
+    t.add_row("empty completions", str(report["empty_completions"]))
+    rp = report["repeated_prompts"]
+    t.add_row("repeated prompts", f"{rp['prompts']} prompts in {rp['examples']} examples")
+    if report["kind"] == "paired":
+        t.add_row("duplicate pairs", str(report["duplicate_pairs"]))
+        t.add_row("chosen == rejected", str(report["identical_pairs"]))
+        sim = report["similarity"]
+        q = sim["quantiles"]
+        if q:
+            t.add_row("similarity (Dice)", f"median {q['median']:.3f}, p95 {q['p95']:.3f}, max {q['max']:.3f}")
+            t.add_row(f"  > {sim['threshold']}", str(sim["above_threshold"]))
+            t.add_row("  histogram", "  ".join(f"{k} {v}" for k, v in sim["histogram"].items()))
+        ln = report["length"]
+        if ln:
+            t.add_row(
+                "length bias",
+                f"chosen longer in {ln['chosen_longer_share']:.1%}, mean diff {ln['mean_difference']:+.1f}, "
+                f"median diff {ln['median_difference']:+.1f} tokens, r = {ln['correlation']:+.3f}",
+            )
+        if "truncation" in report:
+            tr = report["truncation"]
+            t.add_row(
+                f"truncation @ {tr['max_length']}/{tr['max_prompt_length']}",
+                f"{tr['prompts_truncated']} prompts cut, {tr['completions_truncated']} pairs with a completion cut, "
+                f"{sum(tr['dropped'].values())} pairs dropped",
+            )
+        if "agreement" in report:
+            ag = report["agreement"]
+            t.add_row("annotator agreement", ", ".join(f"{k}: {v}" for k, v in ag["distribution"].items()) + f" (mean {ag['mean']:.3f})")
+        if "score_gap" in report:
+            sg = report["score_gap"]
+            t.add_row("score gap", f"median {sg['quantiles']['median']:.3f}, non-positive {sg['non_positive']}")
+        if "confidence" in report:
+            t.add_row("confidence", f"median {report['confidence']['quantiles']['median']:.3f}")
+    else:
+        lab = report["labels"]
+        t.add_row("labels", f"desirable {lab['desirable']}, undesirable {lab['undesirable']}")
+        t.add_row("duplicate examples", str(report["duplicate_examples"]))
+    console.print(t)
+    for tip in report["advice"]:
+        console.print(f"[yellow]advice:[/yellow] {tip}", highlight=False)
+    if not report["advice"]:
+        console.print("[green]no problems found[/green]")
