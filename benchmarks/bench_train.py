@@ -28,7 +28,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 HH = HERE.parents[1] / "shared" / "data" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
 
-# name -> (tool, options)
+# name -> (tool, options); WORK says what a step of each computes: (reference forward in the step,
+# prompt computed once per pair)
+WORK = {
+    "trl_default": (True, False),
+    "trl_fast": (False, False),
+    "dpokit_padded": (True, False),
+    "dpokit_fast": (False, True),
+    "dpokit_lean": (False, True),
+}
 CONTENDERS = {
     "trl_default": ("trl", {"gradient_checkpointing": True, "precompute": False}),
     "trl_fast": ("trl", {"gradient_checkpointing": False, "precompute": True}),
@@ -55,17 +63,18 @@ def select_pairs(n: int, max_length: int, max_prompt_length: int, out: Path) -> 
 
     tokenizer = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
     examples, _ = load_examples(str(HH), skip_invalid=True)
-    rows, tokens = [], 0
+    rows, tokens, shared = [], 0, 0
     for ex in examples:
         prompt, chosen, rejected = encode_example(ex, tokenizer)
         if len(prompt) > max_prompt_length or len(prompt) + max(len(chosen), len(rejected)) > max_length:
             continue
         rows.append({"prompt": ex.prompt, "chosen": ex.chosen, "rejected": ex.rejected})
         tokens += 2 * len(prompt) + len(chosen) + len(rejected)
+        shared += len(prompt) + len(chosen) + len(rejected)
         if len(rows) == n:
             break
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"pairs": len(rows), "tokens": tokens}
+    return {"pairs": len(rows), "tokens": tokens, "shared_tokens": shared}
 
 
 def child_dpokit(args, extra: list[str]) -> dict:
@@ -193,10 +202,13 @@ def matmul_peak(threads: int, dtype: str) -> float:
     return 2 * 2048**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def model_flops_per_step(tokens_per_step: float, mode: str, params: float) -> float:
-    """Useful work per step: policy forward + backward (6N per token for full fine-tuning; 4N for LoRA,
-    whose frozen weights need no weight gradients) and one reference forward (2N per token)."""
-    return (6 if mode == "full" else 4) * params * tokens_per_step + 2 * params * tokens_per_step
+def model_flops_per_step(tokens: float, shared_tokens: float, mode: str, params: float, name: str) -> float:
+    """Matmul work a contender's step really executes, recomputation excluded: policy forward + backward
+    (6N per token for full fine-tuning; 4N for LoRA, whose frozen weights need no weight gradients), plus a
+    reference forward (2N per token) when it is not precomputed; prefix sharing computes the prompt once."""
+    ref_in_step, prefix_shared = WORK[name]
+    t = shared_tokens if prefix_shared else tokens
+    return ((6 if mode == "full" else 4) + (2 if ref_in_step else 0)) * params * t
 
 
 def main() -> None:
@@ -231,6 +243,7 @@ def main() -> None:
     n_pairs = args.batch_size * (args.warmup + args.steps)
     info = select_pairs(n_pairs, args.max_length, args.max_prompt_length, data)
     tokens_per_step = info["tokens"] / (args.warmup + args.steps)
+    shared_per_step = info["shared_tokens"] / (args.warmup + args.steps)
     results: dict[str, list[dict]] = {c: [] for c in args.contenders}
     base = [sys.executable, __file__, "--data", str(data)] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in ("mode", "precision", "steps", "warmup", "batch_size", "max_length", "max_prompt_length", "lr", "threads")
@@ -253,11 +266,11 @@ def main() -> None:
 
     model = load_model(resolve_model_path("smollm2-135m-instruct"))
     params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n) + model.config.vocab_size * model.config.hidden_size
-    flops = model_flops_per_step(tokens_per_step, args.mode, params)
     summary = {}
     for name, runs in results.items():
         if not runs:
             continue
+        flops = model_flops_per_step(tokens_per_step, shared_per_step, args.mode, params, name)
         step = statistics.median(statistics.median(r["step_times"]) for r in runs)
         summary[name] = {
             "s_per_step": step,

@@ -1,16 +1,35 @@
-"""Checkpoints in Hugging Face format, written atomically (temp folder + rename: whole or absent)."""
+"""Checkpoints in Hugging Face format, written atomically (temp folder + rename: whole or absent).
+
+A checkpoint folder holds the model (a PEFT adapter or a full model, safetensors) and the tokenizer, so
+it loads with `from_pretrained`; plus, for exact resume, `training_state.pt` (optimizer, scheduler and
+RNG states; only tensors and plain containers, read back with `torch.load(weights_only=True)`) and
+`dpokit_state.json` (the step, guard and loss state). Nothing user-supplied is unpickled.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 
-def save_checkpoint(model, tokenizer, run_dir: Path, step: int, extra: dict | None = None, name: str | None = None) -> Path:
-    """Save `model` (a PEFT adapter or a full model) + tokenizer to RUN_DIR/checkpoints/step-N (or `name`).
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def save_checkpoint(
+    model,
+    tokenizer,
+    run_dir: Path,
+    step: int,
+    extra: dict | None = None,
+    name: str | None = None,
+    training_state: dict | None = None,
+) -> Path:
+    """Save to RUN_DIR/checkpoints/step-N (or `name`); `training_state` makes it resumable.
 
     The folder loads back with `AutoModelForCausalLM.from_pretrained` (full) or
     `PeftModel.from_pretrained(base, folder)` / `AutoPeftModelForCausalLM` (adapter).
@@ -22,12 +41,51 @@ def save_checkpoint(model, tokenizer, run_dir: Path, step: int, extra: dict | No
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if training_state is not None:
+            torch.save(training_state, tmp / "training_state.pt")
         (tmp / "dpokit_state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
         if target.exists():
             shutil.rmtree(target)
-        os.replace(tmp, target)
+        os.replace(tmp, target)  # atomic: the checkpoint is complete or absent
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if name is None:
         (root / "latest").write_text(target.name + "\n")
     return target
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest resumable step-N checkpoint (temp folders of an interrupted save are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = []
+    for d in root.iterdir():
+        m = STEP_DIR.match(d.name)
+        if m and (d / "training_state.pt").is_file() and (d / "dpokit_state.json").is_file():
+            found.append((int(m.group(1)), d))
+    return max(found)[1] if found else None
+
+
+def load_training_state(folder: Path) -> tuple[dict, dict]:
+    """(training_state, dpokit_state) of a checkpoint; tensors only, no pickled objects."""
+    state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
+    return state, json.loads((folder / "dpokit_state.json").read_text())
+
+
+def load_model_weights(model, folder: Path, lora: bool) -> None:
+    """Copy a checkpoint's weights into an already built policy (LoRA adapter or full model)."""
+    from safetensors.torch import load_file
+
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+        return
+    state = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if [k for k in missing if k not in tied] or unexpected:
+        raise RuntimeError(f"checkpoint {folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

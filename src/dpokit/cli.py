@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from dpokit.config import ConfigError, help_text, load_config
@@ -43,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", nargs="?", help="YAML config file (optional: everything can be given as overrides)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.beta=0.2")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint, with its config.yaml")
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine, launched through `accelerate launch` (gloo on CPU)",
+    )
     r = sub.add_parser(
         "precompute-ref",
         help="compute the reference log-probs of a training config once and cache them on disk",
@@ -87,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command == "train" and args.num_processes > 1 and "RANK" not in os.environ:
+        return launch_data_parallel(args.num_processes, argv if argv is not None else sys.argv[1:])
     try:
         if args.command in ("train", "precompute-ref"):
             from dpokit.train import precompute_reference, train
@@ -94,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             config, overrides = args.config, list(args.overrides)
             if config and "=" in config:  # only overrides were given
                 config, overrides = None, [config, *overrides]
+            if getattr(args, "resume", None):
+                if config:
+                    overrides = [config, *overrides] if "=" in config else overrides
+                config = f"{args.resume}/config.yaml"
+                overrides += ["train.resume=true", f"train.run_dir={args.resume}"]
             cfg = load_config(config, overrides + flags)
             if args.command == "train":
                 print(f"run dir: {train(cfg).run_dir}")
@@ -118,6 +133,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpokit {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def launch_data_parallel(n: int, argv: list[str]) -> int:
+    """Re-run this command in `n` processes; Accelerate sets up the process group in each (no home-made one).
+
+    GPUs: `accelerate launch --multi_gpu`. CPU: `accelerate launch --cpu` starts a single process (its
+    multi-CPU path needs mpirun), so PyTorch's own launcher `torch.distributed.run` starts the processes
+    and `Accelerator(cpu=True)` joins them with gloo.
+    """
+    import subprocess
+
+    import torch
+
+    rest, skip = [], False
+    for a in argv:  # drop --num-processes N / --num-processes=N
+        if skip:
+            skip = False
+        elif a == "--num-processes":
+            skip = True
+        elif not a.startswith("--num-processes="):
+            rest.append(a)
+    if torch.cuda.is_available():
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
+    threads = max(1, (os.cpu_count() or 1) // n)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    return subprocess.call([*cmd, "-m", "dpokit.cli", *rest], env=env)
 
 
 def run_data_command(args) -> None:

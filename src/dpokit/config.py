@@ -119,6 +119,8 @@ class TrainConfig:
     """Output folder (metrics.jsonl, config.yaml, checkpoints/). Empty = runs/<timestamp>."""
     overwrite: bool = False
     """Allow writing into a run_dir that already holds a run."""
+    resume: bool = False
+    """Continue the run in run_dir from its latest resumable checkpoint (same config), to the same result."""
     seed: int = 0
     """Seed for weights of new layers, data order and dropout."""
     batch_size: int = 4

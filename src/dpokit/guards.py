@@ -34,6 +34,15 @@ class Guards:
         self.stop_reason: str | None = None
         self.warnings: list[str] = []
 
+    STATE = ("margins", "drift_warned", "zero_grad_warned", "best", "best_step", "bad_evals", "stop_reason", "warnings")
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.STATE}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in self.STATE:
+            setattr(self, k, state[k])
+
     def _warn(self, message: str) -> None:
         log.warning(message)
         self.warnings.append(message)

@@ -70,16 +70,19 @@ class PairMetrics:
 class MetricsWriter:
     """Appends one JSON record per line to RUN_DIR/metrics.jsonl (flushed each time)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
+        """`path` None: write nothing (processes other than rank 0)."""
         self.path = path
-        self.fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self.fh = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115 - closed by close()
 
     def write(self, record: dict) -> None:
-        self.fh.write(json.dumps(record) + "\n")
-        self.fh.flush()
+        if self.fh:
+            self.fh.write(json.dumps(record) + "\n")
+            self.fh.flush()
 
     def close(self) -> None:
-        self.fh.close()
+        if self.fh:
+            self.fh.close()
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -89,7 +92,7 @@ def read_metrics(path: Path) -> list[dict]:
 class StepReporter:
     """Progress bar with the live loss and margin, plus one printed line per step and per evaluation."""
 
-    def __init__(self, total_steps: int, enabled: bool = True):
+    def __init__(self, total_steps: int, enabled: bool = True, done: int = 0):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -104,7 +107,7 @@ class StepReporter:
             console=self.console,
             disable=not enabled,
         )
-        self.task = self.progress.add_task("train", total=total_steps, loss=math.nan, margin=math.nan)
+        self.task = self.progress.add_task("train", total=total_steps, completed=done, loss=math.nan, margin=math.nan)
 
     def __enter__(self):
         self.progress.start()

@@ -56,6 +56,14 @@ class Objective:
         self.bco = RunningMean() if "bco_pair" in self.names else None
         self.reduce_mean = reduce_mean or (lambda t: t)  # averages a tensor over ranks
 
+    def state_dict(self) -> dict:
+        """Running state a resumed run must restore (the BCO reward baseline)."""
+        return {"bco": [self.bco.total, self.bco.count] if self.bco else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.bco is not None and state.get("bco"):
+            self.bco.total, self.bco.count = state["bco"]
+
     def __call__(self, policy, reference, batch) -> tuple[LossOutput, dict[str, torch.Tensor]]:
         if self.unpaired:
             return self.unpaired_loss(policy, reference, *batch)

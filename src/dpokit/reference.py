@@ -15,6 +15,7 @@ import contextlib
 import copy
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -153,7 +154,7 @@ def load_or_compute(path: Path, compute) -> tuple[torch.Tensor, bool]:
         return load_file(str(path))["ref_logps"], True
     table = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # several processes may fill the same entry at once
     save_file({"ref_logps": table.contiguous()}, str(tmp))
     tmp.replace(path)
     return table, False

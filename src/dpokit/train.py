@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import math
+import os
 import resource
 import time
 from collections.abc import Iterator
@@ -22,13 +23,13 @@ import torch
 
 from dpokit import models
 from dpokit.batching import Layout
-from dpokit.checkpoint import save_checkpoint
+from dpokit.checkpoint import latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
 from dpokit.config import Config, dump_yaml
 from dpokit.data import load_examples, split_by_prompt
 from dpokit.data.filters import filter_pairs
 from dpokit.guards import Guards
 from dpokit.logps import CompletionLogps
-from dpokit.metrics import MetricsWriter, PairMetrics, StepReporter
+from dpokit.metrics import MetricsWriter, PairMetrics, StepReporter, read_metrics
 from dpokit.objective import Objective, ld_token_weights
 from dpokit.optim import build_optimizer, build_scheduler
 from dpokit.reference import (
@@ -118,16 +119,22 @@ def train(cfg: Config) -> RunResult:
     accelerator, objective, collate, pad_id = s.accelerator, s.objective, s.collate, s.pad_id
     eval_pairs = s.eval_examples
     optimizer = build_optimizer(s.policy.parameters(), cfg.train)
-    schedule = list(step_schedule(len(s.train_examples), cfg.train))
+    schedule = list(step_schedule(len(s.train_examples), cfg.train, accelerator.num_processes))
     scheduler = build_scheduler(optimizer, cfg.train, len(schedule))
     policy, optimizer = accelerator.prepare(s.policy, optimizer)
     # from_pretrained returns eval mode: without this, LoRA dropout and activation checkpointing stay off.
     policy.train()
-    # Built before any update, so every strategy sees exactly the starting policy.
+    # Built before any update (and before a resumed run loads its weights), so every strategy sees
+    # exactly the starting policy.
     train_ref, eval_ref = make_references(s, policy)
-    steps_per_epoch = math.ceil(math.ceil(len(s.train_examples) / cfg.train.batch_size) / cfg.train.grad_accum)
+    steps_per_epoch = math.ceil(
+        math.ceil(len(s.train_examples) / cfg.train.batch_size) / (cfg.train.grad_accum * accelerator.num_processes)
+    )
     t, e = cfg.train, cfg.eval
     guards = Guards(t.drift_warn, t.flat_window, t.flat_min_delta, e.patience, e.min_delta)
+    start_step, history, initial_eval = 0, [], None
+    if t.resume:
+        start_step, history, initial_eval = resume_from(run_dir, s, policy, optimizer, scheduler, guards)
 
     def run_eval() -> dict:
         return evaluate(policy, eval_ref, objective, eval_pairs, collate, pad_id, cfg, accelerator) if eval_pairs else {}
@@ -135,17 +142,24 @@ def train(cfg: Config) -> RunResult:
     def save(step: int, name: str | None = None) -> Path | None:
         if not accelerator.is_main_process:
             return None
-        return save_checkpoint(accelerator.unwrap_model(policy).model, s.tokenizer, run_dir, step, name=name)
+        state = None
+        if name is None:  # step checkpoints are resumable
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+        extra = {"guards": guards.state_dict(), "objective": objective.state_dict()}
+        model = accelerator.unwrap_model(policy).model
+        return save_checkpoint(model, s.tokenizer, run_dir, step, extra=extra, name=name, training_state=state)
 
-    writer = MetricsWriter(run_dir / "metrics.jsonl")
-    reporter = StepReporter(len(schedule), enabled=t.progress and accelerator.is_main_process)
-    history, initial_eval, ckpt = [], None, None
-    if e.at_start and eval_pairs:
+    writer = MetricsWriter(run_dir / "metrics.jsonl" if accelerator.is_main_process else None)
+    reporter = StepReporter(len(schedule), enabled=t.progress and accelerator.is_main_process, done=start_step)
+    ckpt = None
+    if e.at_start and eval_pairs and not t.resume:
         initial_eval = run_eval()
         writer.write({"step": 0, "epoch": 0.0, **initial_eval})
         reporter.print_eval(0, initial_eval)
     with reporter:
         for step, micro_batches in enumerate(schedule, start=1):
+            if step <= start_step:  # a resumed run replays nothing: the data order is a function of the step
+                continue
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
             sums, tokens = accumulate_gradients(s, policy, train_ref, micro_batches)
@@ -180,22 +194,51 @@ def train(cfg: Config) -> RunResult:
     if t.save_final:
         ckpt = save(len(history))
     stopped = guards.stop_reason or "completed all steps"
-    write_summary(run_dir, history, initial_eval, final_eval, ckpt, time.perf_counter() - started, stopped, guards)
+    if accelerator.is_main_process:
+        write_summary(run_dir, history, initial_eval, final_eval, ckpt, time.perf_counter() - started, stopped, guards)
     return RunResult(run_dir, history, initial_eval, final_eval, ckpt, accelerator.unwrap_model(policy).model, stopped)
 
 
+def resume_from(run_dir: Path, s: Session, policy, optimizer, scheduler, guards: Guards):
+    """Load the latest resumable checkpoint of `run_dir`; returns (its step, metrics so far, initial eval)."""
+    folder = latest_checkpoint(run_dir)
+    if folder is None:
+        raise TrainingError(
+            f"train.resume=true but {run_dir}/checkpoints holds no resumable checkpoint (step-N with "
+            "training_state.pt); set train.checkpoint_every to write them, or start without train.resume"
+        )
+    state, info = load_training_state(folder)
+    load_model_weights(unwrap(policy).model, folder, lora=s.cfg.lora.enabled)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    guards.load_state_dict(info["guards"])
+    s.objective.load_state_dict(info["objective"])
+    step = info["step"]
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] <= step]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    initial = next((r for r in records if r["step"] == 0), None)
+    log.info("resumed from %s (step %d)", folder, step)
+    history = [r for r in records if r["step"] > 0]
+    return step, history, ({k: v for k, v in initial.items() if k.startswith("eval/")} if initial else None)
+
+
 def accumulate_gradients(s: Session, policy, reference, micro_batches: list[list[int]]) -> tuple[PairMetrics, int]:
-    """Forward + backward over the micro-batches of one optimizer step; returns their metric sums and tokens."""
+    """Forward + backward over this process's micro-batches of one optimizer step; returns their metric
+    sums and tokens. The loss is the sum over the step's pairs divided by the step's pairs (all processes),
+    times the process count because DDP averages gradients: batch 4 x accum 1 == batch 1 x accum 4 ==
+    2 processes x batch 2."""
+    acc = s.accelerator
     sums, tokens = PairMetrics(), 0
     step_pairs = sum(len(m) for m in micro_batches)
-    for i, indices in enumerate(micro_batches):
-        batch = to_device(s.collate([s.train_examples[j] for j in indices], s.pad_id, ids=indices), s.accelerator.device)
+    mine = micro_batches[acc.process_index :: acc.num_processes]
+    for i, indices in enumerate(mine):
+        batch = to_device(s.collate([s.train_examples[j] for j in indices], s.pad_id, ids=indices), acc.device)
         main = batch[0] if isinstance(batch, tuple) else batch
-        last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else s.accelerator.no_sync(policy):
+        last = i == len(mine) - 1
+        with contextlib.nullcontext() if last else acc.no_sync(policy):
             out, extras = s.objective(policy, reference, batch)
-            # Sum over the step's pairs / pairs per step: batch 4 x accum 1 == batch 1 x accum 4.
-            s.accelerator.backward((out.losses * main.weights).sum() / step_pairs)
+            acc.backward((out.losses * main.weights).sum() * acc.num_processes / step_pairs)
         sums.add(out, extras)
         tokens += main.num_tokens
     return sums, tokens
@@ -273,9 +316,10 @@ def apply_matmul_backend(fast: bool) -> None:
 def evaluate(policy, reference, objective: Objective, examples: list, collate, pad_id: int, cfg: Config, accelerator) -> dict:
     """Held-out metrics (`eval/` keys), dropout off, averaged over every example."""
     sums = PairMetrics()
+    size, rank, world = cfg.eval.batch_size, accelerator.process_index, accelerator.num_processes
     with eval_mode(policy):
-        for start in range(0, len(examples), cfg.eval.batch_size):
-            stop = min(start + cfg.eval.batch_size, len(examples))
+        for start in range(rank * size, len(examples), size * world):  # each process a share of the batches
+            stop = min(start + size, len(examples))
             batch = to_device(collate(examples[start:stop], pad_id, ids=list(range(start, stop))), accelerator.device)
             out, extras = objective(policy, reference, batch)
             sums.add(out, extras)
@@ -286,21 +330,27 @@ def to_device(batch, device):
     return tuple(b.to(device) for b in batch) if isinstance(batch, tuple) else batch.to(device)
 
 
-def step_schedule(num_pairs: int, tc) -> Iterator[list[list[int]]]:
-    """Pair indices of every optimizer step: a list of micro-batches, each a list of pair indices.
+def step_schedule(num_pairs: int, tc, world: int = 1) -> Iterator[list[list[int]]]:
+    """Pair indices of every optimizer step, for all processes: grad_accum x world micro-batches of
+    batch_size pairs; process r takes micro-batches r, r + world, ... (see accumulate_gradients).
 
-    Each epoch is a fresh seeded permutation; a step never spans two epochs (the last may be short).
+    Each epoch is a fresh seeded permutation; a step never spans two epochs. With one process the last
+    step of an epoch may be short; with several, an epoch's micro-batches that cannot give every process
+    one are left out, so no process waits on a collective the others never reach.
     """
-    steps_per_epoch = math.ceil(math.ceil(num_pairs / tc.batch_size) / tc.grad_accum)
+    per_step = tc.grad_accum * world
+    steps_per_epoch = math.ceil(math.ceil(num_pairs / tc.batch_size) / per_step)
     total = tc.max_steps or math.ceil(tc.epochs * steps_per_epoch)
     emitted, epoch = 0, 0
     while emitted < total:
         order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(tc.seed + epoch)).tolist()
         micro = [order[i : i + tc.batch_size] for i in range(0, num_pairs, tc.batch_size)]
-        for i in range(0, len(micro), tc.grad_accum):
+        if world > 1:
+            micro = micro[: len(micro) - len(micro) % world]
+        for i in range(0, len(micro), per_step):
             if emitted == total:
                 return
-            yield micro[i : i + tc.grad_accum]
+            yield micro[i : i + per_step]
             emitted += 1
         epoch += 1
 
@@ -344,7 +394,7 @@ def prepare_data(cfg: Config, tokenizer, run_dir: Path | None, unpaired: bool = 
     train_pairs, tstats = tokenize(examples, tokenizer, d.max_length, d.max_prompt_length, d.skip_invalid)
     eval_pairs, estats = tokenize(eval_examples, tokenizer, d.max_length, d.max_prompt_length, d.skip_invalid)
     stats.update(train_tokenized=tstats.to_dict(), eval_tokenized=estats.to_dict())
-    if run_dir is not None:
+    if run_dir is not None and is_main_process():
         (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
     for name, s in (("train", tstats), ("eval", estats)):
         if s.dropped:
@@ -355,10 +405,23 @@ def prepare_data(cfg: Config, tokenizer, run_dir: Path | None, unpaired: bool = 
     return train_pairs, eval_pairs
 
 
+def is_main_process() -> bool:
+    """Rank 0 (or no launcher): the only process that writes the run dir."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def prepare_run_dir(cfg: Config) -> Path:
+    if cfg.train.resume:
+        run_dir = Path(cfg.train.run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise TrainingError(f"train.resume=true: {str(run_dir)!r} holds no run (config.yaml); check train.run_dir")
+        check_disk_space(run_dir, cfg)
+        return run_dir
     if not cfg.train.run_dir:
         cfg.train.run_dir = str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     run_dir = Path(cfg.train.run_dir)
+    if not is_main_process():
+        return run_dir
     if (run_dir / "metrics.jsonl").exists() and not cfg.train.overwrite:
         raise TrainingError(
             f"train.run_dir={str(run_dir)!r} already holds a run (metrics.jsonl). "
@@ -370,7 +433,26 @@ def prepare_run_dir(cfg: Config) -> Path:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     except OSError as err:
         raise TrainingError(f"train.run_dir={str(run_dir)!r} is not writable: {err}") from err
+    check_disk_space(run_dir, cfg)
     return run_dir
+
+
+def check_disk_space(run_dir: Path, cfg: Config) -> None:
+    """Refuse to start when the run dir's disk cannot hold even one checkpoint (a rough lower bound:
+    the weights file for full fine-tuning, and optimizer states twice that)."""
+    import shutil
+
+    free = shutil.disk_usage(run_dir).free
+    needed = 64 * 2**20
+    if not cfg.lora.enabled and (cfg.train.checkpoint_every or cfg.train.save_final):
+        model_dir = Path(models.resolve_model_path(cfg.model.name))
+        weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) if model_dir.is_dir() else 0
+        needed += 3 * weights
+    if free < needed:
+        raise TrainingError(
+            f"train.run_dir={str(run_dir)!r}: {free / 2**20:.0f} MiB free on its disk, a checkpoint needs about "
+            f"{needed / 2**20:.0f} MiB. Fix: free space or choose a run_dir on another disk."
+        )
 
 
 def non_finite_message(loss: float, grad_norm: float, step: int, cfg: Config, last_good: Path | None) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,7 @@ def _read_text(path: Path) -> str:
             return fh.read()
     except UnicodeDecodeError as err:
         raise DataError(str(path), f"not valid UTF-8 (byte offset {err.start}); re-encode the file as UTF-8") from err
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:  # zlib.error: a corrupted .gz stream (not an OSError)
         raise DataError(str(path), f"cannot read file: {err}") from err
 
 

@@ -1,0 +1,101 @@
+"""Exact resume: a run killed with SIGKILL resumes from its latest checkpoint to the same metrics and
+weights as an uninterrupted run; unusable run dirs are refused before training starts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpokit.checkpoint import latest_checkpoint
+from dpokit.config import load_config
+from dpokit.metrics import read_metrics
+from dpokit.train import TrainingError, train
+
+TIMING = {"tokens_per_s", "step_time_s"}
+
+
+def overrides(model_dir, run_dir, *extra):
+    return [
+        f"model.name={model_dir}",
+        "data.train=builtin:demo",
+        "data.limit=120",
+        "data.eval_fraction=0.1",
+        "lora.r=4",
+        "lora.dropout=0.1",  # exercises the saved RNG state
+        "train.batch_size=4",
+        "train.max_steps=30",
+        "train.lr=1e-3",
+        "train.warmup_steps=3",
+        "train.scheduler=cosine",
+        "train.checkpoint_every=2",
+        "train.device=cpu",
+        "train.progress=false",
+        "eval.every=5",
+        f"train.run_dir={run_dir}",
+        *extra,
+    ]
+
+
+def strip(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+@pytest.mark.parametrize("extra", [[], ["loss.type=bco_pair"]], ids=["sigmoid", "bco_pair"])
+def test_sigkill_then_resume_gives_the_same_result(tmp_path, tiny_model_dir, extra):
+    reference = train(load_config(None, overrides(tiny_model_dir, tmp_path / "straight", *extra)))
+
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "dpokit.cli", "train", *overrides(tiny_model_dir, run_dir, *extra)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "step-4").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted_at = int(latest_checkpoint(run_dir).name.split("-")[1])
+    assert 4 <= interrupted_at < 30, interrupted_at
+
+    from dpokit.cli import main
+
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert strip(read_metrics(run_dir / "metrics.jsonl")) == strip(read_metrics(reference.run_dir / "metrics.jsonl"))
+    a = load_file(str(reference.checkpoint / "adapter_model.safetensors"))
+    b = load_file(str(run_dir / "checkpoints" / "step-30" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["stopped"] == "completed all steps"
+
+
+def test_checkpoint_state_loads_without_unpickling(tmp_path, tiny_model_dir):
+    result = train(load_config(None, overrides(tiny_model_dir, tmp_path / "r", "train.max_steps=2")))
+    state = torch.load(result.checkpoint / "training_state.pt", weights_only=True)
+    assert set(state) == {"optimizer", "scheduler", "torch_rng"}
+
+
+def test_resume_without_checkpoints_is_refused(tmp_path, tiny_model_dir):
+    train(load_config(None, overrides(tiny_model_dir, tmp_path / "r", "train.max_steps=1", "train.save_final=false",
+                                      "train.checkpoint_every=0")))
+    with pytest.raises(TrainingError, match="no resumable checkpoint"):
+        train(load_config(tmp_path / "r" / "config.yaml", ["train.resume=true"]))
+
+
+def test_unwritable_run_dir_is_refused_before_training(tmp_path, tiny_model_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(TrainingError, match="is not writable"):
+        train(load_config(None, overrides(tiny_model_dir, blocker / "run")))
+
+
+def test_full_disk_is_refused_before_training(tmp_path, tiny_model_dir, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
+    with pytest.raises(TrainingError, match="MiB free on its disk"):
+        train(load_config(None, overrides(tiny_model_dir, tmp_path / "r")))
