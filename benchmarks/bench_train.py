@@ -36,6 +36,7 @@ WORK = {
     "dpokit_padded": (True, False),
     "dpokit_fast": (False, True),
     "dpokit_lean": (False, True),
+    "dpokit_lean_lowmem": (False, True),
 }
 CONTENDERS = {
     "trl_default": ("trl", {"gradient_checkpointing": True, "precompute": False}),
@@ -50,6 +51,17 @@ CONTENDERS = {
             "train.precompute_ref=true",
             "train.gradient_checkpointing=true",
             "train.logps_chunk_size=128",
+        ],
+    ),
+    "dpokit_lean_lowmem": (
+        "dpokit",
+        [
+            "train.prefix_sharing=true",
+            "train.packing=true",
+            "train.precompute_ref=true",
+            "train.gradient_checkpointing=true",
+            "train.logps_chunk_size=128",
+            "train.low_memory_allocator=true",
         ],
     ),
 }

@@ -13,12 +13,16 @@ KEYS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/marg
         "logps/chosen", "eval/loss", "eval/rewards/margins", "eval/rewards/accuracies")
 
 
-@pytest.mark.parametrize("lora", ["true", "false"])
-def test_two_processes_match_one(tmp_path, tiny_model_dir, lora):
+@pytest.mark.parametrize(
+    "lora, extra",
+    [("true", []), ("false", []), ("true", ["train.precompute_ref=true", "train.packing=true", "train.prefix_sharing=true"])],
+    ids=["lora-adapter-ref", "full-frozen-copy", "lora-cached-ref-packed"],
+)
+def test_two_processes_match_one(tmp_path, tiny_model_dir, lora, extra):
     lr = "train.lr=1e-3" if lora == "true" else "train.lr=1e-4"
     common = [f"model.name={tiny_model_dir}", "data.train=builtin:demo", "data.limit=40", "data.eval_fraction=0.2",
               "lora.r=4", f"lora.enabled={lora}", "train.max_steps=3", lr, "train.device=cpu", "train.progress=false",
-              "eval.batch_size=4", "eval.every=2"]
+              "eval.batch_size=4", "eval.every=2", f"train.ref_cache_dir={tmp_path / 'cache'}", *extra]
     one = train(load_config(None, [*common, "train.batch_size=4", f"train.run_dir={tmp_path / 'one'}"]))
     two_dir = tmp_path / "two"
     assert main(["train", *common, "train.batch_size=2", f"train.run_dir={two_dir}", "--num-processes", "2"]) == 0

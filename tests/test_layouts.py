@@ -211,3 +211,20 @@ def test_policy_trains_in_train_mode_and_checkpointing_is_exact(tmp_path, tiny_m
     assert modes and all(modes)  # from_pretrained returns eval mode; training must switch it
     checkpointed = train(small_cfg(tmp_path, tiny_model_dir, "gc", "train.gradient_checkpointing=true")).history
     assert_same_history(plain, checkpointed, "gradient_checkpointing")
+
+
+def test_low_memory_allocator_changes_nothing_but_memory(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    from dpokit.metrics import read_metrics
+
+    plain = train(small_cfg(tmp_path, tiny_model_dir, "plain")).history
+    # a subprocess: the allocator setting is process-wide
+    args = [f"model.name={tiny_model_dir}", "data.train=builtin:demo", "data.limit=24", "data.eval_fraction=0.25",
+            "lora.r=4", "train.batch_size=4", "train.max_steps=3", "train.lr=1e-3", "train.device=cpu",
+            "train.progress=false", "train.save_final=false", f"train.run_dir={tmp_path / 'lowmem'}",
+            "train.low_memory_allocator=true"]
+    subprocess.run([sys.executable, "-m", "dpokit.cli", "train", *args], check=True, capture_output=True)
+    lowmem = [r for r in read_metrics(tmp_path / "lowmem" / "metrics.jsonl") if r["step"] > 0]
+    assert_same_history(plain, lowmem, "low_memory_allocator")

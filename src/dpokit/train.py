@@ -90,6 +90,8 @@ def setup(cfg: Config, run_dir: Path | None) -> Session:
 
     set_seed(cfg.train.seed)
     apply_matmul_backend(cfg.train.fast_fp32_matmul)
+    if cfg.train.low_memory_allocator:
+        use_low_memory_allocator()
     # bf16 is autocast inside CompletionLogps (fp32 master weights), not through Accelerate's process-wide
     # mixed-precision state, which cannot change between two runs in one Python process.
     accelerator = Accelerator(cpu=cfg.train.device == "cpu")
@@ -289,6 +291,24 @@ def ref_cache_path(s: Session, policy, examples: list) -> Path:
         s.weights_key = weights_fingerprint(unwrap(policy).model)
     root = Path(cfg.train.ref_cache_dir) if cfg.train.ref_cache_dir else models.cache_dir() / "ref-logps"
     return root / f"{cache_key(s.weights_key, examples, settings)}.safetensors"
+
+
+def use_low_memory_allocator() -> None:
+    """glibc keeps freed heap memory for reuse, so peak RSS includes fragmentation; serving every allocation
+    above 64 KiB with mmap returns it to the OS on free (measured here: full fine-tuning peak 2.97 -> 2.67 GiB,
+    steps ~30% slower). No effect (and a warning) without glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter numbers from glibc's malloc.h
+        ok = libc.mallopt(m_mmap_threshold, 65536) and libc.mallopt(m_trim_threshold, 65536)
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        log.warning("train.low_memory_allocator: glibc mallopt is not available here; the setting has no effect")
 
 
 def apply_matmul_backend(fast: bool) -> None:
