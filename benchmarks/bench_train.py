@@ -38,32 +38,15 @@ WORK = {
     "dpokit_lean": (False, True),
     "dpokit_lean_lowmem": (False, True),
 }
+FAST = ["train.prefix_sharing=true", "train.packing=true", "train.precompute_ref=true"]
+LEAN = [*FAST, "train.gradient_checkpointing=true", "train.logps_chunk_size=128"]
 CONTENDERS = {
     "trl_default": ("trl", {"gradient_checkpointing": True, "precompute": False}),
     "trl_fast": ("trl", {"gradient_checkpointing": False, "precompute": True}),
     "dpokit_padded": ("dpokit", []),
-    "dpokit_fast": ("dpokit", ["train.prefix_sharing=true", "train.packing=true", "train.precompute_ref=true"]),
-    "dpokit_lean": (
-        "dpokit",
-        [
-            "train.prefix_sharing=true",
-            "train.packing=true",
-            "train.precompute_ref=true",
-            "train.gradient_checkpointing=true",
-            "train.logps_chunk_size=128",
-        ],
-    ),
-    "dpokit_lean_lowmem": (
-        "dpokit",
-        [
-            "train.prefix_sharing=true",
-            "train.packing=true",
-            "train.precompute_ref=true",
-            "train.gradient_checkpointing=true",
-            "train.logps_chunk_size=128",
-            "train.low_memory_allocator=true",
-        ],
-    ),
+    "dpokit_fast": ("dpokit", FAST),
+    "dpokit_lean": ("dpokit", LEAN),
+    "dpokit_lean_lowmem": ("dpokit", [*LEAN, "train.low_memory_allocator=true"]),
 }
 
 

@@ -30,3 +30,22 @@ def tiny_tokenizer(tiny_model_dir):
     from dpokit.models import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
+
+
+def tiny_run_overrides(model_dir, run_dir, *extra) -> list[str]:
+    """The common overrides of a short tiny-model run on the shipped demo pairs."""
+    return [
+        f"model.name={model_dir}",
+        "data.train=builtin:demo",
+        "data.limit=24",
+        "data.eval_fraction=0.25",
+        "lora.r=4",
+        "train.batch_size=4",
+        "train.max_steps=3",
+        "train.lr=1e-3",
+        "train.device=cpu",
+        "train.progress=false",
+        "train.save_final=false",
+        f"train.run_dir={run_dir}",
+        *extra,
+    ]

@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from conftest import tiny_run_overrides
 from dpokit.batching import Layout
 from dpokit.config import load_config
 from dpokit.logps import CompletionLogps, sum_by_sequence
@@ -70,24 +71,7 @@ def test_training_trajectory_is_the_same_in_every_layout(tmp_path, tiny_model_di
         "packed": ["train.packing=true", "train.pack_tokens=400"],
         "packed_prefix_shared": ["train.packing=true", "train.prefix_sharing=true", "train.pack_tokens=400"],
     }.items():
-        cfg = load_config(
-            None,
-            [
-                f"model.name={tiny_model_dir}",
-                "data.train=builtin:demo",
-                "data.limit=24",
-                "data.eval_fraction=0.25",
-                "lora.r=4",
-                "train.batch_size=4",
-                "train.max_steps=3",
-                "train.lr=1e-3",
-                "train.device=cpu",
-                "train.progress=false",
-                "train.save_final=false",
-                f"train.run_dir={tmp_path / name}",
-                *flags,
-            ],
-        )
+        cfg = load_config(None, tiny_run_overrides(tiny_model_dir, tmp_path / name, *flags))
         histories[name] = train(cfg).history
     for name, history in histories.items():
         for a, b in zip(histories["padded"], history, strict=True):
@@ -98,23 +82,7 @@ def test_training_trajectory_is_the_same_in_every_layout(tmp_path, tiny_model_di
 
 def small_cfg(tmp_path, model_dir, name, *flags):
     return load_config(
-        None,
-        [
-            f"model.name={model_dir}",
-            "data.train=builtin:demo",
-            "data.limit=24",
-            "data.eval_fraction=0.25",
-            "lora.r=4",
-            "train.batch_size=4",
-            "train.max_steps=3",
-            "train.lr=1e-3",
-            "train.device=cpu",
-            "train.progress=false",
-            "train.save_final=false",
-            f"train.run_dir={tmp_path / name}",
-            f"train.ref_cache_dir={tmp_path / 'ref-cache'}",
-            *flags,
-        ],
+        None, tiny_run_overrides(model_dir, tmp_path / name, f"train.ref_cache_dir={tmp_path / 'ref-cache'}", *flags)
     )
 
 
@@ -221,10 +189,7 @@ def test_low_memory_allocator_changes_nothing_but_memory(tmp_path, tiny_model_di
 
     plain = train(small_cfg(tmp_path, tiny_model_dir, "plain")).history
     # a subprocess: the allocator setting is process-wide
-    args = [f"model.name={tiny_model_dir}", "data.train=builtin:demo", "data.limit=24", "data.eval_fraction=0.25",
-            "lora.r=4", "train.batch_size=4", "train.max_steps=3", "train.lr=1e-3", "train.device=cpu",
-            "train.progress=false", "train.save_final=false", f"train.run_dir={tmp_path / 'lowmem'}",
-            "train.low_memory_allocator=true"]
+    args = tiny_run_overrides(tiny_model_dir, tmp_path / "lowmem", "train.low_memory_allocator=true")
     subprocess.run([sys.executable, "-m", "dpokit.cli", "train", *args], check=True, capture_output=True)
     lowmem = [r for r in read_metrics(tmp_path / "lowmem" / "metrics.jsonl") if r["step"] > 0]
     assert_same_history(plain, lowmem, "low_memory_allocator")
