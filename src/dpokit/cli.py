@@ -9,9 +9,10 @@ import sys
 
 from dpokit.config import ConfigError, help_text, load_config
 from dpokit.data import DataError
+from dpokit.errors import TrainingError
 from dpokit.models import ModelLoadError
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrainingError, FileNotFoundError)
 
 
 def _dotted_flags(extra: list[str]) -> tuple[list[str], list[str]]:
@@ -123,13 +124,6 @@ def main(argv: list[str] | None = None) -> int:
             result = run_demo(list(args.overrides) + flags)
             print("\n".join(summary_lines(result)))
     except USER_ERRORS as err:
-        print(f"dpokit {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        from dpokit.train import TrainingError
-
-        if not isinstance(err, TrainingError):
-            raise
         print(f"dpokit {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -425,10 +425,15 @@ def validate(cfg: Config) -> list[str]:
         need(cfg.lora.alpha > 0, f"lora.alpha={cfg.lora.alpha}: must be > 0")
         need(0 <= cfg.lora.dropout < 1, f"lora.dropout={cfg.lora.dropout}: must be in [0, 1)")
         need(bool(cfg.lora.target_modules), "lora.target_modules is empty: name modules, e.g. [q_proj, v_proj]")
-    if t.device == "cuda":
+    if t.device == "cuda" or (t.bf16 and t.device == "auto"):
         import torch
 
-        need(torch.cuda.is_available(), "train.device=cuda but no CUDA device is visible; use device=auto or cpu")
+        cuda = torch.cuda.is_available()
+        need(cuda or t.device != "cuda", "train.device=cuda but no CUDA device is visible; use device=auto or cpu")
+        need(
+            not (t.bf16 and cuda and not torch.cuda.is_bf16_supported()),
+            "train.bf16=true but this GPU has no bf16 support; set train.bf16=false",
+        )
     return p
 
 

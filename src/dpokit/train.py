@@ -11,22 +11,21 @@ import functools
 import json
 import logging
 import math
-import os
-import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import torch
 
 from dpokit import models
+from dpokit.backends import apply_matmul_backend, use_low_memory_allocator
 from dpokit.batching import Layout
 from dpokit.checkpoint import latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
-from dpokit.config import Config, dump_yaml
+from dpokit.config import Config
 from dpokit.data import load_examples, split_by_prompt
 from dpokit.data.filters import filter_pairs
+from dpokit.errors import TrainingError
 from dpokit.guards import Guards
 from dpokit.logps import CompletionLogps
 from dpokit.metrics import MetricsWriter, PairMetrics, StepReporter, read_metrics
@@ -44,13 +43,12 @@ from dpokit.reference import (
     unwrap,
     weights_fingerprint,
 )
+from dpokit.rundir import is_main_process, prepare_run_dir, write_summary
 from dpokit.tokenize import tokenize_pairs, tokenize_unpaired
 
+__all__ = ["RunResult", "TrainingError", "apply_matmul_backend", "precompute_reference", "train"]
+
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, unusable run dir, ...); the message says what to change."""
 
 
 @dataclass
@@ -293,45 +291,6 @@ def ref_cache_path(s: Session, policy, examples: list) -> Path:
     return root / f"{cache_key(s.weights_key, examples, settings)}.safetensors"
 
 
-def use_low_memory_allocator() -> None:
-    """glibc keeps freed heap memory for reuse, so peak RSS includes fragmentation; serving every allocation
-    above 64 KiB with mmap returns it to the OS on free (measured here: full fine-tuning peak 2.97 -> 2.67 GiB,
-    steps ~30% slower). No effect (and a warning) without glibc."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter numbers from glibc's malloc.h
-        ok = libc.mallopt(m_mmap_threshold, 65536) and libc.mallopt(m_trim_threshold, 65536)
-    except (OSError, AttributeError):
-        ok = False
-    if not ok:
-        log.warning("train.low_memory_allocator: glibc mallopt is not available here; the setting has no effect")
-
-
-def apply_matmul_backend(fast: bool) -> None:
-    """Route fp32 matmuls through oneDNN (`fp32_precision = "bf16"` on CPU) only after checking, on this
-    CPU, that the result keeps fp32-level accuracy; some CPUs really compute it in bf16 (DESIGN.md)."""
-    backend = torch.backends.mkldnn.matmul
-    if not fast:
-        backend.fp32_precision = "ieee"
-        return
-    backend.fp32_precision = "bf16"
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(256, 512, generator=g), torch.randn(512, 256, generator=g)
-    exact = (a.double() @ b.double()).float()
-    error = ((a @ b - exact).norm() / exact.norm()).item()
-    if error > 1e-5:
-        backend.fp32_precision = "ieee"
-        raise TrainingError(
-            f"train.fast_fp32_matmul=true: this CPU computes the oneDNN fp32 path with relative error {error:.1e} "
-            "(bf16-level), which would change the results. Fix: set train.fast_fp32_matmul=false (or use train.bf16)."
-        )
-    log.info("fast fp32 matmul: oneDNN path, relative error %.1e against float64", error)
-
-
 @torch.no_grad()
 def evaluate(policy, reference, objective: Objective, examples: list, collate, pad_id: int, cfg: Config, accelerator) -> dict:
     """Held-out metrics (`eval/` keys), dropout off, averaged over every example."""
@@ -425,56 +384,6 @@ def prepare_data(cfg: Config, tokenizer, run_dir: Path | None, unpaired: bool = 
     return train_pairs, eval_pairs
 
 
-def is_main_process() -> bool:
-    """Rank 0 (or no launcher): the only process that writes the run dir."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def prepare_run_dir(cfg: Config) -> Path:
-    if cfg.train.resume:
-        run_dir = Path(cfg.train.run_dir)
-        if not (run_dir / "config.yaml").is_file():
-            raise TrainingError(f"train.resume=true: {str(run_dir)!r} holds no run (config.yaml); check train.run_dir")
-        check_disk_space(run_dir, cfg)
-        return run_dir
-    if not cfg.train.run_dir:
-        cfg.train.run_dir = str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    run_dir = Path(cfg.train.run_dir)
-    if not is_main_process():
-        return run_dir
-    if (run_dir / "metrics.jsonl").exists() and not cfg.train.overwrite:
-        raise TrainingError(
-            f"train.run_dir={str(run_dir)!r} already holds a run (metrics.jsonl). "
-            "Fix: choose another run_dir or set train.overwrite=true."
-        )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    except OSError as err:
-        raise TrainingError(f"train.run_dir={str(run_dir)!r} is not writable: {err}") from err
-    check_disk_space(run_dir, cfg)
-    return run_dir
-
-
-def check_disk_space(run_dir: Path, cfg: Config) -> None:
-    """Refuse to start when the run dir's disk cannot hold even one checkpoint (a rough lower bound:
-    the weights file for full fine-tuning, and optimizer states twice that)."""
-    import shutil
-
-    free = shutil.disk_usage(run_dir).free
-    needed = 64 * 2**20
-    if not cfg.lora.enabled and (cfg.train.checkpoint_every or cfg.train.save_final):
-        model_dir = Path(models.resolve_model_path(cfg.model.name))
-        weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) if model_dir.is_dir() else 0
-        needed += 3 * weights
-    if free < needed:
-        raise TrainingError(
-            f"train.run_dir={str(run_dir)!r}: {free / 2**20:.0f} MiB free on its disk, a checkpoint needs about "
-            f"{needed / 2**20:.0f} MiB. Fix: free space or choose a run_dir on another disk."
-        )
-
-
 def non_finite_message(loss: float, grad_norm: float, step: int, cfg: Config, last_good: Path | None) -> str:
     kept = f"the last good weights (after step {step - 1}) are in {last_good}" if last_good else "nothing was saved"
     return (
@@ -483,23 +392,6 @@ def non_finite_message(loss: float, grad_norm: float, step: int, cfg: Config, la
         "log-prob scale, an empty or fully truncated completion, or bf16 overflow. Fix: lower train.lr, lower "
         "loss.beta, check the data with `dpokit data check`, or set train.bf16=false."
     )
-
-
-def write_summary(run_dir: Path, history, initial_eval, final_eval, ckpt, wall_s: float, stopped: str, guards=None) -> None:
-    summary = {
-        "steps": len(history),
-        "stopped": stopped,
-        "warnings": guards.warnings if guards else [],
-        "best_eval_margin": guards.best if guards else None,
-        "best_eval_step": guards.best_step if guards else None,
-        "final_train": history[-1] if history else None,
-        "initial_eval": initial_eval,
-        "final_eval": final_eval,
-        "checkpoint": str(ckpt) if ckpt else None,
-        "wall_s": wall_s,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def _mean_reduce(accelerator):

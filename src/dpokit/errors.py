@@ -1,0 +1,5 @@
+"""Errors that stop a run with a message saying what to change."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, unusable run dir, ...); the message says what to change."""
