@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import tiny_run_overrides
 from dpokit.batching import collate_padded
 from dpokit.cli import main
 from dpokit.config import load_config
@@ -23,22 +24,17 @@ REQUIRED = ("step", "epoch", *PAIR_KEYS, "lr", "grad_norm", "tokens_per_s")
 def tiny_cfg(tmp_path, model_dir, *overrides):
     return load_config(
         None,
-        [
-            f"model.name={model_dir}",
-            "data.train=builtin:demo",
+        tiny_run_overrides(
+            model_dir,
+            tmp_path / "run",
+            "data.limit=0",
             "data.eval_fraction=0.1",
             "data.max_length=192",
             "data.max_prompt_length=96",
-            "lora.r=4",
-            "train.batch_size=4",
-            "train.max_steps=3",
-            "train.lr=1e-3",
-            "train.device=cpu",
-            "train.progress=false",
-            f"train.run_dir={tmp_path / 'run'}",
+            "train.save_final=true",
             "eval.batch_size=32",
             *overrides,
-        ],
+        ),
     )
 
 
