@@ -15,8 +15,13 @@ KEYS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/marg
 
 @pytest.mark.parametrize(
     "lora, extra",
-    [("true", []), ("false", []), ("true", ["train.precompute_ref=true", "train.packing=true", "train.prefix_sharing=true"])],
-    ids=["lora-adapter-ref", "full-frozen-copy", "lora-cached-ref-packed"],
+    [
+        ("true", []),
+        ("false", []),
+        ("true", ["train.precompute_ref=true", "train.packing=true", "train.prefix_sharing=true"]),
+        ("true", ["eval.batch_size=8"]),  # 8 eval pairs: process 1 gets no eval batch at all
+    ],
+    ids=["lora-adapter-ref", "full-frozen-copy", "lora-cached-ref-packed", "lora-one-process-without-eval-batch"],
 )
 def test_two_processes_match_one(tmp_path, tiny_model_dir, lora, extra):
     lr = "train.lr=1e-3" if lora == "true" else "train.lr=1e-4"

@@ -36,7 +36,7 @@ def model(tiny_model_dir):
 
 def seq_logps_and_grads(model, batch):
     model.zero_grad()
-    tok = CompletionLogps(model)(batch.input_ids, batch.position_ids, batch.attention_mask, batch.pred_index, batch.target_ids)
+    tok = CompletionLogps(model)(*batch.model_args)
     seq = sum_by_sequence(tok, batch.seq_index, batch.num_seqs)
     (seq * torch.linspace(0.5, 1.5, seq.numel())).sum().backward()
     return seq.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}

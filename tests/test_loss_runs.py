@@ -87,7 +87,7 @@ def test_kto_refuses_paired_data_and_dpo_refuses_unpaired(tmp_path, tiny_model_d
 def test_reference_free_losses_build_and_run_no_reference(tmp_path, tiny_model_dir, monkeypatch, name, lora):
     created, ref_calls, policy_calls = [], [], []
     real_forward = CompletionLogps.forward
-    for cls in (reference_module.AdapterReference, reference_module.FrozenCopyReference, reference_module.InitialPolicyReference):
+    for cls in (reference_module.PolicyReference, reference_module.FrozenCopyReference):
         real_init = cls.__init__
         monkeypatch.setattr(cls, "__init__", lambda self, *a, _init=real_init, **k: created.append(1) or _init(self, *a, **k))
         monkeypatch.setattr(cls, "sequence_logps", lambda *a, **k: ref_calls.append(1))
@@ -105,8 +105,8 @@ def test_reference_free_losses_build_and_run_no_reference(tmp_path, tiny_model_d
 
 def test_dpo_runs_one_reference_pass_per_micro_batch(tmp_path, tiny_model_dir, monkeypatch):
     calls = []
-    real = reference_module.AdapterReference.sequence_logps
-    monkeypatch.setattr(reference_module.AdapterReference, "sequence_logps", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    real = reference_module.PolicyReference.sequence_logps
+    monkeypatch.setattr(reference_module.PolicyReference, "sequence_logps", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     cli_run(tmp_path, tiny_model_dir, "builtin:demo", "data.eval_fraction=0", "train.grad_accum=2")
     assert len(calls) == 4
 
@@ -159,3 +159,23 @@ def test_bad_combinations_are_refused_up_front(overrides, fragment):
     with pytest.raises(ConfigError) as info:
         load_config(None, ["data.train=x.jsonl", *overrides])
     assert fragment in str(info.value)
+
+
+def test_evaluation_does_not_move_the_bco_baseline():
+    from dpokit.objective import Objective
+
+    objective = Objective(load_config(None, ["data.train=x", "loss.type=bco_pair"]).loss)
+    batch = collate_padded([TokenizedPair([1], [2, 3], [4])], pad_id=0)
+
+    class ZeroReference:
+        def sequence_logps(self, b, token_weights=None):
+            return torch.zeros(b.num_seqs)
+
+    def policy(*args, **kwargs):  # every completion token has log-prob -0.5
+        return torch.full((args[3].numel(),), -0.5, requires_grad=torch.is_grad_enabled())
+
+    objective(policy, ZeroReference(), batch)  # training: rewards 0.1 * [-1, -0.5] -> mean -0.075
+    assert objective.bco.count == 1 and objective.bco.value == pytest.approx(-0.075)
+    with torch.no_grad():  # evaluation reads the baseline without moving it
+        objective(policy, ZeroReference(), batch)
+    assert objective.bco.count == 1

@@ -110,7 +110,7 @@ def test_lora_checkpoint_reloads_with_peft_and_same_logps(tmp_path, tiny_model_d
 
     def seq_logps(model):
         with torch.no_grad():
-            tok = CompletionLogps(model.eval())(batch.input_ids, batch.position_ids, batch.attention_mask, batch.pred_index, batch.target_ids)
+            tok = CompletionLogps(model.eval())(*batch.model_args)
         return sum_by_sequence(tok, batch.seq_index, batch.num_seqs)
 
     trained, loaded = seq_logps(result.model), seq_logps(reloaded)

@@ -57,6 +57,11 @@ class Batch:
         """(S,) completion tokens per sequence."""
         return torch.bincount(self.seq_index, minlength=self.num_seqs)
 
+    @property
+    def model_args(self) -> tuple[torch.Tensor, ...]:
+        """The positional inputs of `CompletionLogps.forward`."""
+        return self.input_ids, self.position_ids, self.attention_mask, self.pred_index, self.target_ids
+
     def to(self, device: torch.device | str) -> Batch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return Batch(**moved)

@@ -31,11 +31,13 @@ class PairMetrics:
     """
 
     def __init__(self):
-        self.sums: dict[str, float] = {}
+        # sums stay on the device (detached, float64): no host sync per metric per micro-batch
+        self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
 
     def _add(self, key: str, values: torch.Tensor) -> None:
-        self.sums[key] = self.sums.get(key, 0.0) + float(values.detach().double().sum())
+        total = values.detach().double().sum()
+        self.sums[key] = self.sums[key] + total if key in self.sums else total
         self.counts[key] = self.counts.get(key, 0) + values.numel()
 
     def add(self, out: LossOutput, extras: dict[str, torch.Tensor]) -> None:
@@ -53,14 +55,28 @@ class PairMetrics:
     def pairs(self) -> int:
         return self.counts.get("loss", 0)
 
-    def compute(self, reduce=None, prefix: str = "") -> dict[str, float]:
-        """Means per example. `reduce` sums a tensor over ranks (e.g. accelerator.reduce with 'sum')."""
-        keys = sorted(self.sums)  # the same keys on every rank: they depend only on the config
-        totals = torch.tensor([self.sums[k] for k in keys] + [float(self.counts[k]) for k in keys], dtype=torch.float64)
-        if reduce is not None:
-            totals = reduce(totals)
+    def compute(self, accelerator=None, prefix: str = "") -> dict[str, float]:
+        """Means per example, summed over every process first when `accelerator` runs several.
+
+        A process may have seen no example of a kind (or no eval batch at all), so the keys are the union
+        over processes and a missing one counts as 0 / 0 there.
+        """
+        keys = sorted(self.sums)
+        distributed = accelerator is not None and accelerator.num_processes > 1
+        if distributed:
+            from accelerate.utils import gather_object
+
+            keys = sorted({k for ks in gather_object([keys]) for k in ks})
+        device = accelerator.device if accelerator is not None else "cpu"
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        sums = [self.sums[k].to(device) if k in self.sums else zero for k in keys]
+        counts = torch.tensor([float(self.counts.get(k, 0)) for k in keys], dtype=torch.float64, device=device)
+        totals = torch.cat([torch.stack(sums), counts]) if keys else counts
+        if distributed:
+            totals = accelerator.reduce(totals, reduction="sum")
+        values = totals.tolist()  # the one host sync of the step
         n = len(keys)
-        means = {k: s / c for k, s, c in zip(keys, totals[:n].tolist(), totals[n:].tolist(), strict=True) if c > 0}
+        means = {k: s / c for k, s, c in zip(keys, values[:n], values[n:], strict=True) if c > 0}
         if "rewards/margins" not in means and "rewards/chosen" in means and "rewards/rejected" in means:
             means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
         ordered = [k for k in PAIR_KEYS if k in means] + [k for k in sorted(means) if k not in PAIR_KEYS]

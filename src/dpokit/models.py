@@ -224,13 +224,3 @@ def add_lora(model, r: int, alpha: float, dropout: float, target_modules: list[s
         # peft still calls transformers' deprecated `is_gradient_checkpointing`; nothing for users to act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, config)
-
-
-def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The transformer body (input ids -> final hidden states) and the output projection of a causal LM.
-
-    Works through a PEFT wrapper: LoRA layers are injected in place, so calling the inner body still
-    applies them (and `disable_adapter()` still switches them off).
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()

@@ -17,15 +17,19 @@ from dpokit.losses import LOSSES, LossOutput, PairLogps, UnpairedLogps, combine
 
 
 class RunningMean:
-    """Count-weighted mean of every value seen (BCO's reward baseline delta)."""
+    """BCO's reward baseline delta: the mean of every training micro-batch's mean reward so far."""
 
     def __init__(self):
         self.total, self.count = 0.0, 0
 
-    def update(self, values: torch.Tensor) -> float:
-        self.total += float(values.sum())
-        self.count += values.numel()
+    def update(self, value: float) -> float:
+        self.total += value
+        self.count += 1
         return self.total / self.count
+
+    @property
+    def value(self) -> float:
+        return self.total / self.count if self.count else 0.0
 
 
 def ld_token_weights(batch: Batch, alpha: float) -> torch.Tensor:
@@ -73,9 +77,11 @@ class Objective:
         P, cfg = batch.num_pairs, self.cfg
         token_w = ld_token_weights(batch, cfg.ld_alpha) if cfg.ld_alpha != 1.0 else None
         ref = reference.sequence_logps(batch, token_w) if self.needs_reference else None
-        args = (batch.input_ids, batch.position_ids, batch.attention_mask, batch.pred_index, batch.target_ids)
-        tok = policy(*args, with_sq=True) if cfg.use_weighting else policy(*args)
-        tok, log_sum_sq = tok if cfg.use_weighting else (tok, None)
+        log_sum_sq = None
+        if cfg.use_weighting:
+            tok, log_sum_sq = policy(*batch.model_args, with_sq=True)
+        else:
+            tok = policy(*batch.model_args)
         seq = sum_by_sequence(tok if token_w is None else tok * token_w, batch.seq_index, batch.num_seqs)
         lengths = batch.completion_lengths()
         x = PairLogps(
@@ -88,8 +94,12 @@ class Objective:
         )
         params = self.params
         if self.bco is not None:
-            rewards = cfg.beta * torch.cat([x.policy_chosen - x.ref_chosen, x.policy_rejected - x.ref_rejected])
-            params = {**params, "bco_delta": self.bco.update(self.reduce_mean(rewards.detach().mean()).reshape(1))}
+            # only training batches move the baseline: evaluation reads it (it runs under no_grad)
+            delta = self.bco.value
+            if torch.is_grad_enabled():
+                rewards = cfg.beta * torch.cat([x.policy_chosen - x.ref_chosen, x.policy_rejected - x.ref_rejected])
+                delta = self.bco.update(float(self.reduce_mean(rewards.detach().mean())))
+            params = {**params, "bco_delta": delta}
         out = combine(self.names, self.weights, x, params)
         if log_sum_sq is not None:
             out.losses = out.losses * wpo_weights(tok, log_sum_sq, batch)
@@ -101,18 +111,10 @@ class Objective:
         return out, extras
 
     def unpaired_loss(self, policy, reference, targets: Batch, mismatched: Batch):
-        args = (targets.input_ids, targets.position_ids, targets.attention_mask, targets.pred_index, targets.target_ids)
         ref = reference.sequence_logps(targets)
-        pol = sum_by_sequence(policy(*args), targets.seq_index, targets.num_seqs)
+        pol = sum_by_sequence(policy(*targets.model_args), targets.seq_index, targets.num_seqs)
         with torch.no_grad():  # the KL baseline is a detached estimate (KTO, sec. 4.1)
-            kl_args = (
-                mismatched.input_ids,
-                mismatched.position_ids,
-                mismatched.attention_mask,
-                mismatched.pred_index,
-                mismatched.target_ids,
-            )
-            kl_pol = sum_by_sequence(policy(*kl_args), mismatched.seq_index, mismatched.num_seqs)
+            kl_pol = sum_by_sequence(policy(*mismatched.model_args), mismatched.seq_index, mismatched.num_seqs)
             kl = self.reduce_mean((kl_pol - reference.sequence_logps(mismatched)).mean())
         x = UnpairedLogps(pol, ref, targets.labels, kl, targets.completion_lengths())
         out = combine(self.names, self.weights, x, self.params)

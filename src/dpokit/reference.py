@@ -1,7 +1,7 @@
 """The reference policy pi_ref, handled in one place: always under no_grad, always with dropout off.
 
 Strategies (each has `sequence_logps(batch, token_weights=None) -> (S,)`):
-- `AdapterReference`: LoRA training; the same network with the adapters switched off (no second copy);
+- `PolicyReference`: LoRA training; the same network with the adapters switched off (no second copy);
 - `FrozenCopyReference`: full fine-tuning; a frozen copy of the starting weights;
 - `CachedReference`: log-probs precomputed once before training (`train.precompute_ref`) and looked up by
   example id; stored on disk under a key of the model weights, the tokenized data and the settings that
@@ -46,24 +46,22 @@ def unwrap(module: nn.Module) -> CompletionLogps:
     return module
 
 
-def _model_args(batch: Batch):
-    return batch.input_ids, batch.position_ids, batch.attention_mask, batch.pred_index, batch.target_ids
-
-
 def _sum(tok: torch.Tensor, batch: Batch, token_weights: torch.Tensor | None) -> torch.Tensor:
     return sum_by_sequence(tok if token_weights is None else tok * token_weights, batch.seq_index, batch.num_seqs)
 
 
-class AdapterReference:
-    """pi_ref = the trained network with its LoRA adapters disabled."""
+class PolicyReference:
+    """pi_ref = the trained network itself, with its LoRA adapters switched off (`adapters_off`), or as it
+    is: valid only before its first update (used to fill the cache in full fine-tuning without a copy)."""
 
-    def __init__(self, policy: nn.Module):
-        self.policy = policy
+    def __init__(self, policy: nn.Module, adapters_off: bool = True):
+        self.policy, self.adapters_off = policy, adapters_off
 
     @torch.no_grad()
     def sequence_logps(self, batch: Batch, token_weights: torch.Tensor | None = None) -> torch.Tensor:
-        with eval_mode(self.policy), unwrap(self.policy).model.disable_adapter():
-            return _sum(self.policy(*_model_args(batch)), batch, token_weights)
+        off = unwrap(self.policy).model.disable_adapter() if self.adapters_off else contextlib.nullcontext()
+        with eval_mode(self.policy), off:
+            return _sum(self.policy(*batch.model_args), batch, token_weights)
 
 
 class FrozenCopyReference:
@@ -76,20 +74,7 @@ class FrozenCopyReference:
 
     @torch.no_grad()
     def sequence_logps(self, batch: Batch, token_weights: torch.Tensor | None = None) -> torch.Tensor:
-        return _sum(self.frozen(*_model_args(batch)), batch, token_weights)
-
-
-class InitialPolicyReference:
-    """The policy itself, valid only before its first update (used to fill a cache without a copy)."""
-
-    def __init__(self, policy: nn.Module, lora: bool = False):
-        self.policy, self.lora = policy, lora
-
-    @torch.no_grad()
-    def sequence_logps(self, batch: Batch, token_weights: torch.Tensor | None = None) -> torch.Tensor:
-        adapters_off = unwrap(self.policy).model.disable_adapter() if self.lora else contextlib.nullcontext()
-        with eval_mode(self.policy), adapters_off:
-            return _sum(self.policy(*_model_args(batch)), batch, token_weights)
+        return _sum(self.frozen(*batch.model_args), batch, token_weights)
 
 
 class CachedReference:

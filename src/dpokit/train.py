@@ -32,10 +32,9 @@ from dpokit.metrics import MetricsWriter, PairMetrics, StepReporter, read_metric
 from dpokit.objective import Objective, ld_token_weights
 from dpokit.optim import build_optimizer, build_scheduler
 from dpokit.reference import (
-    AdapterReference,
     CachedReference,
     FrozenCopyReference,
-    InitialPolicyReference,
+    PolicyReference,
     cache_key,
     eval_mode,
     load_or_compute,
@@ -127,9 +126,7 @@ def train(cfg: Config) -> RunResult:
     # Built before any update (and before a resumed run loads its weights), so every strategy sees
     # exactly the starting policy.
     train_ref, eval_ref = make_references(s, policy)
-    steps_per_epoch = math.ceil(
-        math.ceil(len(s.train_examples) / cfg.train.batch_size) / (cfg.train.grad_accum * accelerator.num_processes)
-    )
+    steps_per_epoch = epoch_steps(len(s.train_examples), cfg.train, accelerator.num_processes)
     t, e = cfg.train, cfg.eval
     guards = Guards(t.drift_warn, t.flat_window, t.flat_min_delta, e.patience, e.min_delta)
     start_step, history, initial_eval = 0, [], None
@@ -164,7 +161,7 @@ def train(cfg: Config) -> RunResult:
             lr = scheduler.get_last_lr()[0]
             sums, tokens = accumulate_gradients(s, policy, train_ref, micro_batches)
             grad_norm = float(accelerator.clip_grad_norm_(policy.parameters(), t.max_grad_norm or math.inf))
-            record = {"step": step, "epoch": step / steps_per_epoch, **sums.compute(_sum_reduce(accelerator))}
+            record = {"step": step, "epoch": step / steps_per_epoch, **sums.compute(accelerator)}
             if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
                 # the update is not applied: the weights are still those of the last good step
                 last_good = save(step - 1, name=f"step-{step - 1}-last-good")
@@ -259,9 +256,9 @@ def make_references(s: Session, policy):
     if not s.objective.needs_reference:
         return None, None
     if not cfg.train.precompute_ref:
-        ref = AdapterReference(policy) if cfg.lora.enabled else FrozenCopyReference(policy)
+        ref = PolicyReference(policy) if cfg.lora.enabled else FrozenCopyReference(policy)
         return ref, ref
-    initial = InitialPolicyReference(policy, lora=cfg.lora.enabled)
+    initial = PolicyReference(policy, adapters_off=cfg.lora.enabled)
     token_weights = (lambda b: ld_token_weights(b, cfg.loss.ld_alpha)) if cfg.loss.ld_alpha != 1.0 else None
     refs = []
     for name, examples in (("train", s.train_examples), ("eval", s.eval_examples)):
@@ -296,17 +293,33 @@ def evaluate(policy, reference, objective: Objective, examples: list, collate, p
     """Held-out metrics (`eval/` keys), dropout off, averaged over every example."""
     sums = PairMetrics()
     size, rank, world = cfg.eval.batch_size, accelerator.process_index, accelerator.num_processes
+    n_batches = math.ceil(len(examples) / size)
     with eval_mode(policy):
-        for start in range(rank * size, len(examples), size * world):  # each process a share of the batches
+        # Process r takes batches r, r + world, ...; every process runs the same number of forwards, because
+        # a DDP forward is a collective (it broadcasts buffers) even under no_grad. A process out of batches
+        # recomputes batch 0 and drops the result.
+        for b in range(rank, math.ceil(n_batches / world) * world, world):
+            start = (b if b < n_batches else 0) * size
             stop = min(start + size, len(examples))
             batch = to_device(collate(examples[start:stop], pad_id, ids=list(range(start, stop))), accelerator.device)
             out, extras = objective(policy, reference, batch)
-            sums.add(out, extras)
-    return sums.compute(_sum_reduce(accelerator), prefix="eval/")
+            if b < n_batches:
+                sums.add(out, extras)
+    return sums.compute(accelerator, prefix="eval/")
 
 
 def to_device(batch, device):
     return tuple(b.to(device) for b in batch) if isinstance(batch, tuple) else batch.to(device)
+
+
+def epoch_micro_batches(num_pairs: int, tc, world: int) -> int:
+    """Micro-batches used per epoch: all of them with one process; a multiple of `world` with several."""
+    n = math.ceil(num_pairs / tc.batch_size)
+    return n - n % world if world > 1 else n
+
+
+def epoch_steps(num_pairs: int, tc, world: int = 1) -> int:
+    return math.ceil(epoch_micro_batches(num_pairs, tc, world) / (tc.grad_accum * world))
 
 
 def step_schedule(num_pairs: int, tc, world: int = 1) -> Iterator[list[list[int]]]:
@@ -318,14 +331,12 @@ def step_schedule(num_pairs: int, tc, world: int = 1) -> Iterator[list[list[int]
     one are left out, so no process waits on a collective the others never reach.
     """
     per_step = tc.grad_accum * world
-    steps_per_epoch = math.ceil(math.ceil(num_pairs / tc.batch_size) / per_step)
-    total = tc.max_steps or math.ceil(tc.epochs * steps_per_epoch)
+    total = tc.max_steps or math.ceil(tc.epochs * epoch_steps(num_pairs, tc, world))
     emitted, epoch = 0, 0
     while emitted < total:
         order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(tc.seed + epoch)).tolist()
         micro = [order[i : i + tc.batch_size] for i in range(0, num_pairs, tc.batch_size)]
-        if world > 1:
-            micro = micro[: len(micro) - len(micro) % world]
+        micro = micro[: epoch_micro_batches(num_pairs, tc, world)]
         for i in range(0, len(micro), per_step):
             if emitted == total:
                 return
@@ -398,9 +409,3 @@ def _mean_reduce(accelerator):
     if accelerator.num_processes == 1:
         return None
     return lambda t: accelerator.reduce(t.to(accelerator.device), reduction="mean")
-
-
-def _sum_reduce(accelerator):
-    if accelerator.num_processes == 1:
-        return None
-    return lambda t: accelerator.reduce(t.to(accelerator.device), reduction="sum").cpu()
