@@ -46,7 +46,7 @@ def test_every_shared_file_checks_cleanly(shared_data):
     assert len(files) == 7
     for path in files:
         report = check_file(str(path))
-        assert report["valid"] > 0 and report["seconds"] < 30, path
+        assert report["valid"] > 0 and report["records"] >= report["valid"], path
 
 
 def test_synthetic_set_triggers_each_finding(tmp_path):

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -78,6 +78,8 @@ class Session:
     pad_id: int
     weights_key: str | None = None
     """Fingerprint of the reference weights, computed once (keys the reference cache)."""
+    ref_cache_paths: list[Path] = field(default_factory=list)
+    """Where make_references read or wrote the cached reference log-probs (train, eval)."""
 
 
 def setup(cfg: Config, run_dir: Path | None) -> Session:
@@ -247,7 +249,7 @@ def precompute_reference(cfg: Config) -> list[Path]:
     s = setup(cfg, None)
     policy = s.accelerator.prepare(s.policy)
     make_references(s, policy)
-    return [ref_cache_path(s, policy, examples) for examples in (s.train_examples, s.eval_examples)]
+    return s.ref_cache_paths
 
 
 def make_references(s: Session, policy):
@@ -263,6 +265,7 @@ def make_references(s: Session, policy):
     refs = []
     for name, examples in (("train", s.train_examples), ("eval", s.eval_examples)):
         path = ref_cache_path(s, policy, examples)
+        s.ref_cache_paths.append(path)
         table, reused = load_or_compute(
             path,
             lambda ex=examples: precompute_table(

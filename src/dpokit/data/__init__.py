@@ -25,6 +25,8 @@ __all__ = [
     "PreferenceExample",
     "UnpairedExample",
     "load_examples",
+    "normalize_records",
+    "reason_of",
     "resolve_data_path",
     "split_by_prompt",
     "split_implicit_prompt",
@@ -74,26 +76,7 @@ def load_examples(
     `skip_invalid`, in which case they are skipped and counted by reason in the returned stats.
     """
     path = resolve_data_path(spec)
-    stats = LoadStats()
-    examples: list = []
-    to_example = normalize_unpaired if unpaired else normalize
-    errors: list[DataError] = []
-    for item in read_records(path):
-        stats.records += 1
-        try:
-            if isinstance(item, DataError):
-                raise item
-            example = to_example(item.where, item.value)
-        except DataError as err:
-            errors.append(err)
-            stats.skipped += 1
-            stats.skip_reasons[_reason(err)] += 1
-            if len(stats.first_errors) < MAX_LISTED_ERRORS:
-                stats.first_errors.append(str(err))
-            continue
-        stats.valid += 1
-        stats.formats[example.format] += 1
-        examples.append(example)
+    examples, errors, stats = normalize_records(read_records(path), unpaired)
     if errors and not skip_invalid:
         listed = "\n".join(f"  {e}" for e in errors[:MAX_LISTED_ERRORS])
         more = f"\n  ... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
@@ -109,7 +92,32 @@ def load_examples(
     return examples, stats
 
 
-def _reason(err: DataError) -> str:
+def normalize_records(records, unpaired: bool = False) -> tuple[list, list[DataError], LoadStats]:
+    """Normalize raw records (and DataErrors from the reader) into examples; errors are kept and counted."""
+    stats = LoadStats()
+    to_example = normalize_unpaired if unpaired else normalize
+    examples, errors = [], []
+    for item in records:
+        stats.records += 1
+        try:
+            if isinstance(item, DataError):
+                raise item
+            example = to_example(item.where, item.value)
+        except DataError as err:
+            errors.append(err)
+            stats.skipped += 1
+            stats.skip_reasons[reason_of(err)] += 1
+            if len(stats.first_errors) < MAX_LISTED_ERRORS:
+                stats.first_errors.append(str(err))
+            continue
+        stats.valid += 1
+        stats.formats[example.format] += 1
+        examples.append(example)
+    return examples, errors, stats
+
+
+def reason_of(err: DataError) -> str:
+    """A record error without its location: `field: what`, the key used to count skips by reason."""
     field_name = (err.field or "record").split("[")[0]
     msg = err.message.split(" (")[0].split(";")[0]
     return f"{field_name}: {msg}"[:80]

@@ -15,6 +15,7 @@ Measures (all per pair, over the valid pairs):
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
@@ -23,8 +24,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from dpokit.data import resolve_data_path
-from dpokit.data.formats import normalize, normalize_unpaired
+from dpokit.data import normalize_records, resolve_data_path
 from dpokit.data.readers import DataError, read_records
 
 WORD = re.compile(r"\w+|[^\w\s]")
@@ -58,31 +58,26 @@ def _quantiles(values: list[float]) -> dict:
 
 
 def _histogram(values: list[float], edges=SIMILARITY_BINS) -> dict:
-    counts = Counter()
+    """Counts per bin [lo, hi); the last bin is closed so that 1.0 counts."""
+    labels = [f"[{lo}, {hi})" for lo, hi in zip(edges, edges[1:], strict=False)]
+    labels[-1] = labels[-1][:-1] + "]"
+    counts = dict.fromkeys(labels, 0)
     for v in values:
-        for lo, hi in zip(edges, edges[1:], strict=False):
-            if lo <= v < hi or (hi == edges[-1] and v == hi):
-                counts[f"[{lo}, {hi}{']' if hi == edges[-1] else ')'}"] += 1
-                break
-    return {f"[{lo}, {hi}{']' if hi == edges[-1] else ')'}": counts.get(f"[{lo}, {hi}{']' if hi == edges[-1] else ')'}", 0)
-            for lo, hi in zip(edges, edges[1:], strict=False)}
+        i = min(bisect.bisect_right(edges, v) - 1, len(labels) - 1)
+        if i >= 0:
+            counts[labels[i]] += 1
+    return counts
 
 
 def _read(path: Path):
-    """Normalized examples (paired, or unpaired when the file holds completion/label records) + invalid."""
+    """Normalized examples (paired, or unpaired when most records are completion/label ones) + stats."""
     records = list(read_records(path))
-    unpaired = sum(1 for r in records if not isinstance(r, DataError) and isinstance(r.value, dict) and "label" in r.value
-                   and "chosen" not in r.value) > len(records) / 2
-    to_example = normalize_unpaired if unpaired else normalize
-    examples, invalid = [], []
-    for item in records:
-        try:
-            if isinstance(item, DataError):
-                raise item
-            examples.append(to_example(item.where, item.value))
-        except DataError as err:
-            invalid.append(err)
-    return examples, invalid, unpaired, len(records)
+    unpaired = sum(
+        1 for r in records if not isinstance(r, DataError) and isinstance(r.value, dict)
+        and "label" in r.value and "chosen" not in r.value
+    ) > len(records) / 2
+    examples, _, stats = normalize_records(records, unpaired)
+    return examples, stats, unpaired
 
 
 def check_file(
@@ -95,16 +90,15 @@ def check_file(
     """The full report as a JSON-ready dict (see the module docstring for every measure)."""
     started = time.perf_counter()
     path = resolve_data_path(spec)
-    examples, invalid, unpaired, n_records = _read(path)
-    reasons = Counter(f"{e.field or 'record'}: {e.message.split(' (')[0].split(';')[0]}" for e in invalid)
+    examples, stats, unpaired = _read(path)
     report = {
         "file": str(path),
-        "records": n_records,
-        "valid": len(examples),
+        "records": stats.records,
+        "valid": stats.valid,
         "kind": "unpaired" if unpaired else "paired",
-        "formats": dict(Counter(e.format for e in examples)),
-        "invalid": {"count": len(invalid), "reasons": dict(reasons), "first": [str(e) for e in invalid[:20]]},
-        "empty_completions": sum(n for r, n in reasons.items() if "empty completion" in r),
+        "formats": dict(stats.formats),
+        "invalid": {"count": stats.skipped, "reasons": dict(stats.skip_reasons), "first": stats.first_errors},
+        "empty_completions": sum(n for r, n in stats.skip_reasons.items() if "empty completion" in r),
     }
     prompts = Counter(json.dumps(e.prompt, ensure_ascii=False) for e in examples)
     report["repeated_prompts"] = {"prompts": sum(1 for c in prompts.values() if c > 1),
