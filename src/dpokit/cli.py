@@ -11,8 +11,9 @@ from dpokit.config import ConfigError, help_text, load_config
 from dpokit.data import DataError
 from dpokit.errors import TrainingError
 from dpokit.models import ModelLoadError
+from dpokit.rewards import RewardError
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrainingError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrainingError, FileNotFoundError, RewardError)
 
 
 def _dotted_flags(extra: list[str]) -> tuple[list[str], list[str]]:
@@ -80,8 +81,44 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--rebalance-length", action="store_true")
     f.add_argument("--skip-invalid", action="store_true")
     f.add_argument("--seed", type=int, default=0)
-    d = sub.add_parser("demo", help="DPO with LoRA on the embedded SmolLM2-135M-Instruct (the main job)")
-    d.add_argument("overrides", nargs="*", help="dotted overrides on top of the demo settings")
+    d = sub.add_parser(
+        "demo",
+        help="the DPO paper's sentiment experiment on the embedded SmolLM2-135M-Instruct (the main job)",
+        description="Sample review continuations, label pairs by VADER sentiment, train DPO with LoRA, and compare "
+        "reward and KL of policy and reference on held-out prompts; writes RUN_DIR/report.html.",
+    )
+    d.add_argument("overrides", nargs="*", help="dotted training overrides on top of the demo settings, e.g. loss.beta=0.2")
+    d.add_argument("--sweep", action="store_true", help="also several betas, preferred-FT and best-of-N: the reward-vs-KL frontier")
+    d.add_argument("--run-dir", help="output folder (default runs/demo-<time>)")
+    d.add_argument("--train-prompts", type=int, default=None, help="training prompts (two samples each)")
+    d.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts")
+    e = sub.add_parser(
+        "eval",
+        help="held-out preference metrics, and reward / win rate / KL of sampled completions vs the reference",
+        formatter_class=fmt,
+        epilog="Reward specs: vader, vader:full, length, length:words, length:tokens=MODEL, keywords:great,-awful,\n"
+        "regex:PATTERN, model:PATH[@LABEL] (a sequence-classification folder), package.module:function.",
+    )
+    e.add_argument("target", help="a run dir (its final checkpoint vs its config's model) or a model (needs --ref)")
+    e.add_argument("--data", help="preference file: accuracy, margins, log-ratios, KL of the chosen completions")
+    e.add_argument("--prompts", help="prompt file (records with a `prompt`) or builtin:reviews; default: the prompts of --data")
+    e.add_argument("--split", help="keep only prompt records whose `split` field equals this (e.g. eval)")
+    e.add_argument("--reward", help="score completions sampled from policy and reference with this reward")
+    e.add_argument("--ref", help="reference model (default: the run's starting model)")
+    e.add_argument("--num-prompts", type=int, default=64, help="prompts to sample on (0 = all)")
+    e.add_argument("--samples", type=int, default=2, help="completions per prompt from each model")
+    e.add_argument("--max-new-tokens", type=int, default=48)
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--top-p", type=float, default=1.0)
+    e.add_argument("--batch-size", type=int, default=32, help="sequences per generation batch / pairs per scoring batch")
+    e.add_argument("--max-length", type=int, default=1024)
+    e.add_argument("--max-prompt-length", type=int, default=512)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: as trained)")
+    e.add_argument("--out", help="folder for eval.json and eval_samples.jsonl (default: the run dir, else ./eval-<time>)")
+    rp = sub.add_parser("report", help="write RUN_DIR/report.html: one self-contained page (works offline)")
+    rp.add_argument("run_dir")
+    rp.add_argument("--out", help="output file (default RUN_DIR/report.html)")
     return parser
 
 
@@ -119,10 +156,19 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "data":
             run_data_command(args)
         elif args.command == "demo":
-            from dpokit.demo import run_demo, summary_lines
+            from dpokit.demo import DemoSettings, run_demo, summary_lines
 
-            result = run_demo(list(args.overrides) + flags)
+            ds = DemoSettings()
+            ds.train_prompts = args.train_prompts or ds.train_prompts
+            ds.eval_prompts = args.eval_prompts or ds.eval_prompts
+            result = run_demo(list(args.overrides) + flags, sweep=args.sweep, run_dir=args.run_dir, settings=ds)
             print("\n".join(summary_lines(result)))
+        elif args.command == "eval":
+            run_eval_command(args)
+        elif args.command == "report":
+            from dpokit.report import write_report
+
+            print(f"report: {write_report(args.run_dir, args.out)}")
     except USER_ERRORS as err:
         print(f"dpokit {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -156,6 +202,45 @@ def launch_data_parallel(n: int, argv: list[str]) -> int:
     threads = max(1, (os.cpu_count() or 1) // n)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     return subprocess.call([*cmd, "-m", "dpokit.cli", *rest], env=env)
+
+
+def run_eval_command(args) -> None:
+    import json
+    from datetime import datetime
+    from pathlib import Path
+
+    from dpokit.evaluation import (
+        generation_metrics,
+        load_for_eval,
+        load_prompts,
+        preference_metrics,
+        write_results,
+    )
+    from dpokit.generate import SamplingSettings
+    from dpokit.rewards import get_reward
+
+    if not args.data and not args.reward:
+        raise FileNotFoundError("nothing to evaluate: give --data (preference pairs) and/or --reward (with prompts)")
+    reward = get_reward(args.reward) if args.reward else None  # a bad spec fails before any model loads
+    pr = load_for_eval(args.target, args.ref, bf16=args.bf16)
+    results: dict = {"target": pr.source, "reference": args.ref or "the run's starting model"}
+    records = None
+    if args.data:
+        results["preference"] = preference_metrics(pr, args.data, args.max_length, args.max_prompt_length, args.batch_size)
+        results["data"] = args.data
+    if reward is not None:
+        source = args.prompts or args.data
+        if not source:
+            raise FileNotFoundError("--reward needs prompts: give --prompts FILE (or --data)")
+        prompts = load_prompts(source, args.split, args.num_prompts)
+        settings = SamplingSettings(args.max_new_tokens, args.temperature, args.top_p, args.batch_size, args.seed, pr.bf16)
+        results["generation"], records = generation_metrics(pr, prompts, reward, args.samples, settings)
+        results["reward"] = args.reward
+    is_run = (Path(args.target) / "config.yaml").is_file()
+    out = Path(args.out) if args.out else Path(args.target) if is_run else Path(datetime.now().strftime("eval-%Y%m%d-%H%M%S"))
+    path = write_results(out, results, records)
+    print(json.dumps({k: v for k, v in results.items() if k in ("preference", "generation")}, indent=2))
+    print(f"results: {path}")
 
 
 def run_data_command(args) -> None:

@@ -178,6 +178,9 @@ class TrainConfig:
     """Growth of the windowed mean margin below which margins count as flat."""
     progress: bool = True
     """Show a progress bar with the live loss and margin."""
+    report_to: list[str] = field(default_factory=list)
+    """Live metric sinks through Accelerate trackers, e.g. [tensorboard], [wandb], [mlflow], [trackio] or
+    [all] (each needs its package installed); metrics.jsonl is always written."""
 
 
 @dataclass
@@ -188,6 +191,9 @@ class EvalConfig:
     """Evaluate once before the first step (the reference point for the margins)."""
     batch_size: int = 8
     """Pairs per eval batch."""
+    sample_pairs: int = 8
+    """Held-out pairs whose log-ratios, margin and loss are kept at every evaluation (pair_samples.jsonl,
+    drawn in `dpokit report`); 0 = none."""
     patience: int = 0
     """Early stopping: stop after this many evaluations without improvement of eval/rewards/margins (0 = off)."""
     min_delta: float = 0.0
@@ -416,6 +422,10 @@ def validate(cfg: Config) -> list[str]:
         "eval.patience needs held-out data: set data.eval or data.eval_fraction",
     )
     need(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size}: must be >= 1")
+    need(cfg.eval.sample_pairs >= 0, f"eval.sample_pairs={cfg.eval.sample_pairs}: must be >= 0")
+    trackers = ("all", "tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
+    bad = [x for x in t.report_to if x not in trackers]
+    need(not bad, f"train.report_to={t.report_to}: unknown tracker(s) {bad}; choose from {list(trackers)}")
     need(
         cfg.model.attn_implementation in ATTENTION,
         f"model.attn_implementation={cfg.model.attn_implementation!r}: choose one of {list(ATTENTION)}",

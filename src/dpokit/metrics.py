@@ -84,17 +84,21 @@ class PairMetrics:
 
 
 class MetricsWriter:
-    """Appends one JSON record per line to RUN_DIR/metrics.jsonl (flushed each time)."""
+    """Appends one JSON record per line to RUN_DIR/metrics.jsonl (flushed each time), and passes it to
+    the Accelerate trackers when given an accelerator with trackers (`Accelerator.log` runs on rank 0)."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, accelerator=None):
         """`path` None: write nothing (processes other than rank 0)."""
         self.path = path
+        self.accelerator = accelerator
         self.fh = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115 - closed by close()
 
     def write(self, record: dict) -> None:
         if self.fh:
             self.fh.write(json.dumps(record) + "\n")
             self.fh.flush()
+        if self.accelerator is not None:
+            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def close(self) -> None:
         if self.fh:

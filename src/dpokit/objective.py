@@ -108,6 +108,8 @@ class Objective:
             per_token = (seq.detach() - ref) / lengths.clamp(min=1)  # (2P,) log-ratio per token
             extras["drift/abs_logratio_per_token"] = per_token.abs()
             extras["drift/kl_chosen_per_token"] = per_token[:P]
+            extras["logratio/chosen"] = x.policy_chosen.detach() - x.ref_chosen
+            extras["logratio/rejected"] = x.policy_rejected.detach() - x.ref_rejected
         return out, extras
 
     def unpaired_loss(self, policy, reference, targets: Batch, mismatched: Batch):

@@ -3,6 +3,7 @@
 Strategies (each has `sequence_logps(batch, token_weights=None) -> (S,)`):
 - `PolicyReference`: LoRA training; the same network with the adapters switched off (no second copy);
 - `FrozenCopyReference`: full fine-tuning; a frozen copy of the starting weights;
+- `ModelReference`: a separate model given as the reference (evaluation of a saved policy);
 - `CachedReference`: log-probs precomputed once before training (`train.precompute_ref`) and looked up by
   example id; stored on disk under a key of the model weights, the tokenized data and the settings that
   change the numbers, so a matching key reuses the file and anything else recomputes it. Full
@@ -64,17 +65,24 @@ class PolicyReference:
             return _sum(self.policy(*batch.model_args), batch, token_weights)
 
 
-class FrozenCopyReference:
-    """pi_ref = a frozen copy of the policy, taken before any update."""
+class ModelReference:
+    """pi_ref = a separate frozen model (e.g. the SFT checkpoint when evaluating a trained policy)."""
 
-    def __init__(self, policy: nn.Module):
-        inner = unwrap(policy)
-        self.frozen = CompletionLogps(copy.deepcopy(inner.model), inner.chunk_size, inner.bf16)
+    def __init__(self, model: CompletionLogps):
+        self.frozen = model
         self.frozen.eval().requires_grad_(False)
 
     @torch.no_grad()
     def sequence_logps(self, batch: Batch, token_weights: torch.Tensor | None = None) -> torch.Tensor:
         return _sum(self.frozen(*batch.model_args), batch, token_weights)
+
+
+class FrozenCopyReference(ModelReference):
+    """pi_ref = a frozen copy of the policy, taken before any update."""
+
+    def __init__(self, policy: nn.Module):
+        inner = unwrap(policy)
+        super().__init__(CompletionLogps(copy.deepcopy(inner.model), inner.chunk_size, inner.bf16))
 
 
 class CachedReference:

@@ -37,7 +37,8 @@ def prepare_run_dir(cfg: Config) -> Path:
         )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        for stale in ("metrics.jsonl", "pair_samples.jsonl", "eval.json", "eval_samples.jsonl", "report.html"):
+            (run_dir / stale).unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     except OSError as err:
         raise TrainingError(f"train.run_dir={str(run_dir)!r} is not writable: {err}") from err

@@ -82,8 +82,11 @@ class Session:
     """Where make_references read or wrote the cached reference log-probs (train, eval)."""
 
 
-def setup(cfg: Config, run_dir: Path | None) -> Session:
-    """Seed, devices, tokenizer, data, model (+ LoRA), the wrapped policy; `run_dir` gets data_stats.json."""
+def setup(cfg: Config, run_dir: Path | None, trackers: list | None = None) -> Session:
+    """Seed, devices, tokenizer, data, model (+ LoRA), the wrapped policy; `run_dir` gets data_stats.json.
+
+    `trackers`: Accelerate tracker objects (GeneralTracker) that receive the metrics, besides the ones
+    named in train.report_to."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -93,7 +96,10 @@ def setup(cfg: Config, run_dir: Path | None) -> Session:
         use_low_memory_allocator()
     # bf16 is autocast inside CompletionLogps (fp32 master weights), not through Accelerate's process-wide
     # mixed-precision state, which cannot change between two runs in one Python process.
-    accelerator = Accelerator(cpu=cfg.train.device == "cpu")
+    sinks = [*cfg.train.report_to, *(trackers or [])]
+    accelerator = Accelerator(
+        cpu=cfg.train.device == "cpu", log_with=sinks or None, project_dir=str(run_dir) if run_dir else None
+    )
     objective = Objective(cfg.loss, _mean_reduce(accelerator))
     model_path = models.resolve_model_path(cfg.model.name)
     tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
@@ -112,11 +118,14 @@ def setup(cfg: Config, run_dir: Path | None) -> Session:
     )
 
 
-def train(cfg: Config) -> RunResult:
-    """Train the policy described by `cfg` and return where everything was written."""
+def train(cfg: Config, trackers: list | None = None) -> RunResult:
+    """Train the policy described by `cfg` and return where everything was written.
+
+    Metrics go to RUN_DIR/metrics.jsonl, and live to the Accelerate trackers of train.report_to and
+    `trackers` (GeneralTracker objects)."""
     started = time.perf_counter()
     run_dir = prepare_run_dir(cfg)
-    s = setup(cfg, run_dir)
+    s = setup(cfg, run_dir, trackers)
     accelerator, objective, collate, pad_id = s.accelerator, s.objective, s.collate, s.pad_id
     eval_pairs = s.eval_examples
     optimizer = build_optimizer(s.policy.parameters(), cfg.train)
@@ -135,8 +144,18 @@ def train(cfg: Config) -> RunResult:
     if t.resume:
         start_step, history, initial_eval = resume_from(run_dir, s, policy, optimizer, scheduler, guards)
 
-    def run_eval() -> dict:
-        return evaluate(policy, eval_ref, objective, eval_pairs, collate, pad_id, cfg, accelerator) if eval_pairs else {}
+    def run_eval(step: int) -> dict:
+        if not eval_pairs:
+            return {}
+        samples: list[dict] = []
+        metrics = evaluate(policy, eval_ref, objective, eval_pairs, collate, pad_id, cfg, accelerator, samples)
+        for row in samples:
+            pair = eval_pairs[row["index"]]
+            row.update({k: s.tokenizer.decode(getattr(pair, f"{k}_ids")) for k in ("prompt", "chosen", "rejected")})
+        if samples and accelerator.is_main_process:
+            with open(run_dir / "pair_samples.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": step, "pairs": samples}) + "\n")
+        return metrics
 
     def save(step: int, name: str | None = None) -> Path | None:
         if not accelerator.is_main_process:
@@ -148,11 +167,14 @@ def train(cfg: Config) -> RunResult:
         model = accelerator.unwrap_model(policy).model
         return save_checkpoint(model, s.tokenizer, run_dir, step, extra=extra, name=name, training_state=state)
 
-    writer = MetricsWriter(run_dir / "metrics.jsonl" if accelerator.is_main_process else None)
+    live = bool(cfg.train.report_to or trackers)
+    if live:
+        accelerator.init_trackers(run_dir.name, config=flat_config(cfg))
+    writer = MetricsWriter(run_dir / "metrics.jsonl" if accelerator.is_main_process else None, accelerator if live else None)
     reporter = StepReporter(len(schedule), enabled=t.progress and accelerator.is_main_process, done=start_step)
     ckpt = None
     if e.at_start and eval_pairs and not t.resume:
-        initial_eval = run_eval()
+        initial_eval = run_eval(0)
         writer.write({"step": 0, "epoch": 0.0, **initial_eval})
         reporter.print_eval(0, initial_eval)
     with reporter:
@@ -177,7 +199,7 @@ def train(cfg: Config) -> RunResult:
             record.update(lr=lr, grad_norm=grad_norm, tokens_per_s=tokens / elapsed, step_time_s=elapsed)
             guards.on_step(record, cfg.loss.beta, lr)
             if ((e.every and step % e.every == 0) or step == len(schedule)) and eval_pairs:
-                record.update(run_eval())
+                record.update(run_eval(step))
                 reporter.print_eval(step, record)
                 if guards.on_eval(record) and e.patience:
                     save(step, name="best")
@@ -189,6 +211,8 @@ def train(cfg: Config) -> RunResult:
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < len(schedule):
                 save(step)
     writer.close()
+    if live:
+        accelerator.end_training()
     final_eval = {k: v for k, v in history[-1].items() if k.startswith("eval/")} or None
     if t.save_final:
         ckpt = save(len(history))
@@ -214,8 +238,10 @@ def resume_from(run_dir: Path, s: Session, policy, optimizer, scheduler, guards:
     guards.load_state_dict(info["guards"])
     s.objective.load_state_dict(info["objective"])
     step = info["step"]
-    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] <= step]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for name in ("metrics.jsonl", "pair_samples.jsonl"):  # forget what was logged after the checkpoint
+        kept = [r for r in read_metrics(run_dir / name) if r["step"] <= step] if (run_dir / name).exists() else []
+        (run_dir / name).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    records = read_metrics(run_dir / "metrics.jsonl")
     initial = next((r for r in records if r["step"] == 0), None)
     log.info("resumed from %s (step %d)", folder, step)
     history = [r for r in records if r["step"] > 0]
@@ -292,8 +318,13 @@ def ref_cache_path(s: Session, policy, examples: list) -> Path:
 
 
 @torch.no_grad()
-def evaluate(policy, reference, objective: Objective, examples: list, collate, pad_id: int, cfg: Config, accelerator) -> dict:
-    """Held-out metrics (`eval/` keys), dropout off, averaged over every example."""
+def evaluate(
+    policy, reference, objective: Objective, examples: list, collate, pad_id: int, cfg: Config, accelerator, samples: list | None = None
+) -> dict:
+    """Held-out metrics (`eval/` keys), dropout off, averaged over every example.
+
+    `samples`, when given, receives the per-pair values (log-ratios, rewards, loss) of the first
+    `eval.sample_pairs` pairs (paired losses; all of them lie in batch 0, which process 0 runs)."""
     sums = PairMetrics()
     size, rank, world = cfg.eval.batch_size, accelerator.process_index, accelerator.num_processes
     n_batches = math.ceil(len(examples) / size)
@@ -308,7 +339,22 @@ def evaluate(policy, reference, objective: Objective, examples: list, collate, p
             out, extras = objective(policy, reference, batch)
             if b < n_batches:
                 sums.add(out, extras)
+            if b == 0 and samples is not None and not objective.unpaired:
+                samples += pair_samples(out, extras, min(cfg.eval.sample_pairs, stop - start))
     return sums.compute(accelerator, prefix="eval/")
+
+
+def pair_samples(out, extras: dict, k: int) -> list[dict]:
+    """Per-pair values of the first `k` pairs of a batch (the log-ratio picture of `dpokit report`)."""
+    rows = []
+    for i in range(k):
+        row = {"index": i, "loss": float(out.losses[i]), "reward_chosen": float(out.chosen_rewards[i]),
+               "reward_rejected": float(out.rejected_rewards[i])}
+        for key in ("logratio/chosen", "logratio/rejected", "logps/chosen", "logps/rejected"):
+            if key in extras:
+                row[key.replace("/", "_")] = float(extras[key][i])
+        rows.append(row)
+    return rows
 
 
 def to_device(batch, device):
@@ -406,6 +452,13 @@ def non_finite_message(loss: float, grad_norm: float, step: int, cfg: Config, la
         "log-prob scale, an empty or fully truncated completion, or bf16 overflow. Fix: lower train.lr, lower "
         "loss.beta, check the data with `dpokit data check`, or set train.bf16=false."
     )
+
+
+def flat_config(cfg: Config) -> dict:
+    """The config as `section.key: value` scalars (lists as strings), which every tracker accepts."""
+    from dataclasses import asdict
+
+    return {f"{sec}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v)) for sec, d in asdict(cfg).items() for k, v in d.items()}
 
 
 def _mean_reduce(accelerator):

@@ -1,0 +1,162 @@
+"""Reward functions for scoring generations: a small registry plus user functions.
+
+A reward takes the prompts and the completions (two lists of equal length) and returns one float per
+completion. Choose one with a spec string:
+
+- `vader`: VADER sentiment (the `vaderSentiment` package, which ships its lexicon), compound score of the
+  completion in [-1, 1]; `vader:full` scores prompt + completion;
+- `length` (characters), `length:words`, `length:tokens=MODEL` (tokens of MODEL's tokenizer);
+- `keywords:good,great,-bad` : +1 per occurrence of each word (whole word, case-insensitive), -1 for the
+  words written with a leading minus;
+- `regex:PATTERN` : 1.0 when PATTERN matches the completion, else 0.0;
+- `model:PATH` : a local Hugging Face sequence-classification folder (a reward model); the score is the
+  logit of label 0 for a one-label head, else `model:PATH@LABEL` picks a label by index or name;
+- `package.module:function` : any importable function `fn(prompts, completions) -> list[float]`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Sequence
+
+RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]
+
+
+class RewardError(ValueError):
+    """A reward spec that cannot be built; the message says which spec and how to fix it."""
+
+
+def vader(on: str = "completion") -> RewardFn:
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError as err:  # pragma: no cover - a dependency of dpokit
+        raise RewardError("reward 'vader' needs the vaderSentiment package: pip install vaderSentiment") from err
+    if on not in ("completion", "full"):
+        raise RewardError(f"reward 'vader:{on}': the option is 'full' (score prompt + completion) or nothing")
+    analyzer = SentimentIntensityAnalyzer()
+
+    def score(prompts, completions):
+        texts = completions if on == "completion" else [p + c for p, c in zip(prompts, completions, strict=True)]
+        return [float(analyzer.polarity_scores(t)["compound"]) for t in texts]
+
+    return score
+
+
+def length(unit: str = "chars") -> RewardFn:
+    if unit in ("", "chars"):
+        return lambda prompts, completions: [float(len(c)) for c in completions]
+    if unit == "words":
+        return lambda prompts, completions: [float(len(c.split())) for c in completions]
+    if unit.startswith("tokens="):
+        from dpokit.models import load_tokenizer, resolve_model_path
+
+        tokenizer = load_tokenizer(resolve_model_path(unit.split("=", 1)[1]))
+        return lambda prompts, completions: [
+            float(len(ids)) for ids in tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+        ]
+    raise RewardError(f"reward 'length:{unit}': the unit is chars, words or tokens=MODEL")
+
+
+def keywords(spec: str) -> RewardFn:
+    words = [w.strip() for w in spec.split(",") if w.strip()]
+    if not words:
+        raise RewardError("reward 'keywords:': give a comma-separated word list, e.g. keywords:great,-awful")
+    patterns = [(re.compile(rf"\b{re.escape(w.lstrip('-'))}\b", re.IGNORECASE), -1.0 if w.startswith("-") else 1.0) for w in words]
+
+    def score(prompts, completions):
+        return [sum(sign * len(p.findall(c)) for p, sign in patterns) for c in completions]
+
+    return score
+
+
+def regex(pattern: str) -> RewardFn:
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        raise RewardError(f"reward 'regex:{pattern}': not a valid regular expression ({err})") from err
+    return lambda prompts, completions: [1.0 if compiled.search(c) else 0.0 for c in completions]
+
+
+def reward_model(spec: str, batch_size: int = 16, device: str | None = None) -> RewardFn:
+    """A local sequence-classification model; scores the prompt + completion text."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path, _, label = spec.partition("@")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    except OSError as err:
+        raise RewardError(f"reward 'model:{spec}': cannot load a sequence-classification model from {path!r} ({err})") from err
+    if device:
+        model.to(device)
+    if label == "":
+        index = 0
+    elif label.isdigit():
+        index = int(label)
+    else:
+        names = {v: k for k, v in model.config.id2label.items()}
+        if label not in names:
+            raise RewardError(f"reward 'model:{spec}': no label {label!r}; the model has {sorted(names)}")
+        index = names[label]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def score(prompts, completions):
+        out = []
+        texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True)
+            logits = model(**{k: v.to(model.device) for k, v in enc.items()}).logits
+            out += logits[:, index].float().tolist()
+        return out
+
+    return score
+
+
+def user_function(spec: str) -> RewardFn:
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise RewardError(
+            f"reward {spec!r}: not a built-in reward ({', '.join(BUILTIN)}) and cannot import {name!r} from "
+            f"module {module!r} ({err})"
+        ) from err
+    if not callable(fn):
+        raise RewardError(f"reward {spec!r}: {module}.{name} is not callable")
+    return fn
+
+
+BUILTIN = {
+    "vader": lambda arg: vader(arg or "completion"),
+    "length": lambda arg: length(arg or "chars"),
+    "keywords": keywords,
+    "regex": regex,
+    "model": reward_model,
+}
+
+
+def get_reward(spec: str) -> RewardFn:
+    """Build the reward named by `spec` (see the module docstring); the result checks what it returns."""
+    name, _, arg = spec.partition(":")
+    if name in BUILTIN:
+        fn = BUILTIN[name](arg)
+    elif arg:
+        fn = user_function(spec)
+    else:
+        raise RewardError(f"reward {spec!r}: unknown reward. Known: {', '.join(BUILTIN)}, or module:function")
+    return _checked(spec, fn)
+
+
+def _checked(spec: str, fn: RewardFn) -> RewardFn:
+    def score(prompts, completions):
+        values = [float(v) for v in fn(list(prompts), list(completions))]
+        if len(values) != len(completions):
+            raise RewardError(f"reward {spec!r} returned {len(values)} scores for {len(completions)} completions")
+        return values
+
+    return score

@@ -1,0 +1,168 @@
+"""Sampling, sampled KL and `dpokit eval`: log-probs of samples against an independent forward, the KL
+estimator against the exact KL, and evaluation of a saved run reproducing the run's own final metrics."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_run_overrides
+from dpokit.cli import main
+from dpokit.config import load_config
+from dpokit.data import DataError
+from dpokit.evaluation import (
+    PolicyAndReference,
+    generation_metrics,
+    load_for_eval,
+    load_prompts,
+    preference_metrics,
+)
+from dpokit.generate import SamplingSettings, eos_ids, sample, sequence_logps
+from dpokit.models import add_lora, load_model
+from dpokit.rewards import get_reward
+from dpokit.train import train
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir, tiny_tokenizer):
+    return load_model(str(tiny_model_dir)).eval(), tiny_tokenizer
+
+
+def test_samples_are_deterministic_and_end_at_eos(tiny):
+    model, tok = tiny
+    prompts = ["hello there", "a b c d e f g", [{"role": "user", "content": "hi"}]] if tok.chat_template else ["hello", "a b c d"]
+    settings = SamplingSettings(max_new_tokens=10, batch_size=4, seed=3)
+    first = sample(model, tok, prompts, 3, settings, progress=False)
+    again = sample(model, tok, prompts, 3, settings, progress=False)
+    assert [[s.completion_ids for s in row] for row in first] == [[s.completion_ids for s in row] for row in again]
+    stop = eos_ids(model, tok)
+    for row in first:
+        assert len(row) == 3
+        for s in row:
+            assert 1 <= len(s.completion_ids) <= 10
+            assert s.finished == (s.completion_ids[-1] in stop)
+            assert not any(t in stop for t in s.completion_ids[:-1])
+    other = sample(model, tok, prompts, 3, SamplingSettings(max_new_tokens=10, batch_size=4, seed=4), progress=False)
+    assert [s.completion_ids for row in other for s in row] != [s.completion_ids for row in first for s in row]
+
+
+def test_eos_is_kept_in_ids_and_dropped_from_text(tiny):
+    model, tok = tiny
+    # make EOS almost certain: the samples end after one token
+    with torch.no_grad():
+        head = model.get_output_embeddings()
+        saved = head.weight.clone()
+        eos = eos_ids(model, tok)[0]
+        head.weight[eos] += 100 * head.weight.std()
+        bias_free = sample(model, tok, ["x y z"], 4, SamplingSettings(max_new_tokens=5), progress=False)
+        head.weight.copy_(saved)
+    for s in bias_free[0]:
+        if s.finished and len(s.completion_ids) == 1:
+            assert s.completion == ""
+    assert any(s.finished for s in bias_free[0])
+
+
+def test_sequence_logps_match_an_independent_forward(tiny):
+    model, tok = tiny
+    samples = sample(model, tok, ["hello there", "one two three four"], 3, SamplingSettings(max_new_tokens=8), progress=False)
+    got = sequence_logps(model, samples, tok.pad_token_id, batch_size=1)
+    for i, row in enumerate(samples):
+        for k, s in enumerate(row):
+            ids = torch.tensor([s.prompt_ids + s.completion_ids])
+            with torch.no_grad():
+                logp = model(ids).logits[0].log_softmax(-1)
+            p = len(s.prompt_ids)
+            want = sum(float(logp[p - 1 + t, c]) for t, c in enumerate(s.completion_ids))
+            assert got[i, k].item() == pytest.approx(want, abs=1e-4)
+
+
+def test_sampled_kl_estimates_the_exact_kl(tiny_model_dir, tiny_tokenizer):
+    """One-token completions: the exact KL(pi || pi_ref) is a sum over the vocabulary; the estimate from
+    800 samples must lie within 4 standard errors of it (deterministic: fixed seeds). The policy is the
+    reference with its output layer scaled (sharper next-token distributions); a separate model."""
+    reference = load_model(str(tiny_model_dir)).eval()
+    model = load_model(str(tiny_model_dir)).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    pr = PolicyAndReference(model, tiny_tokenizer, reference)
+    prompt = "the quick brown fox"
+    metrics, records = generation_metrics(
+        pr, [prompt], get_reward("length"), 800, SamplingSettings(max_new_tokens=1, batch_size=200), progress=False
+    )
+    ids = torch.tensor([tiny_tokenizer(prompt)["input_ids"]])
+    with torch.no_grad():
+        logp = model(ids).logits[0, -1].log_softmax(-1)
+        logq = reference(ids).logits[0, -1].log_softmax(-1)
+    exact = float((logp.exp() * (logp - logq)).sum())
+    assert exact > 0.1  # the perturbation is large enough to measure
+    assert abs(metrics["kl/sequence"] - exact) < 4 * metrics["kl/sequence_stderr"]
+    assert metrics["kl/token"] == pytest.approx(metrics["kl/sequence"])  # one token per completion
+    assert len(records) == 1 and len(records[0]["policy"]) == 800
+
+
+def test_identical_policy_and_reference_give_zero_kl_and_even_win_rate(tiny_model_dir, tiny_tokenizer):
+    model = add_lora(load_model(str(tiny_model_dir)), r=4, alpha=8, dropout=0.0, target_modules=["q_proj"]).eval()
+    pr = PolicyAndReference(model, tiny_tokenizer)
+    m, _ = generation_metrics(pr, ["a b", "c d e"], get_reward("length"), 4, SamplingSettings(max_new_tokens=6), progress=False)
+    # LoRA B starts at zero: the same model, and the same seeds give the same samples
+    assert m["kl/sequence"] == 0.0 and m["win_rate"] == 0.5 and m["reward/gain"] == 0.0 and m["length/drift"] == 0.0
+
+
+def _eval_pairs_file(tmp_path):
+    from dpokit.data import load_examples
+
+    examples, _ = load_examples("builtin:demo")
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("".join(json.dumps({"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected}) + "\n" for e in examples[-12:]))
+    return path
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_eval_of_a_saved_run_reproduces_its_final_metrics(tmp_path, tiny_model_dir, lora):
+    heldout = _eval_pairs_file(tmp_path)
+    cfg = load_config(None, tiny_run_overrides(
+        tiny_model_dir, tmp_path / "run", "data.limit=0", "data.eval_fraction=0", f"data.eval={heldout}", "data.max_length=128",
+        "data.max_prompt_length=64", "train.save_final=true", "train.max_steps=4", "eval.batch_size=4", f"lora.enabled={str(lora).lower()}",
+        "train.lr=5e-3" if lora else "train.lr=1e-4",
+    ))
+    result = train(cfg)
+    pr = load_for_eval(str(result.run_dir))
+    assert (pr.reference is None) == lora
+    got = preference_metrics(pr, str(heldout), max_length=128, max_prompt_length=64, batch_size=5)
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "logratio/chosen", "drift/kl_chosen_per_token"):
+        assert got[key] == pytest.approx(result.final_eval[f"eval/{key}"], abs=1e-4), key
+    assert abs(got["rewards/margins"]) > 1e-4  # the run moved the policy
+    assert got["logratio/chosen"] * cfg.loss.beta == pytest.approx(got["rewards/chosen"], abs=1e-5)
+
+
+def test_cli_eval_writes_results_and_samples(tmp_path, tiny_model_dir, capsys):
+    heldout = _eval_pairs_file(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train", *tiny_run_overrides(tiny_model_dir, run, "train.save_final=true")]) == 0
+    rc = main(["eval", str(run), "--data", str(heldout), "--reward", "length:words", "--num-prompts", "5",
+               "--samples", "2", "--max-new-tokens", "6", "--max-length", "128", "--max-prompt-length", "64"])
+    assert rc == 0
+    results = json.loads((run / "eval.json").read_text())
+    assert results["preference"]["pairs"] == 12
+    gen = results["generation"]
+    assert gen["prompts"] == 5 and gen["samples_per_prompt"] == 2
+    assert 0 <= gen["win_rate"] <= 1 and math.isfinite(gen["kl/sequence"])
+    rows = [json.loads(x) for x in (run / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and all(len(r["policy"]) == 2 and len(r["reward_reference"]) == 2 for r in rows)
+    capsys.readouterr()
+    assert main(["eval", str(tiny_model_dir), "--reward", "length"]) == 2
+    assert "--ref" in capsys.readouterr().err
+    assert main(["eval", str(run), "--reward", "nonsense"]) == 2
+    assert "unknown reward" in capsys.readouterr().err
+
+
+def test_prompts_builtin_splits_are_disjoint_and_bad_files_name_the_line(tmp_path):
+    train_p = load_prompts("builtin:reviews", "train")
+    eval_p = load_prompts("builtin:reviews", "eval")
+    assert len(train_p) == 640 and len(eval_p) == 192 and not set(train_p) & set(eval_p)
+    assert load_prompts("builtin:reviews", "eval", limit=5) == eval_p[:5]
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(DataError, match=r"prompts.jsonl:line 2: prompt: missing"):
+        load_prompts(str(bad))
