@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 
-.PHONY: install demo test lint clean bench
+.PHONY: install demo sweep test lint clean bench browser
 
 install: $(STAMP)
 
@@ -21,10 +21,19 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/dpokit demo
 
+sweep: install
+	$(BIN)/dpokit demo --sweep
+
+# The report's browser test drives Debian's chromium; installed when missing and apt is usable (root).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && (apt-get update -q && apt-get install -y -q chromium chromium-driver) >/dev/null; } || \
+	  echo "note: chromium not installed (needs root apt); the browser test skips (fails under CI=true)"
+
 lint: install
 	$(BIN)/ruff check .
 
-test: install lint
+test: install lint browser
 	$(BIN)/pytest -q
 
 bench: install
