@@ -155,6 +155,13 @@ def test_cli_eval_writes_results_and_samples(tmp_path, tiny_model_dir, capsys):
     assert "--ref" in capsys.readouterr().err
     assert main(["eval", str(run), "--reward", "nonsense"]) == 2
     assert "unknown reward" in capsys.readouterr().err
+    # a model against an explicit reference (here itself: every log-ratio and the KL are exactly 0)
+    out = tmp_path / "model-eval"
+    assert main(["eval", str(tiny_model_dir), "--ref", str(tiny_model_dir), "--data", str(heldout), "--reward", "length",
+                 "--num-prompts", "3", "--max-new-tokens", "4", "--out", str(out)]) == 0
+    same = json.loads((out / "eval.json").read_text())
+    assert same["preference"]["rewards/margins"] == 0.0 and same["preference"]["loss"] == pytest.approx(math.log(2))
+    assert same["generation"]["kl/sequence"] == 0.0 and same["generation"]["win_rate"] == 0.5
 
 
 def test_prompts_builtin_splits_are_disjoint_and_bad_files_name_the_line(tmp_path):

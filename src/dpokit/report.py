@@ -136,7 +136,7 @@ def frontier_figure(points: list[dict]) -> go.Figure:
     for method in dict.fromkeys(p["method"] for p in points):
         pts = sorted((p for p in points if p["method"] == method), key=lambda p: p["kl"])
         fig.add_trace(go.Scatter(
-            x=[p["kl"] for p in pts], y=[p["reward"] for p in pts], mode="lines+markers+text" if method == "Best-of-N" else "markers+text",
+            x=[p["kl"] for p in pts], y=[p["reward"] for p in pts], mode="lines+markers+text" if len(pts) > 1 else "markers+text",
             text=[p["label"] for p in pts], textposition="top center", name=method,
             marker=dict(size=11, symbol=symbols.get(method, "circle")),
             error_y=dict(type="data", array=[p.get("reward_stderr", 0) for p in pts], visible=True),
