@@ -49,18 +49,19 @@ def test_samples_are_deterministic_and_end_at_eos(tiny):
 
 def test_eos_is_kept_in_ids_and_dropped_from_text(tiny):
     model, tok = tiny
-    # make EOS almost certain: the samples end after one token
-    with torch.no_grad():
-        head = model.get_output_embeddings()
-        saved = head.weight.clone()
-        eos = eos_ids(model, tok)[0]
-        head.weight[eos] += 100 * head.weight.std()
-        bias_free = sample(model, tok, ["x y z"], 4, SamplingSettings(max_new_tokens=5), progress=False)
-        head.weight.copy_(saved)
-    for s in bias_free[0]:
-        if s.finished and len(s.completion_ids) == 1:
-            assert s.completion == ""
-    assert any(s.finished for s in bias_free[0])
+    eos = eos_ids(model, tok)[0]
+
+    def eos_first(module, inputs, logits):  # EOS becomes the certain next token: every sample is EOS alone
+        logits[..., eos] += 1e4
+        return logits
+
+    hook = model.get_output_embeddings().register_forward_hook(eos_first)
+    try:
+        ended = sample(model, tok, ["x y z", "hello"], 4, SamplingSettings(max_new_tokens=5), progress=False)
+    finally:
+        hook.remove()
+    for s in (s for row in ended for s in row):
+        assert s.finished and s.completion_ids == [eos] and s.completion == ""
 
 
 def test_sequence_logps_match_an_independent_forward(tiny):
@@ -155,6 +156,8 @@ def test_cli_eval_writes_results_and_samples(tmp_path, tiny_model_dir, capsys):
     assert "--ref" in capsys.readouterr().err
     assert main(["eval", str(run), "--reward", "nonsense"]) == 2
     assert "unknown reward" in capsys.readouterr().err
+    assert main(["eval", str(run), "--reward", "length", "--prompts", str(heldout), "--top-p", "0"]) == 2
+    assert "top_p=0.0 in (0, 1]" in capsys.readouterr().err
     # a model against an explicit reference (here itself: every log-ratio and the KL are exactly 0)
     out = tmp_path / "model-eval"
     assert main(["eval", str(tiny_model_dir), "--ref", str(tiny_model_dir), "--data", str(heldout), "--reward", "length",

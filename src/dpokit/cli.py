@@ -10,10 +10,11 @@ import sys
 from dpokit.config import ConfigError, help_text, load_config
 from dpokit.data import DataError
 from dpokit.errors import TrainingError
+from dpokit.generate import SamplingError
 from dpokit.models import ModelLoadError
 from dpokit.rewards import RewardError
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrainingError, FileNotFoundError, RewardError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrainingError, FileNotFoundError, RewardError, SamplingError)
 
 
 def _dotted_flags(extra: list[str]) -> tuple[list[str], list[str]]:

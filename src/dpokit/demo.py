@@ -128,7 +128,8 @@ def run_demo(overrides: list[str] | None = None, sweep: bool = False, run_dir: s
     rng = random.Random(ds.seed)
     data = {}
     for name, prompts, samples in (("train", train_prompts, train_samples), ("eval", eval_prompts, eval_samples)):
-        scores = [reward([p] * 2, [s.completion for s in row[:2]]) for p, row in zip(prompts, samples, strict=True)]
+        flat = reward([p for p in prompts for _ in range(2)], [s.completion for row in samples for s in row[:2]])
+        scores = [flat[2 * i : 2 * i + 2] for i in range(len(prompts))]
         pairs = label_pairs(prompts, [row[:2] for row in samples], scores, ds.labeling, ds.bt_scale, rng)
         _write_jsonl(root / "data" / f"{name}_pairs.jsonl", pairs)
         data[name] = len(pairs)
@@ -136,7 +137,7 @@ def run_demo(overrides: list[str] | None = None, sweep: bool = False, run_dir: s
     _write_data_check(root, tokenizer, base_cfg)
 
     data_args = [f"data.train={root / 'data' / 'train_pairs.jsonl'}", f"data.eval={root / 'data' / 'eval_pairs.jsonl'}"]
-    cfg = load_config(None, TRAIN_SETTINGS + data_args + [f"train.run_dir={root}", "train.overwrite=true"] + overrides)
+    cfg = _train_config(root, data_args, overrides)
     result = train(cfg)
     gen, records = _generation_eval(result.model, tokenizer, cfg, eval_prompts, eval_samples, reward, ds, sampling)
     results = {
@@ -159,6 +160,10 @@ def run_demo(overrides: list[str] | None = None, sweep: bool = False, run_dir: s
 
     write_report(root)
     return DemoResult(root, gen, results["preference_before"], results["preference_after"], frontier, results["wall_s"])
+
+
+def _train_config(run_dir: Path, data_args: list[str], overrides: list[str]):
+    return load_config(None, [*TRAIN_SETTINGS, *data_args, f"train.run_dir={run_dir}", "train.overwrite=true", *overrides])
 
 
 def _strip(metrics: dict | None) -> dict | None:
@@ -185,7 +190,7 @@ def run_sweep(root, cfg, data_args, overrides, tokenizer, reference, eval_prompt
     runs.append(("preferred-ft", ["loss.type=[sft]", "lora.enabled=true"], "Preferred-FT", "SFT on chosen"))
     for name, extra, method, label in runs:
         run_dir = root / "sweep" / name
-        sweep_cfg = load_config(None, TRAIN_SETTINGS + data_args + [f"train.run_dir={run_dir}", "train.overwrite=true"] + overrides + extra)
+        sweep_cfg = _train_config(run_dir, data_args, overrides + extra)
         result = train(sweep_cfg)
         gen, records = _generation_eval(result.model, tokenizer, sweep_cfg, eval_prompts, eval_samples, reward, ds, sampling)
         write_results(run_dir, {"reward": ds.reward, "generation": gen}, records)

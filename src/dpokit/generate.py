@@ -18,6 +18,10 @@ from dpokit.logps import CompletionLogps, sum_by_sequence
 from dpokit.tokenize import encode_prompt
 
 
+class SamplingError(ValueError):
+    """Sampling settings that cannot work; the message names the setting."""
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     max_new_tokens: int = 48
@@ -31,9 +35,9 @@ class SamplingSettings:
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("max_new_tokens and batch_size must be >= 1")
+            raise SamplingError(f"max_new_tokens={self.max_new_tokens}, batch_size={self.batch_size}: both must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("temperature must be >= 0 (0 = greedy) and top_p in (0, 1]")
+            raise SamplingError(f"temperature={self.temperature} must be >= 0 (0 = greedy), top_p={self.top_p} in (0, 1]")
 
 
 @dataclass

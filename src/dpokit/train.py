@@ -149,10 +149,10 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
             return {}
         samples: list[dict] = []
         metrics = evaluate(policy, eval_ref, objective, eval_pairs, collate, pad_id, cfg, accelerator, samples)
-        for row in samples:
-            pair = eval_pairs[row["index"]]
-            row.update({k: s.tokenizer.decode(getattr(pair, f"{k}_ids")) for k in ("prompt", "chosen", "rejected")})
         if samples and accelerator.is_main_process:
+            for row in samples:
+                pair = eval_pairs[row["index"]]
+                row.update({k: s.tokenizer.decode(getattr(pair, f"{k}_ids")) for k in ("prompt", "chosen", "rejected")})
             with open(run_dir / "pair_samples.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"step": step, "pairs": samples}) + "\n")
         return metrics
