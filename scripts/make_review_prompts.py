@@ -1,4 +1,4 @@
-"""Write src/dpokit/assets/review_prompts.jsonl: openings of movie reviews for the sentiment demo.
+"""Write src/dpokit/assets/reviews_prompts.jsonl: openings of movie reviews for the sentiment demo.
 
 The DPO paper's first experiment (Rafailov et al. 2023, sec. 6.1) continues prefixes of IMDb reviews. No
 data set can be downloaded here, so the prefixes are composed from review openers and film kinds. The
@@ -49,7 +49,7 @@ def main() -> None:
         prompts = [o.format(film=f) for o in openers for f in FILMS]
         rng.shuffle(prompts)  # any prefix of the file's split is a mix of openers and films
         rows += [{"prompt": p, "split": split} for p in prompts]
-    out = Path(__file__).resolve().parent.parent / "src" / "dpokit" / "assets" / "review_prompts.jsonl"
+    out = Path(__file__).resolve().parent.parent / "src" / "dpokit" / "assets" / "reviews_prompts.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"{len(rows)} prompts -> {out}")
 

@@ -234,7 +234,10 @@ def run_eval_command(args) -> None:
         if not source:
             raise FileNotFoundError("--reward needs prompts: give --prompts FILE (or --data)")
         prompts = load_prompts(source, args.split, args.num_prompts)
-        settings = SamplingSettings(args.max_new_tokens, args.temperature, args.top_p, args.batch_size, args.seed, pr.bf16)
+        settings = SamplingSettings(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            batch_size=args.batch_size, seed=args.seed, bf16=pr.bf16,
+        )
         results["generation"], records = generation_metrics(pr, prompts, reward, args.samples, settings)
         results["reward"] = args.reward
     is_run = (Path(args.target) / "config.yaml").is_file()

@@ -13,6 +13,7 @@ the reference, and draws the reward-vs-KL frontier of the paper's figure 2 in th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from dpokit import models
 from dpokit.config import load_config
 from dpokit.evaluation import PolicyAndReference, generation_metrics, load_prompts, write_results
 from dpokit.generate import Sample, SamplingSettings, sample
+from dpokit.metrics import write_jsonl
 from dpokit.rewards import get_reward
 from dpokit.train import train
 
@@ -88,7 +90,7 @@ class DemoResult:
 
 
 def label_pairs(prompts: list, samples: list[list[Sample]], rewards: list[list[float]], how: str, scale: float, rng: random.Random) -> list[dict]:
-    """One pair per prompt from its first two samples; ties (and, Bradley-Terry, nothing else) dropped."""
+    """One pair per prompt from its two samples; pairs with equal rewards or equal texts are dropped."""
     pairs = []
     for prompt, (a, b), (ra, rb) in zip(prompts, samples, rewards, strict=True):
         if a.completion.strip() == b.completion.strip() or ra == rb:
@@ -100,11 +102,6 @@ def label_pairs(prompts: list, samples: list[list[Sample]], rewards: list[list[f
         (c, rc), (r, rr) = ((a, ra), (b, rb)) if first else ((b, rb), (a, ra))
         pairs.append({"prompt": prompt, "chosen": c.completion, "rejected": r.completion, "score_chosen": rc, "score_rejected": rr})
     return pairs
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def run_demo(overrides: list[str] | None = None, sweep: bool = False, run_dir: str | None = None, settings: DemoSettings | None = None) -> DemoResult:
@@ -131,7 +128,8 @@ def run_demo(overrides: list[str] | None = None, sweep: bool = False, run_dir: s
         flat = reward([p for p in prompts for _ in range(2)], [s.completion for row in samples for s in row[:2]])
         scores = [flat[2 * i : 2 * i + 2] for i in range(len(prompts))]
         pairs = label_pairs(prompts, [row[:2] for row in samples], scores, ds.labeling, ds.bt_scale, rng)
-        _write_jsonl(root / "data" / f"{name}_pairs.jsonl", pairs)
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        write_jsonl(root / "data" / f"{name}_pairs.jsonl", pairs)
         data[name] = len(pairs)
     log.info("labeled %d train / %d eval pairs with reward %r in %.0f s of sampling", data["train"], data["eval"], ds.reward, sampling_s)
     _write_data_check(root, tokenizer, base_cfg)
@@ -209,7 +207,7 @@ def best_of_n(reference, tokenizer, prompts, reward, ds: DemoSettings, sampling)
     """Best-of-N from the reference: for each prompt keep the highest-reward of N samples. Its KL from the
     reference is at most log N - (N - 1) / N (the standard analytic bound), reported as such."""
     n_max = max(ds.best_of)
-    settings = SamplingSettings(**{**sampling.__dict__, "seed": sampling.seed + 1})
+    settings = dataclasses.replace(sampling, seed=sampling.seed + 1)  # samples independent of the others
     samples = sample(reference, tokenizer, prompts, n_max, settings, label=f"best-of-{n_max} samples")
     flat = [p for p in prompts for _ in range(n_max)]
     scores = torch.tensor(reward(flat, [s.completion for row in samples for s in row])).view(len(prompts), n_max)

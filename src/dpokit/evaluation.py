@@ -29,8 +29,7 @@ from dpokit.config import Config, LossConfig, load_config
 from dpokit.data import DataError, load_examples, resolve_data_path
 from dpokit.data.readers import read_records
 from dpokit.generate import Sample, SamplingSettings, adapters_disabled, sample, sequence_logps
-
-BUILTIN_PROMPTS = {"reviews": "review_prompts.jsonl"}
+from dpokit.metrics import write_jsonl
 
 
 @dataclass
@@ -111,15 +110,7 @@ def load_prompts(spec: str, split: str | None = None, limit: int = 0) -> list:
     """Unique prompts of a file (any record with a `prompt` field: prompt files and preference files), in
     first-seen order; `builtin:reviews` is the demo's movie-review openings. `split` keeps records whose
     `split` field equals it."""
-    if spec.startswith("builtin:"):
-        name = spec.split(":", 1)[1]
-        if name not in BUILTIN_PROMPTS:
-            raise DataError(spec, f"unknown builtin prompt set; available: {', '.join('builtin:' + k for k in BUILTIN_PROMPTS)}")
-        from importlib import resources
-
-        path = Path(str(resources.files("dpokit") / "assets" / BUILTIN_PROMPTS[name]))
-    else:
-        path = resolve_data_path(spec)
+    path = resolve_data_path(spec, "prompts")
     prompts, seen = [], set()
     for rec in read_records(path):
         if isinstance(rec, DataError):
@@ -260,7 +251,5 @@ def write_results(out_dir: Path, results: dict, records: list[dict] | None) -> P
     path = out_dir / "eval.json"
     path.write_text(json.dumps(results, indent=2, default=str))
     if records is not None:
-        with open(out_dir / "eval_samples.jsonl", "w", encoding="utf-8") as fh:
-            for r in records:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        write_jsonl(out_dir / "eval_samples.jsonl", records)
     return path

@@ -15,6 +15,7 @@ import torch
 
 from dpokit.batching import Doc, build_batch
 from dpokit.logps import CompletionLogps, sum_by_sequence
+from dpokit.reference import eval_mode
 from dpokit.tokenize import encode_prompt
 
 
@@ -76,10 +77,8 @@ def sample(model, tokenizer, prompts: list, n: int, settings: SamplingSettings, 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     device = next(model.parameters()).device
     out: list[list[Sample | None]] = [[None] * n for _ in prompts]
-    was_training = model.training
-    model.eval()
     bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not progress)
-    try:
+    with eval_mode(model):
         with bar:
             task = bar.add_task(label, total=len(jobs))
             for b, start in enumerate(range(0, len(jobs), settings.batch_size)):
@@ -113,8 +112,6 @@ def sample(model, tokenizer, prompts: list, n: int, settings: SamplingSettings, 
                     text = tokenizer.decode(text_ids, skip_special_tokens=True)
                     out[i][k] = Sample(prompts[i], text, encoded[i], ids, end is not None)
                 bar.advance(task, len(chunk))
-    finally:
-        model.train(was_training)
     return out  # type: ignore[return-value]
 
 
@@ -124,20 +121,16 @@ def sequence_logps(model, samples: list[list[Sample]], pad_id: int, batch_size: 
     (temperature 1, no top-p: the model's own distribution). The n samples of a prompt share one
     prompt forward (prefix sharing)."""
     clp = CompletionLogps(model, chunk_size, bf16)
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     n = len(samples[0]) if samples else 0
     rows = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(samples), batch_size):
             group = samples[start : start + batch_size]
             docs = [Doc(g[0].prompt_ids, tuple((s.completion_ids, j * n + k) for k, s in enumerate(g))) for j, g in enumerate(group)]
             batch = build_batch(docs, [[d] for d in range(len(docs))], pad_id, [1.0] * len(docs), dense_mask=True).to(device)
             tok = clp(*batch.model_args)
             rows.append(sum_by_sequence(tok.float(), batch.seq_index, batch.num_seqs).view(len(group), n).cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(rows) if rows else torch.zeros(0, n)
 
 

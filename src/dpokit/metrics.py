@@ -106,7 +106,13 @@ class MetricsWriter:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """Every record of a JSONL file (metrics.jsonl, pair_samples.jsonl, eval_samples.jsonl)."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows) -> None:
+    """Replace `path` with one JSON record per line (UTF-8, non-ASCII kept)."""
+    Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 class StepReporter:

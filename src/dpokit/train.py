@@ -28,7 +28,7 @@ from dpokit.data.filters import filter_pairs
 from dpokit.errors import TrainingError
 from dpokit.guards import Guards
 from dpokit.logps import CompletionLogps
-from dpokit.metrics import MetricsWriter, PairMetrics, StepReporter, read_metrics
+from dpokit.metrics import MetricsWriter, PairMetrics, StepReporter, read_metrics, write_jsonl
 from dpokit.objective import Objective, ld_token_weights
 from dpokit.optim import build_optimizer, build_scheduler
 from dpokit.reference import (
@@ -240,7 +240,7 @@ def resume_from(run_dir: Path, s: Session, policy, optimizer, scheduler, guards:
     step = info["step"]
     for name in ("metrics.jsonl", "pair_samples.jsonl"):  # forget what was logged after the checkpoint
         kept = [r for r in read_metrics(run_dir / name) if r["step"] <= step] if (run_dir / name).exists() else []
-        (run_dir / name).write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_jsonl(run_dir / name, kept)
     records = read_metrics(run_dir / "metrics.jsonl")
     initial = next((r for r in records if r["step"] == 0), None)
     log.info("resumed from %s (step %d)", folder, step)

@@ -56,13 +56,15 @@ class LoadStats:
         }
 
 
-def resolve_data_path(spec: str) -> Path:
-    """`builtin:NAME` -> a preference file shipped in dpokit/assets; anything else is a path."""
+def resolve_data_path(spec: str, kind: str = "prefs") -> Path:
+    """`builtin:NAME` -> the file dpokit/assets/NAME_{kind}.jsonl (kind: prefs, prompts); else a path."""
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
-        path = Path(str(resources.files("dpokit") / "assets" / f"{name}_prefs.jsonl"))
+        assets = Path(str(resources.files("dpokit") / "assets"))
+        path = assets / f"{name}_{kind}.jsonl"
         if not path.exists():
-            raise DataError(spec, "unknown builtin data set; available: builtin:demo")
+            known = sorted("builtin:" + p.name.removesuffix(f"_{kind}.jsonl") for p in assets.glob(f"*_{kind}.jsonl"))
+            raise DataError(spec, f"unknown builtin {kind} file; available: {', '.join(known)}")
         return path
     return Path(spec)
 
