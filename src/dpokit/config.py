@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import inspect
 import textwrap
 import types
@@ -24,7 +25,8 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[str]):
         self.problems = problems
-        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+        listed = f" {problems[0]}" if len(problems) == 1 else "\n" + "\n".join(f"  - {p}" for p in problems)
+        super().__init__("invalid config:" + listed)
 
 
 @dataclass
@@ -69,6 +71,9 @@ class DataConfig:
     """Use only the first N valid pairs of the training file (0 = all)."""
     drop_identical: bool = True
     """Drop pairs whose chosen and rejected are identical (no signal); counted in data_stats.json."""
+    deduplicate: str = "pairs"
+    """Drop repeats (the first is kept): pairs (the same prompt, chosen and rejected), prompt_chosen (also
+    the same prompt and chosen with another rejected), or off."""
     max_similarity: float = 1.0
     """Drop pairs whose chosen/rejected token similarity (Dice, see `dpokit data check`) exceeds this (1 = off)."""
     min_agreement: float | None = None
@@ -165,7 +170,8 @@ class TrainConfig:
     low_memory_allocator: bool = False
     """Return freed memory to the OS at once (glibc: mmap threshold 64 KiB): lower peak RSS, slower steps."""
     fast_fp32_matmul: bool = False
-    """Route fp32 matmuls through oneDNN on CPU (~2x here), after an accuracy check against float64."""
+    """Route fp32 matmuls through oneDNN on CPU (faster on some CPUs: docs/performance.md), after an accuracy
+    check against float64 on this CPU."""
     checkpoint_every: int = 0
     """Save a checkpoint every N optimizer steps (0 = only at the end)."""
     save_final: bool = True
@@ -210,11 +216,6 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-SCHEDULERS = ("linear", "cosine", "constant")
-DEVICES = ("auto", "cpu", "cuda")
-ATTENTION = ("sdpa", "eager")
-
-
 def field_docs(cls: type) -> dict[str, str]:
     """The string literal under each field of a dataclass (its docstring), by field name."""
     try:
@@ -247,6 +248,13 @@ def iter_fields(cls: type = Config, prefix: str = ""):
         else:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             yield key, tp, default, docs.get(f.name, "")
+
+
+def did_you_mean(word: str, choices, prefix: str = "") -> str:
+    """` (did you mean x?)` for the choices closest to a misspelt `word`, else ``."""
+    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+    close += [c for c in choices if c.startswith(word[:3]) and c not in close and len(word) >= 3][: 3 - len(close)]
+    return f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
 
 
 def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
@@ -289,9 +297,7 @@ def _build(cls: type, data: dict, prefix: str, problems: list[str]):
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            close = [n for n in names if n.startswith(str(key)[:3])]
-            hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
-            problems.append(f"{prefix}{key}: unknown key{hint}; valid keys: {', '.join(sorted(names))}")
+            problems.append(f"{prefix}{key}: unknown key{did_you_mean(str(key), names, prefix)}; valid keys: {', '.join(sorted(names))}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -359,151 +365,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     extra, override_problems = parse_overrides(overrides or [])
     problems += override_problems
     cfg = _build(Config, _merge(data, extra), "", problems)
+    from dpokit.validation import validate
+
     problems += validate(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg
-
-
-def validate(cfg: Config) -> list[str]:
-    """Semantic checks on a type-correct config; returns every problem found (empty = valid)."""
-    p = []
-    t, d, lo = cfg.train, cfg.data, cfg.loss
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            p.append(msg)
-
-    need(bool(d.train), "data.train is empty: give a preference file, e.g. data.train=pairs.jsonl")
-    need(0.0 <= d.eval_fraction < 1.0, f"data.eval_fraction={d.eval_fraction}: must be in [0, 1)")
-    need(not (d.eval and d.eval_fraction > 0), "data.eval and data.eval_fraction are both set: use one of them")
-    need(d.max_length > 1, f"data.max_length={d.max_length}: must be > 1")
-    need(d.max_prompt_length > 0, f"data.max_prompt_length={d.max_prompt_length}: must be > 0")
-    need(
-        d.max_prompt_length < d.max_length,
-        f"data.max_prompt_length={d.max_prompt_length} >= data.max_length={d.max_length}: "
-        "no room is left for the completion; lower max_prompt_length or raise max_length",
-    )
-    need(d.limit >= 0, f"data.limit={d.limit}: must be >= 0")
-    need(0.0 <= d.max_similarity <= 1.0, f"data.max_similarity={d.max_similarity}: must be in [0, 1] (1 = off)")
-    p += validate_loss(lo, t.batch_size)
-    need(t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1")
-    need(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum}: must be >= 1")
-    need(t.max_steps >= 0, f"train.max_steps={t.max_steps}: must be >= 0")
-    need(t.max_steps > 0 or t.epochs > 0, "train.max_steps=0 and train.epochs<=0: nothing to train")
-    need(t.lr > 0, f"train.lr={t.lr}: must be > 0 (DPO with LoRA: ~5e-5; full: ~5e-7)")
-    need(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0")
-    need(
-        len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
-        f"train.adam_betas={t.adam_betas}: two numbers in [0, 1)",
-    )
-    need(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps}: must be >= 0")
-    need(t.scheduler in SCHEDULERS, f"train.scheduler={t.scheduler!r}: choose one of {list(SCHEDULERS)}")
-    need(t.max_grad_norm >= 0, f"train.max_grad_norm={t.max_grad_norm}: must be >= 0 (0 = no clipping)")
-    need(t.device in DEVICES, f"train.device={t.device!r}: choose one of {list(DEVICES)}")
-    need(t.logps_chunk_size >= 1, f"train.logps_chunk_size={t.logps_chunk_size}: must be >= 1")
-    need(t.pack_tokens >= 2, f"train.pack_tokens={t.pack_tokens}: must be >= 2")
-    need(
-        not (t.precompute_ref and any(n in ("kto", "apo_zero_unpaired") for n in lo.type)),
-        "train.precompute_ref=true with an unpaired loss: KTO's KL baseline pairs each prompt with another "
-        "example's completion in the batch, so it cannot be cached; set train.precompute_ref=false",
-    )
-    need(t.checkpoint_every >= 0, f"train.checkpoint_every={t.checkpoint_every}: must be >= 0")
-    need(cfg.eval.every >= 0, f"eval.every={cfg.eval.every}: must be >= 0")
-    need(cfg.eval.patience >= 0, f"eval.patience={cfg.eval.patience}: must be >= 0")
-    need(t.flat_window >= 0, f"train.flat_window={t.flat_window}: must be >= 0")
-    need(t.drift_warn > 0, f"train.drift_warn={t.drift_warn}: must be > 0")
-    need(
-        not (cfg.eval.patience and not cfg.eval.every),
-        "eval.patience needs periodic evaluation: set eval.every (e.g. eval.every=50)",
-    )
-    need(
-        not (cfg.eval.patience and not (d.eval or d.eval_fraction > 0)),
-        "eval.patience needs held-out data: set data.eval or data.eval_fraction",
-    )
-    need(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size}: must be >= 1")
-    need(cfg.eval.sample_pairs >= 0, f"eval.sample_pairs={cfg.eval.sample_pairs}: must be >= 0")
-    trackers = ("all", "tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
-    bad = [x for x in t.report_to if x not in trackers]
-    need(not bad, f"train.report_to={t.report_to}: unknown tracker(s) {bad}; choose from {list(trackers)}")
-    need(
-        cfg.model.attn_implementation in ATTENTION,
-        f"model.attn_implementation={cfg.model.attn_implementation!r}: choose one of {list(ATTENTION)}",
-    )
-    if cfg.lora.enabled:
-        need(cfg.lora.r >= 1, f"lora.r={cfg.lora.r}: must be >= 1")
-        need(cfg.lora.alpha > 0, f"lora.alpha={cfg.lora.alpha}: must be > 0")
-        need(0 <= cfg.lora.dropout < 1, f"lora.dropout={cfg.lora.dropout}: must be in [0, 1)")
-        need(bool(cfg.lora.target_modules), "lora.target_modules is empty: name modules, e.g. [q_proj, v_proj]")
-    if t.device == "cuda" or (t.bf16 and t.device == "auto"):
-        import torch
-
-        cuda = torch.cuda.is_available()
-        need(cuda or t.device != "cuda", "train.device=cuda but no CUDA device is visible; use device=auto or cpu")
-        need(
-            not (t.bf16 and cuda and not torch.cuda.is_bf16_supported()),
-            "train.bf16=true but this GPU has no bf16 support; set train.bf16=false",
-        )
-    return p
-
-
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-
-
-def validate_loss(lo: LossConfig, batch_size: int) -> list[str]:
-    """Every problem with the loss section, each with what to change."""
-    from dpokit.losses import LOSSES
-
-    p = []
-    unknown = [n for n in lo.type if n not in LOSSES]
-    if not lo.type or unknown:
-        p.append(f"loss.type={lo.type}: unknown or empty; choose from {sorted(LOSSES)}")
-    if len(set(lo.type)) != len(lo.type):
-        p.append(f"loss.type={lo.type}: a loss is listed twice; give it one weight instead")
-    if lo.weights and len(lo.weights) != len(lo.type):
-        p.append(f"loss.weights={lo.weights}: needs one weight per loss in loss.type={lo.type}")
-    if any(w < 0 for w in lo.weights):
-        p.append(f"loss.weights={lo.weights}: weights must be >= 0")
-    names = [n for n in lo.type if n in LOSSES]
-    specs = [LOSSES[n] for n in names]
-    if len({s.unpaired for s in specs}) > 1:
-        p.append(
-            f"loss.type={lo.type}: unpaired losses (kto, apo_zero_unpaired) cannot be combined with paired "
-            "ones; they read different data"
-        )
-    if lo.beta <= 0:
-        p.append(f"loss.beta={lo.beta}: must be > 0 (typical 0.01 to 0.5; SimPO 2 to 10)")
-    if not 0.0 <= lo.label_smoothing < 0.5:
-        p.append(f"loss.label_smoothing={lo.label_smoothing}: must be in [0, 0.5)")
-    if "exo_pair" in lo.type and lo.label_smoothing <= 0:
-        p.append("loss.type=exo_pair needs loss.label_smoothing > 0 (e.g. 1e-3): EXO's label distribution must not be 0/1")
-    if not 0.0 <= lo.ld_alpha <= 1.0:
-        p.append(f"loss.ld_alpha={lo.ld_alpha}: must be in [0, 1] (1 = off; LD-DPO uses 0.3 to 0.7)")
-    if lo.f_divergence not in F_DIVERGENCES:
-        p.append(f"loss.f_divergence={lo.f_divergence!r}: choose one of {list(F_DIVERGENCES)}")
-    elif lo.f_divergence != "reverse_kl":
-        plain = [n for n, s in zip(names, specs, strict=True) if not s.f_divergence]
-        if plain:
-            p.append(
-                f"loss.f_divergence={lo.f_divergence} applies only to sigmoid, robust, hinge and exo_pair; "
-                f"not to {plain}. Fix: set loss.f_divergence=reverse_kl or change loss.type"
-            )
-    if lo.f_alpha <= 0:
-        p.append(f"loss.f_alpha={lo.f_alpha}: must be > 0")
-    if lo.discopop_tau <= 0:
-        p.append(f"loss.discopop_tau={lo.discopop_tau}: must be > 0")
-    if lo.orpo_lambda < 0 or lo.cpo_alpha < 0:
-        p.append("loss.orpo_lambda and loss.cpo_alpha must be >= 0")
-    if lo.desirable_weight <= 0 or lo.undesirable_weight <= 0:
-        p.append("loss.desirable_weight and loss.undesirable_weight must be > 0")
-    if any(s.unpaired for s in specs) and (lo.use_weighting or lo.ld_alpha != 1.0):
-        p.append("loss.use_weighting and loss.ld_alpha apply to paired losses only; unset them for kto")
-    if "kto" in lo.type and batch_size < 2:
-        p.append(
-            f"loss.type=kto with train.batch_size={batch_size}: the KL baseline pairs each prompt with another "
-            "example's completion in the batch; use train.batch_size >= 2"
-        )
-    return p
 
 
 def to_dict(cfg: Config) -> dict:

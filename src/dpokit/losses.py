@@ -66,8 +66,17 @@ class LossSpec:
     """Names of the `loss.*` config fields the function takes as keyword arguments."""
     needs_reference: bool = True
     unpaired: bool = False
+    """Reads unpaired prompt/completion/label examples. Their reference log-probs cannot be precomputed:
+    the KL baseline pairs each prompt with another example's completion of the same batch."""
     f_divergence: bool = False
     """Whether the loss is built on `preference_logits`, so `loss.f_divergence` applies."""
+    needs_label_smoothing: bool = False
+    """The loss is undefined at label_smoothing 0 (EXO's label distribution must not be 0/1)."""
+    min_batch_size: int = 1
+    """The smallest micro-batch the loss is defined on (KTO's KL baseline needs another example)."""
+
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
 # --- shared pieces -------------------------------------------------------------------------------------
@@ -351,7 +360,7 @@ LOSSES: dict[str, LossSpec] = {
     "sigmoid": LossSpec(sigmoid, ("beta", "label_smoothing", *_F), f_divergence=True),
     "robust": LossSpec(robust, ("beta", "label_smoothing", *_F), f_divergence=True),
     "hinge": LossSpec(hinge, ("beta", *_F), f_divergence=True),
-    "exo_pair": LossSpec(exo_pair, ("beta", "label_smoothing", *_F), f_divergence=True),
+    "exo_pair": LossSpec(exo_pair, ("beta", "label_smoothing", *_F), f_divergence=True, needs_label_smoothing=True),
     "ipo": LossSpec(ipo, ("beta",)),
     "sigmoid_norm": LossSpec(sigmoid_norm, ("beta", "label_smoothing")),
     "nca_pair": LossSpec(nca_pair, ("beta",)),
@@ -366,7 +375,7 @@ LOSSES: dict[str, LossSpec] = {
     "orpo": LossSpec(orpo, ("orpo_lambda",), needs_reference=False),
     "cpo": LossSpec(cpo, ("beta", "cpo_alpha", "label_smoothing"), needs_reference=False),
     "sft": LossSpec(sft, (), needs_reference=False),
-    "kto": LossSpec(kto, ("beta", "desirable_weight", "undesirable_weight"), unpaired=True),
+    "kto": LossSpec(kto, ("beta", "desirable_weight", "undesirable_weight"), unpaired=True, min_batch_size=2),
     "apo_zero_unpaired": LossSpec(apo_zero_unpaired, ("beta",), unpaired=True),
 }
 

@@ -1,0 +1,209 @@
+"""Semantic checks of a type-correct config: every problem found, each saying what to change.
+
+Loss names and their properties come from the loss registry (`losses.LOSSES`); nothing here repeats them.
+"""
+
+from __future__ import annotations
+
+from dpokit.config import Config, LossConfig, did_you_mean
+
+SCHEDULERS = ("linear", "cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+ATTENTION = ("sdpa", "eager")
+DEDUPLICATE = ("pairs", "prompt_chosen", "off")
+TRACKERS = {
+    # name -> (accelerate's availability check, what to install)
+    "tensorboard": ("is_tensorboard_available", "tensorboard"),
+    "wandb": ("is_wandb_available", "wandb"),
+    "mlflow": ("is_mlflow_available", "mlflow"),
+    "trackio": ("is_trackio_available", "trackio"),
+    "comet_ml": ("is_comet_ml_available", "comet_ml"),
+    "aim": ("is_aim_available", "aim"),
+    "clearml": ("is_clearml_available", "clearml"),
+    "dvclive": ("is_dvclive_available", "dvclive"),
+    "swanlab": ("is_swanlab_available", "swanlab"),
+}
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every problem found in `cfg` (empty = valid)."""
+    return [*_data_problems(cfg), *validate_loss(cfg.loss, cfg.train.batch_size), *_train_problems(cfg),
+            *_eval_problems(cfg), *_lora_problems(cfg), *_environment_problems(cfg)]
+
+
+def _data_problems(cfg: Config) -> list[str]:
+    d, p = cfg.data, []
+    if not d.train:
+        p.append("data.train is empty: give a preference file, e.g. data.train=pairs.jsonl")
+    if not 0.0 <= d.eval_fraction < 1.0:
+        p.append(f"data.eval_fraction={d.eval_fraction}: must be in [0, 1)")
+    if d.eval and d.eval_fraction > 0:
+        p.append("data.eval and data.eval_fraction are both set: use one of them")
+    if d.max_length <= 1:
+        p.append(f"data.max_length={d.max_length}: must be > 1")
+    if d.max_prompt_length <= 0:
+        p.append(f"data.max_prompt_length={d.max_prompt_length}: must be > 0")
+    elif d.max_prompt_length >= d.max_length:
+        p.append(
+            f"data.max_prompt_length={d.max_prompt_length} >= data.max_length={d.max_length}: "
+            "no room is left for the completion; lower max_prompt_length or raise max_length"
+        )
+    if d.limit < 0:
+        p.append(f"data.limit={d.limit}: must be >= 0")
+    if not 0.0 <= d.max_similarity <= 1.0:
+        p.append(f"data.max_similarity={d.max_similarity}: must be in [0, 1] (1 = off)")
+    if d.deduplicate not in DEDUPLICATE:
+        p.append(f"data.deduplicate={d.deduplicate!r}: choose one of {list(DEDUPLICATE)}")
+    return p
+
+
+def _train_problems(cfg: Config) -> list[str]:
+    t, p = cfg.train, []
+    checks = [
+        (t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1"),
+        (t.grad_accum >= 1, f"train.grad_accum={t.grad_accum}: must be >= 1"),
+        (t.max_steps >= 0, f"train.max_steps={t.max_steps}: must be >= 0"),
+        (t.max_steps > 0 or t.epochs > 0, "train.max_steps=0 and train.epochs<=0: nothing to train"),
+        (t.lr > 0, f"train.lr={t.lr}: must be > 0 (DPO with LoRA: ~5e-5; full: ~5e-7)"),
+        (t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0"),
+        (len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
+         f"train.adam_betas={t.adam_betas}: two numbers in [0, 1)"),
+        (t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps}: must be >= 0"),
+        (t.scheduler in SCHEDULERS, f"train.scheduler={t.scheduler!r}: choose one of {list(SCHEDULERS)}"),
+        (t.max_grad_norm >= 0, f"train.max_grad_norm={t.max_grad_norm}: must be >= 0 (0 = no clipping)"),
+        (t.device in DEVICES, f"train.device={t.device!r}: choose one of {list(DEVICES)}"),
+        (t.logps_chunk_size >= 1, f"train.logps_chunk_size={t.logps_chunk_size}: must be >= 1"),
+        (t.pack_tokens >= 2, f"train.pack_tokens={t.pack_tokens}: must be >= 2"),
+        (t.checkpoint_every >= 0, f"train.checkpoint_every={t.checkpoint_every}: must be >= 0"),
+        (t.flat_window >= 0, f"train.flat_window={t.flat_window}: must be >= 0"),
+        (t.drift_warn > 0, f"train.drift_warn={t.drift_warn}: must be > 0"),
+    ]
+    p += [msg for ok, msg in checks if not ok]
+    if cfg.model.attn_implementation not in ATTENTION:
+        p.append(f"model.attn_implementation={cfg.model.attn_implementation!r}: choose one of {list(ATTENTION)}")
+    if t.precompute_ref and _specs(cfg.loss) and any(s.unpaired for s in _specs(cfg.loss)):
+        p.append(
+            "train.precompute_ref=true with an unpaired loss: KTO's KL baseline pairs each prompt with another "
+            "example's completion in the batch, so it cannot be cached; set train.precompute_ref=false"
+        )
+    return p
+
+
+def _eval_problems(cfg: Config) -> list[str]:
+    e, d, p = cfg.eval, cfg.data, []
+    if e.every < 0:
+        p.append(f"eval.every={e.every}: must be >= 0")
+    if e.patience < 0:
+        p.append(f"eval.patience={e.patience}: must be >= 0")
+    if e.patience and not e.every:
+        p.append("eval.patience needs periodic evaluation: set eval.every (e.g. eval.every=50)")
+    if e.patience and not (d.eval or d.eval_fraction > 0):
+        p.append("eval.patience needs held-out data: set data.eval or data.eval_fraction")
+    if e.batch_size < 1:
+        p.append(f"eval.batch_size={e.batch_size}: must be >= 1")
+    if e.sample_pairs < 0:
+        p.append(f"eval.sample_pairs={e.sample_pairs}: must be >= 0")
+    return p
+
+
+def _lora_problems(cfg: Config) -> list[str]:
+    lo = cfg.lora
+    if not lo.enabled:
+        return []
+    checks = [
+        (lo.r >= 1, f"lora.r={lo.r}: must be >= 1"),
+        (lo.alpha > 0, f"lora.alpha={lo.alpha}: must be > 0"),
+        (0 <= lo.dropout < 1, f"lora.dropout={lo.dropout}: must be in [0, 1)"),
+        (bool(lo.target_modules), "lora.target_modules is empty: name modules, e.g. [q_proj, v_proj]"),
+    ]
+    return [msg for ok, msg in checks if not ok]
+
+
+def _environment_problems(cfg: Config) -> list[str]:
+    """What this machine lacks for the config: tracker packages, a CUDA device, bf16 on the GPU."""
+    t, p = cfg.train, []
+    unknown = [x for x in t.report_to if x != "all" and x not in TRACKERS]
+    if unknown:
+        p.append(f"train.report_to={t.report_to}: unknown tracker(s) {unknown}; choose from {['all', *TRACKERS]}")
+    missing = [TRACKERS[x][1] for x in t.report_to if x in TRACKERS and not _tracker_available(x)]
+    if missing:
+        p.append(
+            f"train.report_to={t.report_to}: {', '.join(missing)} is not installed. Fix: pip install "
+            f"{' '.join(missing)}, or drop it from train.report_to (metrics.jsonl is always written)"
+        )
+    if t.device == "cuda" or (t.bf16 and t.device == "auto"):
+        import torch
+
+        cuda = torch.cuda.is_available()
+        if t.device == "cuda" and not cuda:
+            p.append("train.device=cuda but no CUDA device is visible; use device=auto or cpu")
+        if t.bf16 and cuda and not torch.cuda.is_bf16_supported():
+            p.append("train.bf16=true but this GPU has no bf16 support; set train.bf16=false")
+    return p
+
+
+def _tracker_available(name: str) -> bool:
+    import accelerate.utils
+
+    check = getattr(accelerate.utils, TRACKERS[name][0], None)
+    return bool(check()) if check else True
+
+
+def _specs(lo: LossConfig) -> list:
+    from dpokit.losses import LOSSES
+
+    return [LOSSES[n] for n in lo.type if n in LOSSES]
+
+
+def validate_loss(lo: LossConfig, batch_size: int) -> list[str]:
+    """Every problem with the loss section, each with what to change."""
+    from dpokit.losses import F_DIVERGENCES, LOSSES
+
+    p = []
+    for name in lo.type:
+        if name not in LOSSES:
+            p.append(f"loss.type: unknown loss {name!r}{did_you_mean(name, LOSSES)}; choose from {sorted(LOSSES)}")
+    if not lo.type:
+        p.append(f"loss.type is empty; choose from {sorted(LOSSES)}")
+    if len(set(lo.type)) != len(lo.type):
+        p.append(f"loss.type={lo.type}: a loss is listed twice; give it one weight instead")
+    if lo.weights and len(lo.weights) != len(lo.type):
+        p.append(f"loss.weights={lo.weights}: needs one weight per loss in loss.type={lo.type}")
+    if any(w < 0 for w in lo.weights):
+        p.append(f"loss.weights={lo.weights}: weights must be >= 0")
+    named = {n: LOSSES[n] for n in lo.type if n in LOSSES}
+    unpaired = sorted(n for n, s in named.items() if s.unpaired)
+    if unpaired and len(unpaired) < len(named):
+        p.append(f"loss.type={lo.type}: unpaired losses ({', '.join(unpaired)}) cannot be combined with paired "
+                 "ones; they read different data")
+    if lo.beta <= 0:
+        p.append(f"loss.beta={lo.beta}: must be > 0 (typical 0.01 to 0.5; SimPO 2 to 10)")
+    if not 0.0 <= lo.label_smoothing < 0.5:
+        p.append(f"loss.label_smoothing={lo.label_smoothing}: must be in [0, 0.5)")
+    for n in (n for n, s in named.items() if s.needs_label_smoothing and lo.label_smoothing <= 0):
+        p.append(f"loss.type={n} needs loss.label_smoothing > 0 (e.g. 1e-3): its label distribution must not be 0/1")
+    if not 0.0 <= lo.ld_alpha <= 1.0:
+        p.append(f"loss.ld_alpha={lo.ld_alpha}: must be in [0, 1] (1 = off; LD-DPO uses 0.3 to 0.7)")
+    if lo.f_divergence not in F_DIVERGENCES:
+        p.append(f"loss.f_divergence={lo.f_divergence!r}: choose one of {list(F_DIVERGENCES)}")
+    elif lo.f_divergence != "reverse_kl":
+        plain = [n for n, s in named.items() if not s.f_divergence]
+        if plain:
+            with_f = sorted(n for n, s in LOSSES.items() if s.f_divergence)
+            p.append(f"loss.f_divergence={lo.f_divergence} applies only to {', '.join(with_f)}; not to {plain}. "
+                     "Fix: set loss.f_divergence=reverse_kl or change loss.type")
+    if lo.f_alpha <= 0:
+        p.append(f"loss.f_alpha={lo.f_alpha}: must be > 0")
+    if lo.discopop_tau <= 0:
+        p.append(f"loss.discopop_tau={lo.discopop_tau}: must be > 0")
+    if lo.orpo_lambda < 0 or lo.cpo_alpha < 0:
+        p.append("loss.orpo_lambda and loss.cpo_alpha must be >= 0")
+    if lo.desirable_weight <= 0 or lo.undesirable_weight <= 0:
+        p.append("loss.desirable_weight and loss.undesirable_weight must be > 0")
+    if unpaired and (lo.use_weighting or lo.ld_alpha != 1.0):
+        p.append(f"loss.use_weighting and loss.ld_alpha apply to paired losses only; unset them for {unpaired[0]}")
+    for n, s in named.items():
+        if batch_size < s.min_batch_size:
+            p.append(f"loss.type={n} with train.batch_size={batch_size}: its KL baseline pairs each prompt with "
+                     f"another example's completion in the batch; use train.batch_size >= {s.min_batch_size}")
+    return p
