@@ -31,9 +31,10 @@ def test_hh_helpful_identical_and_empty_pairs_found(shared_data):
 
 def test_pandalm_agreement_distribution(shared_data):
     report = check_file(str(shared_data / "pandalm" / "testset-v1.json"))
-    assert report["invalid"]["reasons"]["annotator1: annotators tie"] == 105  # the data README's tie count
+    # the data README: 999 comparisons, 894 with a majority; of its 105 ties, 2 also have an empty response
+    assert report["ties"] == 103 and report["invalid"]["count"] == 54
     assert report["agreement"]["distribution"] == {"0.667": 98, "1.000": 744}
-    assert report["formats"] == {"votes": 842}
+    assert report["formats"] == {"votes": 945}
 
 
 def test_kto_file_is_reported_as_unpaired(shared_data):
@@ -111,6 +112,92 @@ def test_data_check_and_filter_cli(tmp_path, shared_data, capsys):
     out = tmp_path / "clean.jsonl"
     assert main(["data", "filter", hh, "--out", str(out), "--skip-invalid", "--max-similarity", "0.9"]) == 0
     printed = capsys.readouterr().out
-    assert "kept 2347 of 2350" in printed and "dropped 2: identical chosen and rejected" in printed
-    assert "dropped 1: similarity > 0.9" in printed and "dropped 4: rejected: empty completion" in printed
+    assert "kept 2347 of 2354 records" in printed and "dropped 2: identical chosen and rejected" in printed
+    assert "dropped 1: similarity > 0.9" in printed and "dropped 4: invalid: rejected: empty completion" in printed
     assert len(out.read_text().splitlines()) == 2347
+
+
+def test_filter_deduplicates_and_check_then_stops_advising_it(tmp_path, shared_data, capsys):
+    demo = shared_data / "llama-factory" / "dpo_en_demo.json"
+    out = tmp_path / "clean.jsonl"
+    assert main(["data", "filter", str(demo), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    kept = len(out.read_text().splitlines())
+    assert kept < 300 and f"kept {kept} of 300 records" in printed and "duplicate pair" in printed
+    assert main(["data", "check", str(out)]) == 0
+    advice = [line for line in capsys.readouterr().out.splitlines() if line.startswith("advice")]
+    assert not any("duplicate" in line for line in advice), advice
+
+
+def test_deduplicate_modes(tmp_path):
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": "b"},
+            {"prompt": "p", "chosen": "a", "rejected": "c"}, {"prompt": "q", "chosen": "a", "rejected": "b"}]
+    examples, _ = load_examples(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert filter_pairs(examples)[1] == {"duplicate pair": 1}  # the default
+    kept, dropped = filter_pairs(examples, deduplicate="prompt_chosen")
+    assert [e.rejected for e in kept] == ["b", "b"] and dropped == {"duplicate pair": 1, "repeated prompt + chosen": 1}
+    assert len(filter_pairs(examples, deduplicate="off")[0]) == 4
+
+
+def test_check_reports_an_empty_file(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    main(["data", "check", str(empty)])
+    out = capsys.readouterr().out
+    assert "no problems found" not in out and "the file holds no records" in out
+
+
+def test_check_names_the_columns_of_a_csv_of_another_format(tmp_path, capsys):
+    path = tmp_path / "wrong.csv"
+    path.write_text("question,good,bad\nq,a,b\n")
+    main(["data", "check", str(path)])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "no problems found" not in out
+    assert "found fields ['bad', 'good', 'question']; expected prompt/chosen/rejected" in out
+
+
+def test_check_reports_length_bias_toward_the_rejected_side(capsys):
+    main(["data", "check", "builtin:demo"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "no problems found" not in out
+    assert "rejected is longer in 75% of pairs (r = -0.86); DPO will learn to write shorter" in out
+
+
+def test_check_max_length_without_a_model_is_an_error(capsys):
+    assert main(["data", "check", "builtin:demo", "--max-length", "128"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-length" in err and "give --model" in err and "Traceback" not in err
+
+
+def test_check_text_report_shows_where_invalid_records_are(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    main(["data", "check", str(bad)])
+    assert f"{bad}:line 2: rejected: missing field" in capsys.readouterr().out
+
+
+def test_check_reports_annotator_ties_as_ties(shared_data, capsys):
+    main(["data", "check", str(shared_data / "pandalm" / "testset-v1.json")])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "annotator ties │ 103" in out, out  # no preference: dropped before training, not "invalid"
+    assert "invalid │ 54 " in out and "annotators tie" not in out, out
+
+
+def test_filter_hint_names_its_own_flag(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b"}\n')
+    assert main(["data", "filter", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "--skip-invalid" in err and "data.skip_invalid" not in err
+
+
+def test_filter_counts_add_up(tmp_path, shared_data, capsys):
+    pandalm = shared_data / "pandalm" / "testset-v1.json"
+    out = tmp_path / "o.jsonl"
+    assert main(["data", "filter", str(pandalm), "--out", str(out), "--skip-invalid", "--min-agreement", "1.0"]) == 0
+    printed = capsys.readouterr().out
+    kept = len(out.read_text().splitlines())
+    assert f"kept {kept} of 999 records" in printed, printed
+    dropped = [line.split(":", 1) for line in printed.splitlines() if line.strip().startswith("dropped")]
+    assert kept + sum(int(n.split()[1]) for n, _ in dropped) == 999, printed
+    assert any("annotator tie" in reason for _, reason in dropped)

@@ -45,7 +45,7 @@ def test_implicit_prompt_uses_common_prefix_not_each_sides_last_marker():
 def test_conversational_prompt_and_string_completions():
     rec = {"prompt": [{"role": "user", "content": "hi"}], "chosen": "hello", "rejected": "go away"}
     ex = normalize("f:line 1", rec)
-    assert ex.conversational and ex.format == "conversational"
+    assert isinstance(ex.prompt, list) and ex.format == "conversational"
     assert ex.chosen == [{"role": "assistant", "content": "hello"}]
 
 
@@ -117,8 +117,8 @@ def test_skip_invalid_counts_instead(tmp_path):
 
 
 def test_missing_file_is_named(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
-        load_examples(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match=r"nope.jsonl: no such file \(given as data.eval\)"):
+        load_examples(str(tmp_path / "nope.jsonl"), key="data.eval")
 
 
 def test_unknown_extension(tmp_path):
@@ -172,7 +172,7 @@ def test_split_by_prompt_keeps_prompts_on_one_side(tmp_path):
 
 def test_builtin_demo_data():
     examples, stats = load_examples("builtin:demo")
-    assert len(examples) >= 200 and stats.skipped == 0 and all(e.conversational for e in examples)
+    assert len(examples) >= 200 and stats.skipped == 0 and all(isinstance(e.prompt, list) for e in examples)
 
 
 # --- the shared third-party files ----------------------------------------------------------------
@@ -208,3 +208,45 @@ def test_llama_factory_sharegpt_and_v1(shared_data):
     v1, stats = load_examples(str(shared_data / "llama-factory" / "v1_dpo_demo.jsonl"))
     assert len(v1) == 10 and [m["role"] for m in v1[0].prompt] == ["system", "user"]
     assert v1[0].chosen[0]["role"] == "assistant" and v1[0].chosen != v1[0].rejected
+
+
+def test_scores_are_read_in_every_format(tmp_path):
+    from dpokit.data.filters import filter_pairs
+
+    rows = [
+        {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
+         "rejected": [{"role": "assistant", "content": "b"}], "score_chosen": 5, "score_rejected": 4.5},
+        {"conversations": [{"from": "human", "value": "hello"}], "chosen": {"from": "gpt", "value": "a"},
+         "rejected": {"from": "gpt", "value": "b"}, "score_chosen": 9, "score_rejected": 1},
+        {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b",
+         "score_chosen": 2, "score_rejected": 1.9},
+    ]
+    examples, _ = load_examples(str(write_jsonl(tmp_path / "scored.jsonl", rows)))
+    assert [e.format for e in examples] == ["conversational", "sharegpt", "implicit"]
+    assert [e.meta.get("score_chosen") for e in examples] == [5.0, 9.0, 2.0]
+    kept, dropped = filter_pairs(examples, min_score_gap=1.0)
+    assert [e.format for e in kept] == ["sharegpt"] and dropped == {"score gap < 1.0": 2}
+
+
+def test_training_drops_duplicate_pairs_and_counts_them(tmp_path, tiny_model_dir):
+    from dpokit.train import train
+    from helpers import load_cfg
+
+    rows = [{"prompt": "p", "chosen": "good answer", "rejected": "bad answer"}] * 3
+    rows.append({"prompt": "q", "chosen": "yes", "rejected": "no"})
+    data = write_jsonl(tmp_path / "dups.jsonl", rows)
+    result = train(load_cfg(tiny_model_dir, tmp_path / "r", f"data.train={data}", "data.eval_fraction=0", "train.max_steps=1"))
+    stats = json.loads((result.run_dir / "data_stats.json").read_text())
+    assert stats["filtered"]["train"] == {"duplicate pair": 2}
+
+
+def test_heavy_truncation_is_said_on_the_console(tmp_path, tiny_model_dir, caplog):
+    from dpokit.train import train
+    from helpers import load_cfg
+
+    rows = [{"prompt": f"word{i} " * 400, "chosen": "yes", "rejected": "no"} for i in range(6)]
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    train(load_cfg(tiny_model_dir, tmp_path / "r", f"data.train={data}", "data.eval_fraction=0", "train.max_steps=1",
+                   "data.max_prompt_length=64", "data.max_length=96"))
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("6 of 6 prompts were cut to data.max_prompt_length=64" in m for m in said), said

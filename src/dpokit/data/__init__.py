@@ -17,9 +17,10 @@ from dpokit.data.formats import (
     normalize_unpaired,
     split_implicit_prompt,
 )
-from dpokit.data.readers import DataError, read_records
+from dpokit.data.readers import DataError, RawRecord, read_records
 
 __all__ = [
+    "FORMATS",
     "DataError",
     "LoadStats",
     "PreferenceExample",
@@ -69,29 +70,63 @@ def resolve_data_path(spec: str, kind: str = "prefs") -> Path:
     return Path(spec)
 
 
+FORMATS = {
+    False: "prompt/chosen/rejected; chosen/rejected full texts (implicit prompt); message lists "
+    "(prompt + chosen/rejected, or chosen_messages/rejected_messages); conversations + chosen/rejected "
+    "(ShareGPT); instruction/response1/response2 + annotator votes",
+    True: "prompt/completion/label, or messages + label",
+}
+"""What each kind of data file may hold (unpaired: KTO), for messages about records of another format."""
+
+
 def load_examples(
-    spec: str, skip_invalid: bool = False, unpaired: bool = False
+    spec: str, skip_invalid: bool = False, unpaired: bool = False, key: str = "", skip_hint: str = "data.skip_invalid=true"
 ) -> tuple[list[PreferenceExample] | list[UnpairedExample], LoadStats]:
     """Read and normalize every record of a preference file (`unpaired`: prompt/completion/label records).
 
     Invalid records raise one DataError listing the first problems (file:line: field: what), unless
-    `skip_invalid`, in which case they are skipped and counted by reason in the returned stats.
+    `skip_invalid`, in which case they are skipped and counted by reason in the returned stats. `key` names
+    where the file was given (data.train, --data) and `skip_hint` how to skip invalid records, in messages.
     """
     path = resolve_data_path(spec)
-    examples, errors, stats = normalize_records(read_records(path), unpaired)
+    if not path.exists():
+        raise DataError(str(path), "no such file" + (f" (given as {key})" if key else ""))
+    records = list(read_records(path))
+    examples, errors, stats = normalize_records(records, unpaired)
+    if stats.records == 0:
+        raise DataError(str(path), "no records in the file" + (f" (given as {key})" if key else ""))
+    if not examples and errors:
+        hint = foreign_format_hint(records, errors, unpaired)
+        if hint:
+            raise DataError(str(path), hint)
     if errors and not skip_invalid:
         listed = "\n".join(f"  {e}" for e in errors[:MAX_LISTED_ERRORS])
         more = f"\n  ... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
         raise DataError(
             str(path),
             f"{len(errors)} invalid record(s) of {stats.records}:\n{listed}{more}\n"
-            "Fix the records, or set data.skip_invalid=true to skip and count them.",
+            f"Fix the records, or set {skip_hint} to skip and count them.",
         )
     if errors:
         log.warning("%s: skipped %d invalid record(s): %s", path, len(errors), dict(stats.skip_reasons))
     if not examples:
         raise DataError(str(path), "no usable preference pairs in the file")
     return examples, stats
+
+
+KNOWN_FIELDS = {"prompt", "chosen", "rejected", "conversations", "chosen_messages", "rejected_messages", "response1",
+                "response2", "instruction", "completion", "label", "messages"}
+
+
+def foreign_format_hint(records: list, errors: list[DataError], unpaired: bool) -> str | None:
+    """When no record holds any field of a known format: the fields found and the formats expected."""
+    found = sorted({k for r in records if isinstance(r, RawRecord) and isinstance(r.value, dict) for k in r.value})
+    if not found or KNOWN_FIELDS & set(found):
+        return None
+    return (
+        f"none of the {len(records)} records has the fields of a known format: found fields {found}; "
+        f"expected {FORMATS[unpaired]}"
+    )
 
 
 def normalize_records(records, unpaired: bool = False) -> tuple[list, list[DataError], LoadStats]:

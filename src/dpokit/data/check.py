@@ -5,12 +5,13 @@ Measures (all per pair, over the valid pairs):
   2 |C ∩ R| / (|C| + |R|) (1 = the same tokens, 0 = nothing shared). Tokens come from the model's
   tokenizer when one is given, else from words and punctuation (`\\w+|[^\\w\\s]`). Pairs above the
   threshold are too alike to carry much preference signal;
-- length bias: d = len(chosen) - len(rejected) in tokens; the share of pairs with d > 0, mean and
+- length bias, either way: d = len(chosen) - len(rejected) in tokens; the share of pairs with d > 0, mean and
   median d, and the correlation of d with the preference: with score columns, Pearson's r between d and
   the score gap; without, the point-biserial r of (d, +1), (-d, -1) over both orderings of every pair,
   which is mean(d) / sqrt(mean(d^2));
 - truncation under max_length / max_prompt_length (needs the tokenizer);
-- annotator agreement (votes), score gaps and confidence when the data carries them.
+- annotator agreement (votes), annotator ties, score gaps and confidence when the data carries them;
+- an empty file, and records of another format (the fields found against the formats expected).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from dpokit.data import normalize_records, resolve_data_path
+from dpokit.data import foreign_format_hint, normalize_records, resolve_data_path
 from dpokit.data.readers import DataError, read_records
 
 WORD = re.compile(r"\w+|[^\w\s]")
@@ -44,7 +45,7 @@ def dice(a: list, b: list) -> float:
     return 2 * common / (len(a) + len(b))
 
 
-def _tokenize_texts(texts: list[str], tokenizer) -> list[list]:
+def tokenize_texts(texts: list[str], tokenizer) -> list[list]:
     if tokenizer is None:
         return [WORD.findall(t) for t in texts]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -70,14 +71,16 @@ def _histogram(values: list[float], edges=SIMILARITY_BINS) -> dict:
 
 
 def _read(path: Path):
-    """Normalized examples (paired, or unpaired when most records are completion/label ones) + stats."""
+    """Normalized examples (paired, or unpaired when most records are completion/label ones), stats, and
+    the fields-vs-formats hint when no record is usable."""
     records = list(read_records(path))
     unpaired = sum(
         1 for r in records if not isinstance(r, DataError) and isinstance(r.value, dict)
         and "label" in r.value and "chosen" not in r.value
     ) > len(records) / 2
-    examples, _, stats = normalize_records(records, unpaired)
-    return examples, stats, unpaired
+    examples, errors, stats = normalize_records(records, unpaired)
+    hint = foreign_format_hint(records, errors, unpaired) if errors and not examples else None
+    return examples, stats, unpaired, hint
 
 
 def check_file(
@@ -87,10 +90,13 @@ def check_file(
     max_prompt_length: int | None = None,
     similarity_threshold: float = 0.9,
 ) -> dict:
-    """The full report as a JSON-ready dict (see the module docstring for every measure)."""
+    """The full report as a JSON-ready dict (see the module docstring for every measure). Truncation is
+    counted when a tokenizer and at least one of the two lengths are given (the other takes its default)."""
     started = time.perf_counter()
     path = resolve_data_path(spec)
-    examples, stats, unpaired = _read(path)
+    if not path.exists():
+        raise DataError(str(path), "no such file")
+    examples, stats, unpaired, hint = _read(path)
     report = {
         "file": str(path),
         "records": stats.records,
@@ -98,6 +104,7 @@ def check_file(
         "kind": "unpaired" if unpaired else "paired",
         "formats": dict(stats.formats),
         "invalid": {"count": stats.skipped, "reasons": dict(stats.skip_reasons), "first": stats.first_errors},
+        "format_hint": hint,
         "empty_completions": sum(n for r, n in stats.skip_reasons.items() if "empty completion" in r),
     }
     prompts = Counter(json.dumps(e.prompt, ensure_ascii=False) for e in examples)
@@ -107,20 +114,26 @@ def check_file(
         report.update(_unpaired_stats(examples, tokenizer))
     else:
         report.update(_pair_stats(examples, tokenizer, similarity_threshold))
-        if tokenizer is not None and max_length and max_prompt_length:
-            report["truncation"] = _truncation(examples, tokenizer, max_length, max_prompt_length)
+        if tokenizer is not None and (max_length or max_prompt_length):
+            from dpokit.config import DataConfig
+
+            lengths = (max_length or DataConfig.max_length, max_prompt_length or DataConfig.max_prompt_length)
+            report["truncation"] = _truncation(examples, tokenizer, *lengths)
     report["advice"] = advice(report, similarity_threshold)
     report["seconds"] = time.perf_counter() - started
     return report
 
 
 def _pair_stats(examples, tokenizer, threshold: float) -> dict:
+    ties = [e for e in examples if e.meta.get("tie")]
+    examples = [e for e in examples if not e.meta.get("tie")]
     keys = Counter(json.dumps([e.prompt, e.chosen, e.rejected], ensure_ascii=False) for e in examples)
-    chosen = _tokenize_texts([text_of(e.chosen) for e in examples], tokenizer)
-    rejected = _tokenize_texts([text_of(e.rejected) for e in examples], tokenizer)
+    chosen = tokenize_texts([text_of(e.chosen) for e in examples], tokenizer)
+    rejected = tokenize_texts([text_of(e.rejected) for e in examples], tokenizer)
     sims = [dice(c, r) for c, r in zip(chosen, rejected, strict=True)]
     diffs = [len(c) - len(r) for c, r in zip(chosen, rejected, strict=True)]
     out = {
+        "ties": len(ties),
         "duplicate_pairs": sum(c - 1 for c in keys.values() if c > 1),
         "identical_pairs": sum(1 for e in examples if e.chosen == e.rejected),
         "similarity": {
@@ -175,7 +188,7 @@ def _quality(examples) -> dict:
 
 
 def _unpaired_stats(examples, tokenizer) -> dict:
-    lengths = _tokenize_texts([text_of(e.completion) for e in examples], tokenizer)
+    lengths = tokenize_texts([text_of(e.completion) for e in examples], tokenizer)
     by_label = {True: [], False: []}
     for e, toks in zip(examples, lengths, strict=True):
         by_label[e.label].append(len(toks))
@@ -198,33 +211,52 @@ def _truncation(examples, tokenizer, max_length: int, max_prompt_length: int) ->
 
 
 def advice(report: dict, threshold: float) -> list[str]:
-    """What to change, with the config keys, for every problem found."""
+    """What to change, with the config keys (or `data filter` flags), for every problem found."""
     tips = []
-    if report["invalid"]["count"]:
-        tips.append(f"{report['invalid']['count']} invalid records: fix them or train with data.skip_invalid=true "
-                    "(they are skipped and counted)")
+    if report["records"] == 0:
+        tips.append("the file holds no records: nothing to train on")
+    if report.get("format_hint"):
+        tips.append(report["format_hint"])
+    elif report["invalid"]["count"]:
+        tips.append(f"{report['invalid']['count']} invalid records: fix them, or skip and count them "
+                    "(data.skip_invalid=true in training, --skip-invalid in dpokit data filter)")
+    if report.get("ties"):
+        tips.append(f"{report['ties']} annotator ties carry no preference: training drops them (counted in "
+                    "data_stats.json), and so does dpokit data filter")
     if report.get("identical_pairs"):
         tips.append(f"{report['identical_pairs']} pairs have chosen == rejected (no signal): data.drop_identical=true "
                     "(the default) drops them")
     if report.get("duplicate_pairs"):
-        tips.append(f"{report['duplicate_pairs']} exact duplicate pairs: deduplicate the file (dpokit data filter)")
+        tips.append(f"{report['duplicate_pairs']} exact duplicate pairs: data.deduplicate=pairs (the default) drops "
+                    "them in training; dpokit data filter writes a file without them")
     sim = report.get("similarity", {})
     if sim.get("above_threshold"):
         tips.append(f"{sim['above_threshold']} pairs are more than {threshold} similar: data.max_similarity={threshold} "
                     "drops them")
-    length = report.get("length", {})
-    if length.get("chosen_longer_share", 0.5) > LENGTH_BIAS_SHARE or length.get("correlation", 0) > LENGTH_BIAS_R:
-        tips.append(
-            f"length bias: chosen is longer in {length['chosen_longer_share']:.0%} of pairs (r = "
-            f"{length['correlation']:.2f}); DPO will learn to write longer. Use loss.type=sigmoid_norm, "
-            "or loss.ld_alpha=0.5 (LD-DPO), or data.rebalance_length=true"
-        )
+    tips += _length_advice(report.get("length", {}))
     if "agreement" in report and report["agreement"]["mean"] < 1:
         tips.append("annotators disagree on some pairs: data.min_agreement=0.67 (or 1.0) keeps the confident ones")
     if "score_gap" in report and report["score_gap"]["non_positive"]:
         tips.append(f"{report['score_gap']['non_positive']} pairs have score_chosen <= score_rejected: data.min_score_gap")
     trunc = report.get("truncation")
-    if trunc and (trunc["prompts_truncated"] or trunc["dropped"]):
-        tips.append(f"truncation: {trunc['prompts_truncated']} prompts are cut and {sum(trunc['dropped'].values())} pairs "
-                    "lose their whole completion; raise data.max_length / data.max_prompt_length")
+    if trunc and (trunc["prompts_truncated"] or trunc["completions_truncated"] or trunc["dropped"]):
+        tips.append(f"truncation: {trunc['prompts_truncated']} prompts and {trunc['completions_truncated']} completions "
+                    f"are cut, {sum(trunc['dropped'].values())} pairs lose their whole completion; raise "
+                    "data.max_length / data.max_prompt_length")
     return tips
+
+
+def _length_advice(length: dict) -> list[str]:
+    """Length bias in either direction: DPO learns whatever length the chosen side has."""
+    if "chosen_longer_share" not in length:  # no pairs, or unpaired data
+        return []
+    share, r = length["chosen_longer_share"], length["correlation"]
+    fixes = "Use loss.type=sigmoid_norm, or loss.ld_alpha=0.5 (LD-DPO), or data.rebalance_length=true"
+    if share > LENGTH_BIAS_SHARE or r > LENGTH_BIAS_R:
+        return [f"length bias: chosen is longer in {share:.0%} of pairs (r = {r:+.2f}); DPO will learn to write "
+                f"longer. {fixes}"]
+    shorter = 1 - share - length["equal_length_share"]
+    if shorter > LENGTH_BIAS_SHARE or r < -LENGTH_BIAS_R:
+        return [f"length bias: rejected is longer in {shorter:.0%} of pairs (r = {r:+.2f}); DPO will learn to write "
+                f"shorter. {fixes}"]
+    return []

@@ -1,57 +1,96 @@
 """Filter preference pairs before training; every drop is counted by reason (nothing goes silently).
 
-Filters (all off unless set, except dropping chosen == rejected pairs, which carry no signal):
-identical pairs, pairs above a similarity threshold (the Dice measure of `data.check`), pairs below an
-annotator-agreement, score-gap or confidence threshold, and length rebalancing: a seeded subsample that
-keeps as many chosen-longer as chosen-shorter pairs.
+In order: annotator ties (no preference: always dropped), repeats (`deduplicate`: the same prompt, chosen
+and rejected, or also the same prompt and chosen), chosen == rejected, pairs above a similarity threshold
+(the Dice measure of `data check`), pairs below an annotator-agreement, score-gap or confidence threshold,
+and length rebalancing: a seeded subsample that keeps as many chosen-longer as chosen-shorter pairs. The
+defaults drop ties, exact duplicate pairs and identical pairs only.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from dpokit.data.check import _tokenize_texts, dice, text_of
+from dpokit.data.check import dice, text_of, tokenize_texts
 from dpokit.data.formats import PreferenceExample
+
+TIE = "annotator tie (no preference)"
+
+
+@dataclass(frozen=True)
+class FilterSettings:
+    """The filters of DataConfig (`data.*`), also the flags of `dpokit data filter`."""
+
+    deduplicate: str = "pairs"
+    drop_identical: bool = True
+    max_similarity: float = 1.0
+    min_agreement: float | None = None
+    min_score_gap: float | None = None
+    min_confidence: float | None = None
+    rebalance_length: bool = False
+
+    @classmethod
+    def of(cls, data_cfg) -> FilterSettings:
+        return cls(**{k: getattr(data_cfg, k) for k in cls.__dataclass_fields__})
+
+
+def _key(e: PreferenceExample, fields: tuple[str, ...]) -> str:
+    return json.dumps([getattr(e, f) for f in fields], ensure_ascii=False)
+
+
+def drop_reason(e: PreferenceExample, s: FilterSettings, seen: set, similarity: float | None) -> str | None:
+    """Why the pair is dropped, or None to keep it. `seen` collects the repeat keys of kept pairs."""
+    if e.meta.get("tie"):
+        return TIE
+    if s.deduplicate != "off":
+        pair, prompt_chosen = _key(e, ("prompt", "chosen", "rejected")), _key(e, ("prompt", "chosen"))
+        if pair in seen:
+            return "duplicate pair"
+        if s.deduplicate == "prompt_chosen" and prompt_chosen in seen:
+            return "repeated prompt + chosen"
+        seen.update((pair, prompt_chosen))
+    if s.drop_identical and e.chosen == e.rejected:
+        return "identical chosen and rejected"
+    if similarity is not None and similarity > s.max_similarity:
+        return f"similarity > {s.max_similarity}"
+    if s.min_agreement is not None and e.meta.get("agreement", 1.0) < s.min_agreement:
+        return f"agreement < {s.min_agreement}"
+    if s.min_score_gap is not None and "score_chosen" in e.meta and (
+        e.meta["score_chosen"] - e.meta.get("score_rejected", 0.0) < s.min_score_gap
+    ):
+        return f"score gap < {s.min_score_gap}"
+    if s.min_confidence is not None and e.meta.get("confidence", 1.0) < s.min_confidence:
+        return f"confidence < {s.min_confidence}"
+    return None
 
 
 def filter_pairs(
     examples: list[PreferenceExample],
-    *,
-    drop_identical: bool = True,
-    max_similarity: float = 1.0,
-    min_agreement: float | None = None,
-    min_score_gap: float | None = None,
-    min_confidence: float | None = None,
-    rebalance_length: bool = False,
+    settings: FilterSettings | None = None,
     tokenizer=None,
     seed: int = 0,
+    **overrides,
 ) -> tuple[list[PreferenceExample], Counter]:
-    """Return (kept examples in their original order, drop counts by reason)."""
+    """Return (kept examples in their original order, drop counts by reason). Keyword `overrides` replace
+    fields of `settings` (e.g. `filter_pairs(examples, min_score_gap=1.0)`)."""
+    s = FilterSettings(**{**(settings or FilterSettings()).__dict__, **overrides})
+    need_tokens = s.max_similarity < 1.0 or s.rebalance_length
+    chosen = tokenize_texts([text_of(e.chosen) for e in examples], tokenizer) if need_tokens else None
+    rejected = tokenize_texts([text_of(e.rejected) for e in examples], tokenizer) if need_tokens else None
     dropped: Counter = Counter()
-    need_tokens = max_similarity < 1.0 or rebalance_length
-    chosen = _tokenize_texts([text_of(e.chosen) for e in examples], tokenizer) if need_tokens else None
-    rejected = _tokenize_texts([text_of(e.rejected) for e in examples], tokenizer) if need_tokens else None
-    kept = []
+    kept, seen = [], set()
     for i, e in enumerate(examples):
-        reason = None
-        if drop_identical and e.chosen == e.rejected:
-            reason = "identical chosen and rejected"
-        elif max_similarity < 1.0 and dice(chosen[i], rejected[i]) > max_similarity:
-            reason = f"similarity > {max_similarity}"
-        elif min_agreement is not None and e.meta.get("agreement", 1.0) < min_agreement:
-            reason = f"agreement < {min_agreement}"
-        elif min_score_gap is not None and "score_chosen" in e.meta and (
-            e.meta["score_chosen"] - e.meta.get("score_rejected", 0.0) < min_score_gap
-        ):
-            reason = f"score gap < {min_score_gap}"
-        elif min_confidence is not None and e.meta.get("confidence", 1.0) < min_confidence:
-            reason = f"confidence < {min_confidence}"
+        similarity = dice(chosen[i], rejected[i]) if s.max_similarity < 1.0 else None
+        reason = drop_reason(e, s, seen, similarity)
         if reason:
             dropped[reason] += 1
         else:
             kept.append(i)
-    if rebalance_length:
+    if s.rebalance_length:
         longer = [i for i in kept if len(chosen[i]) > len(rejected[i])]
         shorter = [i for i in kept if len(chosen[i]) < len(rejected[i])]
         excess, keep_n = (longer, len(shorter)) if len(longer) > len(shorter) else (shorter, len(longer))
@@ -60,3 +99,28 @@ def filter_pairs(
             dropped["length rebalancing"] += len(removed)
             kept = [i for i in kept if i not in removed]
     return [examples[i] for i in kept], dropped
+
+
+@dataclass
+class FilterResult:
+    records: int
+    kept: int
+    dropped: Counter = field(default_factory=Counter)
+    """Every record not written, by reason: invalid records (skipped) and filtered pairs."""
+
+
+def filter_file(spec: str, out: Path, settings: FilterSettings, skip_invalid: bool, tokenizer=None, seed: int = 0) -> FilterResult:
+    """`dpokit data filter`: write the kept pairs of `spec` to `out` (JSONL, standard or message format,
+    with their weight, scores and votes); every record of the file is kept or counted by reason."""
+    from dpokit.data import load_examples
+    from dpokit.metrics import write_jsonl
+
+    examples, stats = load_examples(spec, skip_invalid, skip_hint="--skip-invalid")
+    kept, dropped = filter_pairs(examples, settings, tokenizer, seed)
+    rows = []
+    for e in kept:
+        row = {"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected, **({"weight": e.weight} if e.weight != 1 else {})}
+        row.update({k: v for k, v in e.meta.items() if k in ("score_chosen", "score_rejected", "confidence", "agreement")})
+        rows.append(row)
+    write_jsonl(out, rows)
+    return FilterResult(stats.records, len(kept), Counter({**{f"invalid: {r}": n for r, n in stats.skip_reasons.items()}, **dropped}))

@@ -11,6 +11,7 @@ Messages may use `role`/`content` or `from`/`value`; content may be a string or 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,10 +51,6 @@ class PreferenceExample:
     format: str = "standard"
     meta: dict = field(default_factory=dict, compare=False)
 
-    @property
-    def conversational(self) -> bool:
-        return isinstance(self.prompt, list)
-
 
 @dataclass(frozen=True)
 class UnpairedExample:
@@ -66,13 +63,17 @@ class UnpairedExample:
     where: str = ""
     format: str = "unpaired"
 
-    @property
-    def conversational(self) -> bool:
-        return isinstance(self.prompt, list)
-
 
 def normalize(where: str, record: Any) -> PreferenceExample:
-    """Raise DataError naming `where` and the field when the record is not a usable preference pair."""
+    """Raise DataError naming `where` and the field when the record is not a usable preference pair.
+
+    Optional quality fields (`score_chosen`, `score_rejected`, `confidence`) are read in every format."""
+    example = _normalize(where, record)
+    scores = _scores(where, record)
+    return dataclasses.replace(example, meta={**example.meta, **scores}) if scores else example
+
+
+def _normalize(where: str, record: Any) -> PreferenceExample:
     if not isinstance(record, dict):
         raise DataError(where, f"expected an object with prompt/chosen/rejected fields, got {type(record).__name__}")
     if "label" in record and "chosen" not in record:
@@ -116,7 +117,7 @@ def normalize(where: str, record: Any) -> PreferenceExample:
     for key in ("chosen", "rejected"):
         _need_str(where, record, key)
         _need_nonempty(where, record[key], key)
-    return PreferenceExample(prompt, chosen, rejected, weight, where, "standard", _scores(where, record))
+    return PreferenceExample(prompt, chosen, rejected, weight, where, "standard")
 
 
 SCORE_FIELDS = ("score_chosen", "score_rejected", "confidence")
@@ -139,7 +140,8 @@ def _votes(where: str, record: dict, weight: float) -> PreferenceExample:
     """PandaLM style: instruction (+ input), response1, response2 and annotator votes
     (1 = response1 better, 2 = response2 better, 0 = tie). The majority label over all votes decides
     ([1, 0, 0] is a tie); `agreement` is the share of annotators who voted with it. A tie (majority 0 or
-    no strict majority) has no preference and is reported as invalid."""
+    no strict majority) is a valid record with no preference: `meta["tie"]`, response1 as `chosen`; the
+    filters drop it before training, counted."""
     if not isinstance(record.get("instruction"), str):
         raise DataError(where, "expected a string", "instruction")
     vote_keys = sorted(k for k in record if k.startswith("annotator"))
@@ -152,17 +154,16 @@ def _votes(where: str, record: dict, weight: float) -> PreferenceExample:
         votes.append(record[key])
     counts = sorted(((votes.count(v), v) for v in (0, 1, 2)), reverse=True)
     (top, label), (second, _) = counts[0], counts[1]
-    if label == 0 or top == second:
-        raise DataError(where, f"annotators tie ({votes}): no preference", vote_keys[0])
+    tie = label == 0 or top == second
     text = record["instruction"]
     if isinstance(record.get("input"), str) and record["input"].strip():
         text += "\n\n" + record["input"]
     # some responses are JSON booleans (`true`): take their text
     responses = [str(record[k]) if record[k] is not None else "" for k in ("response1", "response2")]
-    better, worse = (0, 1) if label == 1 else (1, 0)
+    better, worse = (1, 0) if label == 2 and not tie else (0, 1)
     for i in (better, worse):
         _need_nonempty(where, responses[i], f"response{i + 1}")
-    meta = {"agreement": top / len(votes), "votes": votes}
+    meta = {"agreement": top / len(votes), "votes": votes, **({"tie": True} if tie else {})}
     return PreferenceExample(
         [{"role": "user", "content": text}],
         [{"role": "assistant", "content": responses[better]}],
@@ -195,7 +196,7 @@ def _need_str(where: str, record: dict, key: str) -> None:
 
 def _need_nonempty(where: str, text: str, key: str) -> None:
     if not text.strip():
-        raise DataError(where, "empty completion (nothing to score); remove the pair or use data.skip_invalid=true", key)
+        raise DataError(where, "empty completion (nothing to score)", key)
 
 
 def _content_text(where: str, content: Any, key: str) -> str:

@@ -39,7 +39,7 @@ def read_records(path: str | Path) -> Iterator[RawRecord | DataError]:
     """
     path = Path(path)
     if not path.exists():
-        raise DataError(str(path), "file does not exist; check data.train / data.eval")
+        raise DataError(str(path), "no such file")
     if path.is_dir():
         yield from _read_saved_dataset(path)
         return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+MAX_SHOWN = 10
+
 
 def render(report: dict, console) -> None:
     from rich.table import Table
@@ -17,6 +19,8 @@ def render(report: dict, console) -> None:
     rp = report["repeated_prompts"]
     t.add_row("repeated prompts", f"{rp['prompts']} prompts in {rp['examples']} examples")
     if report["kind"] == "paired":
+        if report["ties"]:
+            t.add_row("annotator ties", f"{report['ties']}  (no preference: dropped before training)")
         t.add_row("duplicate pairs", str(report["duplicate_pairs"]))
         t.add_row("chosen == rejected", str(report["identical_pairs"]))
         sim = report["similarity"]
@@ -52,6 +56,11 @@ def render(report: dict, console) -> None:
         t.add_row("labels", f"desirable {lab['desirable']}, undesirable {lab['undesirable']}")
         t.add_row("duplicate examples", str(report["duplicate_examples"]))
     console.print(t)
+    first = report["invalid"]["first"]
+    if first:
+        console.print(f"invalid records (first {min(len(first), MAX_SHOWN)} of {report['invalid']['count']}):", highlight=False)
+        for line in first[:MAX_SHOWN]:
+            console.print(f"  {line}", highlight=False, soft_wrap=True)
     for tip in report["advice"]:
         console.print(f"[yellow]advice:[/yellow] {tip}", highlight=False)
     if not report["advice"]:

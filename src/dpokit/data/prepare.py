@@ -1,0 +1,100 @@
+"""From the data section of a config to tokenized train and eval examples: read, limit and split by prompt
+(`read_splits`, before any model is loaded), then filter (pairs), tokenize and truncate (`prepare_data`). Nothing is written here: every skip, drop and cut is counted in the
+returned stats (the run writes them to RUN_DIR/data_stats.json), and a cut share worth knowing is said."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from dpokit.config import Config
+from dpokit.data import DataError, load_examples, split_by_prompt
+from dpokit.data.filters import FilterSettings, filter_pairs
+from dpokit.tokenize import TokenizeStats, tokenize_pairs, tokenize_unpaired
+
+log = logging.getLogger(__name__)
+TRUNCATION_NOTICE = 0.02
+"""Say it on the console when more than this share of a split's prompts or completions are cut."""
+
+
+@dataclass
+class PreparedData:
+    train: list
+    """TokenizedPair (or TokenizedUnpaired for KTO) of the training split."""
+    eval: list
+    stats: dict = field(default_factory=dict)
+    """What data_stats.json holds: records read and skipped, filtered by reason, tokenized and truncated."""
+
+
+@dataclass
+class Splits:
+    """Validated examples of the train and eval splits, read before any model is loaded."""
+
+    train: list
+    eval: list
+    stats: dict
+
+
+def read_splits(cfg: Config, unpaired: bool = False) -> Splits:
+    """Read and validate the data files, apply data.limit and hold out the eval prompts (cheap: no
+    tokenizer), so that bad data stops a run before a model is loaded or converted."""
+    d = cfg.data
+    examples, load_stats = load_examples(d.train, d.skip_invalid, unpaired, key="data.train")
+    if d.limit:
+        examples = examples[: d.limit]
+    stats = {"train_file": load_stats.to_dict()}
+    if d.eval:
+        eval_examples, eval_stats = load_examples(d.eval, d.skip_invalid, unpaired, key="data.eval")
+        stats["eval_file"] = eval_stats.to_dict()
+    else:
+        examples, eval_examples = split_by_prompt(examples, d.eval_fraction, cfg.train.seed)
+    return Splits(examples, eval_examples, stats)
+
+
+def prepare_data(cfg: Config, tokenizer, unpaired: bool = False, splits: Splits | None = None) -> PreparedData:
+    """Filter (pairs) and tokenize the splits (read here unless given)."""
+    d = cfg.data
+    splits = splits or read_splits(cfg, unpaired)
+    examples, eval_examples, stats = splits.train, splits.eval, dict(splits.stats)
+    if not unpaired:
+        settings = FilterSettings.of(d)
+        filtered = {}
+        examples, filtered["train"] = filter_pairs(examples, settings, tokenizer, cfg.train.seed)
+        # length rebalancing shapes what is learned; held-out pairs stay as they are
+        eval_examples, filtered["eval"] = filter_pairs(eval_examples, settings, tokenizer, rebalance_length=False)
+        for name, dropped in filtered.items():
+            if dropped:
+                log.warning("%s: filtered out %d pairs (%s)", name, sum(dropped.values()), dict(dropped))
+        stats["filtered"] = {k: dict(v) for k, v in filtered.items()}
+    tokenize = tokenize_unpaired if unpaired else tokenize_pairs
+    train, tstats = tokenize(examples, tokenizer, d.max_length, d.max_prompt_length, d.skip_invalid)
+    evals, estats = tokenize(eval_examples, tokenizer, d.max_length, d.max_prompt_length, d.skip_invalid)
+    stats.update(train_tokenized=tstats.to_dict(), eval_tokenized=estats.to_dict())
+    for name, s in (("train", tstats), ("eval", estats)):
+        if s.dropped:
+            log.warning("%s: dropped %s pairs (%s)", name, sum(s.dropped.values()), dict(s.dropped))
+        notice = truncation_notice(name, s, cfg)
+        if notice:
+            log.warning(notice)
+    if not train:
+        lost = {**stats.get("filtered", {}).get("train", {}), **dict(tstats.dropped)}
+        raise DataError(d.train, f"no training pairs left after filtering, tokenization and truncation (dropped: {lost})")
+    log.info("data: %d train pairs, %d eval pairs", len(train), len(evals))
+    return PreparedData(train, evals, stats)
+
+
+def truncation_notice(split: str, s: TokenizeStats, cfg: Config) -> str | None:
+    """A console line when more than TRUNCATION_NOTICE of the split's pairs lose tokens."""
+    if not s.pairs:
+        return None
+    parts = []
+    if s.prompts_truncated / s.pairs > TRUNCATION_NOTICE:
+        parts.append(f"{s.prompts_truncated} of {s.pairs} prompts were cut to data.max_prompt_length="
+                     f"{cfg.data.max_prompt_length} tokens (their start is dropped)")
+    if s.completions_truncated / s.pairs > TRUNCATION_NOTICE:
+        parts.append(f"{s.completions_truncated} of {s.pairs} pairs had a completion cut to fit data.max_length="
+                     f"{cfg.data.max_length}")
+    if not parts:
+        return None
+    return f"{split}: {'; '.join(parts)}. Raise the limits if the cut text matters (dpokit data check --model " \
+           f"{cfg.model.name} counts it per file)"
