@@ -5,8 +5,10 @@ Built-in aliases (no hub needed):
 - `tiny-random`: a 2-layer Llama with a byte-level tokenizer and a ChatML template, random weights, for
   tests and smoke runs.
 
-GGUF files are dequantized by transformers (+ `gguf`) on load (~14 s for SmolLM2 here). The converted
-folder is cached under `$DPOKIT_CACHE` (default `~/.cache/dpokit`) so later loads take ~0.3 s.
+GGUF files are dequantized by transformers (+ `gguf`) once, into a safetensors folder cached under
+`$DPOKIT_CACHE` (default `~/.cache/dpokit`), which later runs load directly, far faster.
+Building or converting a model never draws from the global RNG: a run's numbers do not depend on whether
+the cache was cold or warm.
 """
 
 from __future__ import annotations
@@ -15,12 +17,18 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import warnings
+import zlib
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+
+from dpokit.config import did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +46,24 @@ class ModelLoadError(RuntimeError):
     """The model named in the config cannot be found or loaded."""
 
 
+CONVERSION = "conv2"
+"""Version of the GGUF conversion, part of every converted folder's cache name (conv2: bf16 ties dithered)."""
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("DPOKIT_CACHE", Path.home() / ".cache" / "dpokit"))
 
 
-def resolve_model_path(name: str) -> str:
+def resolve_model_path(name: str, key: str = "model.name") -> str:
     """Turn `model.name` into something `from_pretrained` accepts (a folder or a hub id).
 
-    Aliases and `.gguf` files are converted into a cached safetensors folder on first use.
+    Aliases and `.gguf` files are converted into a cached safetensors folder on first use. A name that is
+    neither a folder, a file nor a hub id, or a hub id that cannot be reached, raises ModelLoadError at once;
+    `key` names the setting in the message.
     """
     if name == SMOLLM2_ALIAS:
-        return str(_convert_gguf_cached(smollm2_gguf_path(), SMOLLM2_ALIAS))
+        return str(_convert_gguf_cached(smollm2_gguf_path(), f"{SMOLLM2_ALIAS}-{CONVERSION}"))
     if name == TINY_ALIAS:
         target = cache_dir() / TINY_ALIAS
         if not (target / "config.json").exists():
@@ -57,19 +72,57 @@ def resolve_model_path(name: str) -> str:
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ModelLoadError(f"model.name={name!r}: no such GGUF file. Fix: give an existing .gguf path.")
+            raise ModelLoadError(f"{key}={name!r}: no such GGUF file. Fix: give an existing .gguf path.")
         stat = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-        return str(_convert_gguf_cached(path, f"gguf-{path.stem}-{key}"))
+        fingerprint = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        return str(_convert_gguf_cached(path, f"gguf-{path.stem}-{fingerprint}-{CONVERSION}"))
     if path.exists():
         if not (path / "config.json").exists():
             raise ModelLoadError(
-                f"model.name={name!r} is a path but holds no config.json. Fix: point it at a folder written "
-                "by save_pretrained, a .gguf file, a hub id, or an alias "
-                f"({SMOLLM2_ALIAS!r}, {TINY_ALIAS!r})."
+                f"{key}={name!r} is a path but holds no config.json. Fix: point it at a folder written by "
+                f"save_pretrained, a .gguf file, a hub id, or an alias ({SMOLLM2_ALIAS!r}, {TINY_ALIAS!r})."
             )
         return str(path)
-    return name  # a hub id: transformers resolves it (needs the hub or its local cache)
+    if not HUB_ID.match(name) or name.startswith((".", "~")):
+        raise ModelLoadError(
+            f"{key}={name!r}: no such folder or file. Fix: give a folder written by save_pretrained, a .gguf "
+            f"file, a hub id (org/name), or an alias ({SMOLLM2_ALIAS!r}, {TINY_ALIAS!r})."
+        )
+    return _resolve_hub_id(name, key)
+
+
+def _resolve_hub_id(repo_id: str, key: str) -> str:
+    """A hub id when the hub can be reached; else its snapshot in the local Hugging Face cache, or a clear
+    error at once (transformers would retry for about a minute, then raise)."""
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    reason = "offline (HF_HUB_OFFLINE is set)" if offline else _hub_unreachable()
+    if reason is None:
+        return repo_id
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    hub_cache = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+    try:
+        return snapshot_download(repo_id, local_files_only=True, cache_dir=hub_cache)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise ModelLoadError(
+            f"{key}={repo_id!r}: {reason}, and the model is not in the local cache ({hub_cache}). Fix: download it "
+            f"where the hub is reachable (huggingface-cli download {repo_id}), or give a local folder, a .gguf file "
+            f"or an alias ({SMOLLM2_ALIAS!r}, {TINY_ALIAS!r})."
+        ) from None
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached (None when it can, or when a proxy decides)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        return f"the Hugging Face hub ({url.hostname}:{port}) is unreachable ({err.strerror or err})"
+    return None
 
 
 def smollm2_gguf_path() -> Path:
@@ -110,24 +163,55 @@ def _convert_gguf_cached(gguf: Path, key: str) -> Path:
     return target
 
 
-def convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF checkpoint and save it as a plain fp32 safetensors folder."""
+def convert_gguf(gguf: Path, out: Path, dither_ties: bool = True) -> None:
+    """Dequantize a GGUF checkpoint and save it as a plain fp32 safetensors folder (global RNG untouched).
+
+    `dither_ties`: see `dither_bf16_ties`; off only to measure what it changes (benchmarks/bf16_ties.py).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # save_pretrained refuses a GGUF-loaded model ("not serializable"): rebuild from its config without
-    # the quantization_config and copy the dequantized weights over.
-    config_dict = loaded.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config = AutoConfig.for_model(**config_dict)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
-    missing = [k for k in missing if k not in _tied_keys(plain)]
+    with torch.random.fork_rng(devices=[]):  # from_config draws random initial weights
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # save_pretrained refuses a GGUF-loaded model ("not serializable"): rebuild from its config without
+        # the quantization_config and copy the dequantized weights over.
+        config_dict = loaded.config.to_dict()
+        config_dict.pop("quantization_config", None)
+        plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_dict), dtype=torch.float32)
+    tied = _tied_keys(plain)
+    state = {k: v for k, v in loaded.state_dict().items() if k not in tied}
+    if dither_ties:
+        state = dither_bf16_ties(state)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise ModelLoadError(f"GGUF conversion of {gguf}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def dither_bf16_ties(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Move every fp32 weight that sits exactly on a bf16 rounding tie to a random point of its bf16 interval.
+
+    Dequantized weights (d * q + m with few significant bits) often have low 16 bits of exactly 0x8000:
+    halfway between two bf16 values (8.1% of SmolLM2's Q4_1 weights; random fp32 values: ~0.002%). Under
+    bf16 autocast any update, however small, then tips the weight a whole bf16 step in the gradient
+    direction, and full fine-tuning moves far further than in fp32. Replacing the low 16 bits of a tie by
+    random bits puts it uniformly inside its bf16 interval, as if it were any other fp32 value: the change
+    is under half a bf16 step, far below the 4-bit quantization error. Seeded per tensor name: deterministic,
+    and the global RNG is not touched. Measured in benchmarks/bf16_ties.py.
+    """
+    out = {}
+    for name, t in state.items():
+        if t.dtype != torch.float32:
+            out[name] = t
+            continue
+        bits = t.detach().contiguous().view(torch.int32)
+        tie = (bits & 0xFFFF) == 0x8000
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        noise = torch.randint(0, 0x10000, bits.shape, generator=g, dtype=torch.int32)
+        out[name] = torch.where(tie, (bits & ~0xFFFF) | noise, bits).view(torch.float32)
+    return out
 
 
 def _tied_keys(model) -> set[str]:
@@ -158,7 +242,6 @@ def build_tiny_random(out: Path, seed: int = 0) -> None:
         unk_token="<|endoftext|>",
     )
     tokenizer.chat_template = CHATML_TEMPLATE
-    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(vocab),
         hidden_size=64,
@@ -172,7 +255,9 @@ def build_tiny_random(out: Path, seed: int = 0) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlamaForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):  # random weights from `seed`, the caller's RNG untouched
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -180,7 +265,10 @@ def build_tiny_random(out: Path, seed: int = 0) -> None:
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"the tokenizer of {path!r} could not be loaded: {_first_line(err)}") from err
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and log-probs, so any id will do; EOS is standard.
         tokenizer.pad_token = tokenizer.eos_token
@@ -192,18 +280,23 @@ def load_model(path: str, trust_remote_code: bool = False, attn_implementation: 
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=torch.float32,
-            trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation,
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
         )
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise ModelLoadError(
-            f"model.name={path!r} could not be loaded: {err}. Fix: use a local folder, a .gguf file, "
+            f"model {path!r} could not be loaded: {_first_line(err)}. Fix: use a local folder, a .gguf file, "
             f"the alias {SMOLLM2_ALIAS!r}, or a hub id with the hub reachable."
         ) from err
-    return model
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def context_length(model) -> int | None:
+    """The most positions the model was built for (max_position_embeddings), when its config says."""
+    return getattr(model.config, "max_position_embeddings", None)
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -214,12 +307,31 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def lora_target_problem(model, targets: list[str]) -> str | None:
+    """What is wrong with lora.target_modules for this model (PEFT matches a name or a dotted suffix)."""
+    if "all-linear" in targets:
+        return None
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if not missing:
+        return None
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    hints = "".join(f" {did_you_mean(t, linear).strip()}" for t in missing).rstrip()
+    return (
+        f"lora.target_modules={targets}: no module named {', '.join(missing)} in this model{hints}; its linear "
+        f"layers are {', '.join(linear)} (or use all-linear)"
+    )
+
+
 def add_lora(model, r: int, alpha: float, dropout: float, target_modules: list[str]):
+    """Wrap `model` with fresh LoRA adapters (A random from the global RNG, which the caller seeds; B zero)."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
-    )
+    problem = lora_target_problem(model, target_modules)
+    if problem:
+        raise ModelLoadError(problem)
+    targets = "all-linear" if "all-linear" in target_modules else target_modules
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     with warnings.catch_warnings():
         # peft still calls transformers' deprecated `is_gradient_checkpointing`; nothing for users to act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
