@@ -1,6 +1,6 @@
 """Every layout with literal expected tensors: ids, positions, masks and the completion index."""
 
-from dpokit.batching import Layout, collate_padded
+from dpokit.batching import Layout
 from dpokit.tokenize import TokenizedPair
 
 PAIRS = [TokenizedPair([5, 6], [7], [8, 9], weight=2.0), TokenizedPair([10], [11, 12], [13])]
@@ -8,7 +8,7 @@ T_, F_ = True, False
 
 
 def test_padded_literal():
-    b = collate_padded(PAIRS, pad_id=0)
+    b = Layout().pairs(PAIRS, pad_id=0)
     # rows: chosen of pair 0, chosen of pair 1, rejected of pair 0, rejected of pair 1
     assert b.input_ids.tolist() == [[5, 6, 7, 0], [10, 11, 12, 0], [5, 6, 8, 9], [10, 13, 0, 0]]
     assert b.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]

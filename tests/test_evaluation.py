@@ -7,21 +7,16 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_run_overrides
 from dpokit.cli import main
-from dpokit.config import load_config
 from dpokit.data import DataError
-from dpokit.evaluation import (
-    PolicyAndReference,
-    generation_metrics,
-    load_for_eval,
-    load_prompts,
-    preference_metrics,
-)
+from dpokit.evaluation import Compared, generation_metrics, load_for_eval, load_prompts, preference_metrics
 from dpokit.generate import SamplingSettings, eos_ids, sample, sequence_logps
+from dpokit.logps import CompletionLogps
 from dpokit.models import add_lora, load_model
+from dpokit.reference import Reference
 from dpokit.rewards import get_reward
 from dpokit.train import train
+from helpers import cli_args, load_cfg
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +81,7 @@ def test_sampled_kl_estimates_the_exact_kl(tiny_model_dir, tiny_tokenizer):
     model = load_model(str(tiny_model_dir)).eval()
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(40.0)
-    pr = PolicyAndReference(model, tiny_tokenizer, reference)
+    pr = Compared(model, Reference.separate(reference), tiny_tokenizer)
     prompt = "the quick brown fox"
     metrics, records = generation_metrics(
         pr, [prompt], get_reward("length"), 800, SamplingSettings(max_new_tokens=1, batch_size=200), progress=False
@@ -104,7 +99,7 @@ def test_sampled_kl_estimates_the_exact_kl(tiny_model_dir, tiny_tokenizer):
 
 def test_identical_policy_and_reference_give_zero_kl_and_even_win_rate(tiny_model_dir, tiny_tokenizer):
     model = add_lora(load_model(str(tiny_model_dir)), r=4, alpha=8, dropout=0.0, target_modules=["q_proj"]).eval()
-    pr = PolicyAndReference(model, tiny_tokenizer)
+    pr = Compared(model, Reference.adapters_off(CompletionLogps(model)), tiny_tokenizer)
     m, _ = generation_metrics(pr, ["a b", "c d e"], get_reward("length"), 4, SamplingSettings(max_new_tokens=6), progress=False)
     # LoRA B starts at zero: the same model, and the same seeds give the same samples
     assert m["kl/sequence"] == 0.0 and m["win_rate"] == 0.5 and m["reward/gain"] == 0.0 and m["length/drift"] == 0.0
@@ -122,14 +117,14 @@ def _eval_pairs_file(tmp_path):
 @pytest.mark.parametrize("lora", [True, False])
 def test_eval_of_a_saved_run_reproduces_its_final_metrics(tmp_path, tiny_model_dir, lora):
     heldout = _eval_pairs_file(tmp_path)
-    cfg = load_config(None, tiny_run_overrides(
+    cfg = load_cfg(
         tiny_model_dir, tmp_path / "run", "data.limit=0", "data.eval_fraction=0", f"data.eval={heldout}", "data.max_length=128",
         "data.max_prompt_length=64", "train.save_final=true", "train.max_steps=4", "eval.batch_size=4", f"lora.enabled={str(lora).lower()}",
         "train.lr=5e-3" if lora else "train.lr=1e-4",
-    ))
+    )
     result = train(cfg)
     pr = load_for_eval(str(result.run_dir))
-    assert (pr.reference is None) == lora
+    assert pr.reference.disable_adapters == lora  # LoRA: the policy with adapters off; full: the starting model
     got = preference_metrics(pr, str(heldout), max_length=128, max_prompt_length=64, batch_size=5)
     for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "logratio/chosen", "drift/kl_chosen_per_token"):
         assert got[key] == pytest.approx(result.final_eval[f"eval/{key}"], abs=1e-4), key
@@ -140,7 +135,7 @@ def test_eval_of_a_saved_run_reproduces_its_final_metrics(tmp_path, tiny_model_d
 def test_cli_eval_writes_results_and_samples(tmp_path, tiny_model_dir, capsys):
     heldout = _eval_pairs_file(tmp_path)
     run = tmp_path / "run"
-    assert main(["train", *tiny_run_overrides(tiny_model_dir, run, "train.save_final=true")]) == 0
+    assert main(cli_args(tiny_model_dir, run, "train.save_final=true")) == 0
     rc = main(["eval", str(run), "--data", str(heldout), "--reward", "length:words", "--num-prompts", "5",
                "--samples", "2", "--max-new-tokens", "6", "--max-length", "128", "--max-prompt-length", "64"])
     assert rc == 0
@@ -152,9 +147,9 @@ def test_cli_eval_writes_results_and_samples(tmp_path, tiny_model_dir, capsys):
     rows = [json.loads(x) for x in (run / "eval_samples.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and all(len(r["policy"]) == 2 and len(r["reward_reference"]) == 2 for r in rows)
     capsys.readouterr()
-    assert main(["eval", str(tiny_model_dir), "--reward", "length"]) == 2
+    assert main(["eval", str(tiny_model_dir), "--reward", "length", "--prompts", "builtin:reviews"]) == 2
     assert "--ref" in capsys.readouterr().err
-    assert main(["eval", str(run), "--reward", "nonsense"]) == 2
+    assert main(["eval", str(run), "--reward", "nonsense", "--data", str(heldout)]) == 2
     assert "unknown reward" in capsys.readouterr().err
     assert main(["eval", str(run), "--reward", "length", "--prompts", str(heldout), "--top-p", "0"]) == 2
     assert "top_p=0.0 in (0, 1]" in capsys.readouterr().err

@@ -5,29 +5,14 @@ import math
 
 import pytest
 
-from dpokit.config import load_config
 from dpokit.guards import Guards
 from dpokit.train import TrainingError, train
+from helpers import load_cfg
 
 
 def cfg(tmp_path, model_dir, *overrides):
-    return load_config(
-        None,
-        [
-            f"model.name={model_dir}",
-            "data.train=builtin:demo",
-            "data.limit=40",
-            "data.eval_fraction=0.2",
-            "lora.r=4",
-            "train.batch_size=4",
-            "train.max_steps=4",
-            "train.lr=1e-3",
-            "train.device=cpu",
-            "train.progress=false",
-            f"train.run_dir={tmp_path / 'run'}",
-            *overrides,
-        ],
-    )
+    return load_cfg(model_dir, tmp_path / "run", "data.limit=40", "data.eval_fraction=0.2", "train.max_steps=4",
+                    "train.save_final=true", *overrides)
 
 
 def test_nan_from_an_absurd_lr_stops_cleanly_with_the_last_good_checkpoint(tmp_path, tiny_model_dir):

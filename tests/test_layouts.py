@@ -6,13 +6,12 @@ import random
 import pytest
 import torch
 
-from conftest import tiny_run_overrides
 from dpokit.batching import Layout
-from dpokit.config import load_config
 from dpokit.logps import CompletionLogps, sum_by_sequence
 from dpokit.models import load_model
 from dpokit.tokenize import TokenizedPair
 from dpokit.train import train
+from helpers import load_cfg, run_overrides
 
 LAYOUTS = {
     "padded": Layout(),
@@ -71,7 +70,7 @@ def test_training_trajectory_is_the_same_in_every_layout(tmp_path, tiny_model_di
         "packed": ["train.packing=true", "train.pack_tokens=400"],
         "packed_prefix_shared": ["train.packing=true", "train.prefix_sharing=true", "train.pack_tokens=400"],
     }.items():
-        cfg = load_config(None, tiny_run_overrides(tiny_model_dir, tmp_path / name, *flags))
+        cfg = load_cfg(tiny_model_dir, tmp_path / name, *flags)
         histories[name] = train(cfg).history
     for name, history in histories.items():
         for a, b in zip(histories["padded"], history, strict=True):
@@ -81,9 +80,7 @@ def test_training_trajectory_is_the_same_in_every_layout(tmp_path, tiny_model_di
 
 
 def small_cfg(tmp_path, model_dir, name, *flags):
-    return load_config(
-        None, tiny_run_overrides(model_dir, tmp_path / name, f"train.ref_cache_dir={tmp_path / 'ref-cache'}", *flags)
-    )
+    return load_cfg(model_dir, tmp_path / name, *flags)
 
 
 def assert_same_history(a, b, label):
@@ -91,52 +88,6 @@ def assert_same_history(a, b, label):
         for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "eval/loss", "eval/rewards/margins"):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (label, ra["step"], key)
-
-
-@pytest.mark.parametrize("lora", ["true", "false"])
-def test_cached_reference_gives_the_same_trajectory(tmp_path, tiny_model_dir, monkeypatch, lora):
-    from dpokit import reference
-
-    lr = "train.lr=1e-3" if lora == "true" else "train.lr=1e-4"
-    plain = train(small_cfg(tmp_path, tiny_model_dir, "plain", f"lora.enabled={lora}", lr)).history
-
-    def no_copy(*args, **kwargs):
-        raise AssertionError("a cached reference must not build a frozen copy")
-
-    monkeypatch.setattr(reference.FrozenCopyReference, "__init__", no_copy)
-    for name, flags in {
-        "cached": [],
-        "cached_packed_prefix": ["train.packing=true", "train.prefix_sharing=true", "train.pack_tokens=400"],
-    }.items():
-        cached = train(small_cfg(tmp_path, tiny_model_dir, name, f"lora.enabled={lora}", lr, "train.precompute_ref=true", *flags))
-        assert_same_history(plain, cached.history, name)
-
-
-def test_cache_is_reused_on_a_matching_key_and_recomputed_otherwise(tmp_path, tiny_model_dir, caplog):
-    import logging
-
-    from dpokit.cli import main
-
-    caplog.set_level(logging.INFO, logger="dpokit.train")
-    common = [f"model.name={tiny_model_dir}", "data.train=builtin:demo", "data.limit=24", "data.eval_fraction=0.25",
-              f"train.ref_cache_dir={tmp_path / 'cache'}", "train.device=cpu"]
-    assert main(["precompute-ref", *common]) == 0
-    files = sorted((tmp_path / "cache").glob("*.safetensors"))
-    assert len(files) == 2  # train and eval splits
-    stamps = [f.stat().st_mtime_ns for f in files]
-    caplog.clear()
-    train(load_config(None, [*common, "train.precompute_ref=true", "train.max_steps=1", "train.progress=false",
-                             "train.save_final=false", f"train.run_dir={tmp_path / 'r1'}"]))
-    messages = [r.getMessage() for r in caplog.records if r.name == "dpokit.train"]
-    assert sum("reused" in m for m in messages) == 2 and not any("computed" in m for m in messages)
-    assert [f.stat().st_mtime_ns for f in files] == stamps
-    for changed in ("data.max_prompt_length=32", "loss.ld_alpha=0.5", "train.bf16=true"):
-        caplog.clear()
-        train(load_config(None, [*common, changed, "train.precompute_ref=true", "train.max_steps=1",
-                                 "train.progress=false", "train.save_final=false", "train.overwrite=true",
-                                 f"train.run_dir={tmp_path / 'r2'}"]))
-        assert any("computed" in r.getMessage() for r in caplog.records), changed
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2 + 3 * 2
 
 
 def test_bf16_autocast_starts_at_ln2_and_tracks_fp32(tmp_path, tiny_model_dir):
@@ -149,7 +100,8 @@ def test_bf16_autocast_starts_at_ln2_and_tracks_fp32(tmp_path, tiny_model_dir):
 
 
 def test_fast_fp32_matmul_is_exact_or_refused(tmp_path, tiny_model_dir):
-    from dpokit.train import TrainingError, apply_matmul_backend
+    from dpokit.backends import apply_matmul_backend
+    from dpokit.errors import TrainingError
 
     plain = train(small_cfg(tmp_path, tiny_model_dir, "ieee")).history
     try:
@@ -189,7 +141,7 @@ def test_low_memory_allocator_changes_nothing_but_memory(tmp_path, tiny_model_di
 
     plain = train(small_cfg(tmp_path, tiny_model_dir, "plain")).history
     # a subprocess: the allocator setting is process-wide
-    args = tiny_run_overrides(tiny_model_dir, tmp_path / "lowmem", "train.low_memory_allocator=true")
+    args = run_overrides(tiny_model_dir, tmp_path / "lowmem", "train.low_memory_allocator=true")
     subprocess.run([sys.executable, "-m", "dpokit.cli", "train", *args], check=True, capture_output=True)
     lowmem = [r for r in read_metrics(tmp_path / "lowmem" / "metrics.jsonl") if r["step"] > 0]
     assert_same_history(plain, lowmem, "low_memory_allocator")

@@ -6,9 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from dpokit.batching import collate_padded
-from dpokit.logps import full_logits_token_logps, sum_by_sequence, token_logps
+from dpokit.batching import Layout
+from dpokit.logps import sum_by_sequence, token_logps
 from dpokit.tokenize import TokenizedPair
+
+
+def full_logits_token_logps(logits: torch.Tensor, pred_index: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """The plain path the chunked one must match: log_softmax over full (R, T, V) logits, then the targets."""
+    logp = torch.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
+    return logp[pred_index, target_ids]
 
 
 def identity_head(v: int) -> nn.Linear:
@@ -21,7 +27,7 @@ def identity_head(v: int) -> nn.Linear:
 def test_toy_vocabulary_hand_computed():
     # Vocab of 3, identity head, so the hidden state IS the logits vector.
     # Pair: prompt [0], chosen [1, 2], rejected [2]. Rows: chosen [0, 1, 2], rejected [0, 2] (+ pad).
-    batch = collate_padded([TokenizedPair([0], [1, 2], [2])], pad_id=0)
+    batch = Layout().pairs([TokenizedPair([0], [1, 2], [2])], pad_id=0)
     hidden = torch.zeros(2, 3, 3)
     hidden[0, 0] = torch.tensor([0.0, math.log(2), 0.0])  # predicts chosen token 1: p = 2/4
     hidden[0, 1] = torch.tensor([0.0, 0.0, 0.0])  # predicts chosen token 2: p = 1/3
@@ -34,7 +40,7 @@ def test_toy_vocabulary_hand_computed():
 
 
 def test_padding_positions_do_not_count():
-    batch = collate_padded([TokenizedPair([0], [1, 2, 1, 1], [2])], pad_id=0)
+    batch = Layout().pairs([TokenizedPair([0], [1, 2, 1, 1], [2])], pad_id=0)
     hidden = torch.randn(2, 5, 3)
     hidden_changed = hidden.clone()
     hidden_changed[1, 2:] = 100.0  # positions of the rejected row that are padding or its last token
@@ -48,7 +54,7 @@ def test_padding_positions_do_not_count():
 def test_chunked_equals_full_logits_values_and_grads(chunk):
     torch.manual_seed(0)
     pairs = [TokenizedPair([1, 2, 3], [4, 5, 6, 7], [8, 9]), TokenizedPair([3], [10, 11], [12, 13, 14, 15, 16])]
-    batch = collate_padded(pairs, pad_id=0)
+    batch = Layout().pairs(pairs, pad_id=0)
     R, T, H, V = batch.input_ids.shape[0], batch.input_ids.shape[1], 8, 20
     head = nn.Linear(H, V, bias=True)
     hidden = torch.randn(R, T, H, dtype=torch.float32, requires_grad=True)

@@ -11,20 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_run_overrides
 from dpokit.cli import main
-from dpokit.config import load_config
 from dpokit.losses import PairLogps, compute_loss
 from dpokit.metrics import read_metrics
 from dpokit.report import EXPLORER_LOSSES, write_report
 from dpokit.train import train
+from helpers import load_cfg
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("report") / "run"
-    cfg = load_config(None, tiny_run_overrides(tiny_model_dir, out, "train.max_steps=4", "eval.every=2", "eval.sample_pairs=3",
-                                               "train.save_final=true"))
+    cfg = load_cfg(tiny_model_dir, out, "train.max_steps=4", "eval.every=2", "eval.sample_pairs=3", "train.save_final=true")
     train(cfg)
     # generation results as `dpokit eval` writes them
     assert main(["eval", str(out), "--reward", "length:words", "--prompts", "builtin:reviews", "--split", "eval",
@@ -168,7 +166,7 @@ def test_trackers_receive_every_logged_record(tmp_path, tiny_model_dir):
             self.finished = True
 
     rec = Recorder()
-    cfg = load_config(None, tiny_run_overrides(tiny_model_dir, tmp_path / "run", "eval.every=2"))
+    cfg = load_cfg(tiny_model_dir, tmp_path / "run", "eval.every=2")
     train(cfg, trackers=[rec])
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [s for s, _ in rec.logged] == [r["step"] for r in records]

@@ -13,33 +13,30 @@ import torch
 from safetensors.torch import load_file
 
 from dpokit.checkpoint import latest_checkpoint
+from dpokit.cli import main
 from dpokit.config import load_config
 from dpokit.metrics import read_metrics
 from dpokit.train import TrainingError, train
+from helpers import cli_args, run_overrides
 
 TIMING = {"tokens_per_s", "step_time_s"}
 
 
 def overrides(model_dir, run_dir, *extra):
-    return [
-        f"model.name={model_dir}",
-        "data.train=builtin:demo",
+    return run_overrides(
+        model_dir,
+        run_dir,
         "data.limit=120",
         "data.eval_fraction=0.1",
-        "lora.r=4",
         "lora.dropout=0.1",  # exercises the saved RNG state
-        "train.batch_size=4",
         "train.max_steps=30",
-        "train.lr=1e-3",
         "train.warmup_steps=3",
         "train.scheduler=cosine",
         "train.checkpoint_every=2",
-        "train.device=cpu",
-        "train.progress=false",
+        "train.save_final=true",
         "eval.every=5",
-        f"train.run_dir={run_dir}",
         *extra,
-    ]
+    )
 
 
 def strip(records):
@@ -61,8 +58,6 @@ def test_sigkill_then_resume_gives_the_same_result(tmp_path, tiny_model_dir, ext
     proc.wait()
     interrupted_at = int(latest_checkpoint(run_dir).name.split("-")[1])
     assert 4 <= interrupted_at < 30, interrupted_at
-
-    from dpokit.cli import main
 
     assert main(["train", "--resume", str(run_dir)]) == 0
     assert strip(read_metrics(run_dir / "metrics.jsonl")) == strip(read_metrics(reference.run_dir / "metrics.jsonl"))
@@ -99,3 +94,25 @@ def test_full_disk_is_refused_before_training(tmp_path, tiny_model_dir, monkeypa
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
     with pytest.raises(TrainingError, match="MiB free on its disk"):
         train(load_config(None, overrides(tiny_model_dir, tmp_path / "r")))
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, tiny_model_dir, capsys):
+    run = tmp_path / "r"
+    assert main(cli_args(tiny_model_dir, run, "train.save_final=true")) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr()
+    assert "the run is complete (completed all steps; checkpoint step-3); nothing to resume" in out.out
+    assert "nan" not in out.out + out.err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_resume_with_a_config_file_is_refused(tmp_path, tiny_model_dir, capsys):
+    run = tmp_path / "r"
+    assert main(cli_args(tiny_model_dir, run, "train.checkpoint_every=1", "train.max_steps=2")) == 0
+    other = tmp_path / "other.yaml"
+    other.write_text("train:\n  max_steps: 9\n")
+    assert main(["train", str(other), "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"(got {other})" in err and "give it as an override, e.g. train.max_steps=200" in err and "Traceback" not in err

@@ -4,11 +4,13 @@ import math
 
 import pytest
 
-from dpokit.config import load_config
 from dpokit.data import load_examples
 from dpokit.models import SMOLLM2_ALIAS, load_tokenizer, resolve_model_path
 from dpokit.tokenize import tokenize_pairs
 from dpokit.train import train
+from helpers import load_cfg
+
+pytestmark = pytest.mark.slow  # converts and loads the embedded SmolLM2 model
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +28,17 @@ def test_chat_template_prefix_holds_on_sharegpt_data(smollm2_dir, shared_data):
 
 
 def test_one_step_on_hh_pairs_starts_at_ln2(smollm2_dir, shared_data, tmp_path):
-    cfg = load_config(
-        None,
-        [
-            f"model.name={SMOLLM2_ALIAS}",
-            f"data.train={shared_data / 'hh-rlhf' / 'helpful-base' / 'test.jsonl.gz'}",
-            "data.skip_invalid=true",
-            "data.limit=2",
-            "data.max_length=96",
-            "data.max_prompt_length=64",
-            "train.batch_size=2",
-            "train.max_steps=1",
-            "train.device=cpu",
-            "train.progress=false",
-            "train.save_final=false",
-            f"train.run_dir={tmp_path / 'run'}",
-        ],
+    cfg = load_cfg(
+        SMOLLM2_ALIAS,
+        tmp_path / "run",
+        f"data.train={shared_data / 'hh-rlhf' / 'helpful-base' / 'test.jsonl.gz'}",
+        "data.skip_invalid=true",
+        "data.limit=2",
+        "data.eval_fraction=0",
+        "data.max_length=96",
+        "data.max_prompt_length=64",
+        "train.batch_size=2",
+        "train.max_steps=1",
     )
     result = train(cfg)
     assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -1,5 +1,5 @@
 """End to end on a tiny random model: ln 2 at step 1, only adapters train, loss falls, batch x accumulation
-invariance, checkpoints that load back with transformers/PEFT, and clean CLI errors."""
+invariance, and checkpoints that load back with transformers/PEFT."""
 
 import json
 import math
@@ -8,33 +8,28 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_run_overrides
-from dpokit.batching import collate_padded
-from dpokit.cli import main
-from dpokit.config import load_config
+from dpokit.batching import Layout
 from dpokit.logps import CompletionLogps, sum_by_sequence
 from dpokit.metrics import PAIR_KEYS, read_metrics
 from dpokit.models import load_model, load_tokenizer
 from dpokit.tokenize import tokenize_pairs
 from dpokit.train import train
+from helpers import load_cfg
 
 REQUIRED = ("step", "epoch", *PAIR_KEYS, "lr", "grad_norm", "tokens_per_s")
 
 
 def tiny_cfg(tmp_path, model_dir, *overrides):
-    return load_config(
-        None,
-        tiny_run_overrides(
-            model_dir,
-            tmp_path / "run",
-            "data.limit=0",
-            "data.eval_fraction=0.1",
-            "data.max_length=192",
-            "data.max_prompt_length=96",
-            "train.save_final=true",
-            "eval.batch_size=32",
-            *overrides,
-        ),
+    return load_cfg(
+        model_dir,
+        tmp_path / "run",
+        "data.limit=0",
+        "data.eval_fraction=0.1",
+        "data.max_length=192",
+        "data.max_prompt_length=96",
+        "train.save_final=true",
+        "eval.batch_size=32",
+        *overrides,
     )
 
 
@@ -105,7 +100,7 @@ def test_lora_checkpoint_reloads_with_peft_and_same_logps(tmp_path, tiny_model_d
     pairs, _ = tokenize_pairs(
         __import__("dpokit.data", fromlist=["load_examples"]).load_examples("builtin:demo")[0][:6], tokenizer, 192, 96
     )
-    batch = collate_padded(pairs, tokenizer.pad_token_id)
+    batch = Layout().pairs(pairs, tokenizer.pad_token_id)
     reloaded = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), str(result.checkpoint))
 
     def seq_logps(model):
@@ -127,22 +122,3 @@ def test_run_dir_is_not_overwritten(tmp_path, tiny_model_dir):
 
     with pytest.raises(TrainingError, match="train.overwrite=true"):
         train(tiny_cfg(tmp_path, tiny_model_dir))
-
-
-def test_cli_reports_bad_config_and_bad_data_without_traceback(tmp_path, tiny_model_dir, capsys):
-    assert main(["train", "data.train=x.jsonl", "loss.beta=-1", "train.lr=0"]) == 2
-    err = capsys.readouterr().err
-    assert "loss.beta=-1" in err and "train.lr=0" in err and "Traceback" not in err
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
-    code = main(["train", f"data.train={bad}", f"model.name={tiny_model_dir}", f"train.run_dir={tmp_path / 'r'}"])
-    assert code == 2
-    assert f"{bad}:line 2: rejected: missing field" in capsys.readouterr().err
-
-
-def test_cli_train_with_yaml_and_flag_overrides(tmp_path, tiny_model_dir):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model:\n  name: {tiny_model_dir}\ndata:\n  train: builtin:demo\n  limit: 8\n")
-    code = main(["train", str(cfg), "train.max_steps=1", "--train.progress", "false", f"--train.run_dir={tmp_path / 'r'}"])
-    assert code == 0
-    assert len(read_metrics(tmp_path / "r" / "metrics.jsonl")) == 1

@@ -14,8 +14,8 @@ log = logging.getLogger(__name__)
 
 def use_low_memory_allocator() -> None:
     """glibc keeps freed heap memory for reuse, so peak RSS includes fragmentation; serving every allocation
-    above 64 KiB with mmap returns it to the OS on free (measured here: full fine-tuning peak 2.97 -> 2.67 GiB,
-    steps ~30% slower). No effect (and a warning) without glibc."""
+    above 64 KiB with mmap returns it to the OS on free: a lower peak for slower steps (figures in
+    docs/performance.md). No effect (and a warning) without glibc."""
     import ctypes
     import ctypes.util
 
@@ -32,7 +32,7 @@ def use_low_memory_allocator() -> None:
 
 def apply_matmul_backend(fast: bool) -> None:
     """Route fp32 matmuls through oneDNN (`fp32_precision = "bf16"` on CPU) only after checking, on this
-    CPU, that the result keeps fp32-level accuracy; some CPUs really compute it in bf16 (DESIGN.md)."""
+    CPU, that the result keeps fp32-level accuracy; some CPUs really compute it in bf16."""
     backend = torch.backends.mkldnn.matmul
     if not fast:
         backend.fp32_precision = "ieee"

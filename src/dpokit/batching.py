@@ -5,8 +5,9 @@ completions of a pair (prefix sharing: the prompt is computed once). Documents g
 (right-padded) or several per row up to a token budget (packing). One attention rule covers all four
 combinations: token i may attend to token j when both are in the same document, j is not after i, and j
 is in the prompt or in i's own completion. Completion positions restart right after the prompt, so the
-rejected completion sees exactly what it would see in a sequence of its own (DESIGN.md: a 4D boolean
-mask with explicit position ids is exact under SDPA; position ids alone do not isolate packed rows).
+rejected completion sees exactly what it would see in a sequence of its own (a 4D boolean mask with
+explicit position ids is exact under SDPA, tests/test_layouts.py; position ids alone do not isolate
+packed rows).
 
 The result is a `Batch` whose completion index says, for every completion token, which hidden state
 predicts it (`pred_index`, a flat index into rows x positions), which token it is (`target_ids`) and which
@@ -52,6 +53,11 @@ class Batch:
     @property
     def num_pairs(self) -> int:
         return self.num_seqs // 2
+
+    @property
+    def num_examples(self) -> int:
+        """Pairs: what a batch's losses, weights and metrics count."""
+        return self.num_pairs
 
     def completion_lengths(self) -> torch.Tensor:
         """(S,) completion tokens per sequence."""
@@ -181,8 +187,8 @@ class Layout:
         batch.example_ids = None if ids is None else torch.tensor(ids, dtype=torch.long)
         return batch
 
-    def unpaired(self, examples: list[TokenizedUnpaired], pad_id: int, max_length: int, ids: list[int] | None = None):
-        """(targets, mismatched) batches for KTO.
+    def unpaired(self, examples: list[TokenizedUnpaired], pad_id: int, max_length: int, ids: list[int] | None = None) -> UnpairedBatch:
+        """Targets and mismatched batches for KTO.
 
         The mismatched batch pairs prompt i with the completion of example (i + 1) mod B (cut to fit
         max_length): its log-ratios estimate KL(pi_theta || pi_ref), the KTO baseline z0 (arXiv:2402.01306).
@@ -197,9 +203,30 @@ class Layout:
             Doc(e.prompt_ids, ((examples[(i + 1) % B].completion_ids[: max(max_length - len(e.prompt_ids), 1)], i),))
             for i, e in enumerate(examples)
         ]
-        return targets, build_batch(shifted, self.rows(shifted), pad_id, [1.0] * B, self.pack)
+        return UnpairedBatch(targets, build_batch(shifted, self.rows(shifted), pad_id, [1.0] * B, self.pack))
 
 
-def collate_padded(pairs: list[TokenizedPair], pad_id: int) -> Batch:
-    """Pairs, one sequence per row, right-padded: rows 0..P-1 chosen, P..2P-1 rejected."""
-    return Layout().pairs(pairs, pad_id)
+@dataclass
+class UnpairedBatch:
+    """Unpaired examples (KTO): the examples themselves, and the mismatched prompt/completion pairs whose
+    log-ratios estimate the KL baseline."""
+
+    targets: Batch
+    """(B examples) with `labels` set."""
+    mismatched: Batch
+    """(B sequences): prompt i with the completion of example (i + 1) mod B."""
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return self.targets.weights
+
+    @property
+    def num_tokens(self) -> int:
+        return self.targets.num_tokens + self.mismatched.num_tokens
+
+    @property
+    def num_examples(self) -> int:
+        return self.targets.num_seqs
+
+    def to(self, device: torch.device | str) -> UnpairedBatch:
+        return UnpairedBatch(self.targets.to(device), self.mismatched.to(device))

@@ -27,9 +27,10 @@ import torch
 
 from dpokit import models
 from dpokit.config import load_config
-from dpokit.evaluation import PolicyAndReference, generation_metrics, load_prompts, write_results
+from dpokit.evaluation import Compared, generation_metrics, load_prompts, write_results
 from dpokit.generate import Sample, SamplingSettings, sample
 from dpokit.metrics import write_jsonl
+from dpokit.reference import Reference
 from dpokit.rewards import get_reward
 from dpokit.train import train
 
@@ -117,10 +118,11 @@ def run_demo(overrides: list[str] | None = None, sweep: bool = False, run_dir: s
 
     path = models.resolve_model_path(base_cfg.model.name)
     tokenizer = models.load_tokenizer(path)
-    reference = models.load_model(path).eval().requires_grad_(False)
+    reference = Reference.separate(models.load_model(path), bf16=base_cfg.train.bf16, kind="the starting model")
     t0 = time.perf_counter()
-    train_samples = sample(reference, tokenizer, train_prompts, 2, sampling, label="reference samples (train prompts)")
-    eval_samples = sample(reference, tokenizer, eval_prompts, max(2, ds.eval_samples), sampling, label="reference samples (eval prompts)")
+    with reference.module() as ref_model:
+        train_samples = sample(ref_model, tokenizer, train_prompts, 2, sampling, label="reference samples (train prompts)")
+        eval_samples = sample(ref_model, tokenizer, eval_prompts, max(2, ds.eval_samples), sampling, label="reference samples (eval prompts)")
     sampling_s = time.perf_counter() - t0
     rng = random.Random(ds.seed)
     data = {}
@@ -137,7 +139,7 @@ def run_demo(overrides: list[str] | None = None, sweep: bool = False, run_dir: s
     data_args = [f"data.train={root / 'data' / 'train_pairs.jsonl'}", f"data.eval={root / 'data' / 'eval_pairs.jsonl'}"]
     cfg = _train_config(root, data_args, overrides)
     result = train(cfg)
-    gen, records = _generation_eval(result.model, tokenizer, cfg, eval_prompts, eval_samples, reward, ds, sampling)
+    gen, records = _generation_eval(result.model, reference, tokenizer, cfg, eval_prompts, eval_samples, reward, ds, sampling)
     results = {
         "reward": ds.reward,
         "demo": {k: v for k, v in ds.__dict__.items()},
@@ -175,10 +177,15 @@ def _write_data_check(root: Path, tokenizer, cfg) -> None:
     (root / "data_check.json").write_text(json.dumps(report, indent=2, default=str))
 
 
-def _generation_eval(policy, tokenizer, cfg, prompts, ref_samples, reward, ds: DemoSettings, sampling) -> tuple[dict, list[dict]]:
-    pr = PolicyAndReference(policy, tokenizer, None, cfg.loss, cfg.train.bf16)
+def _generation_eval(policy, reference: Reference, tokenizer, cfg, prompts, ref_samples, reward, ds: DemoSettings, sampling):
+    """(metrics, records) of the trained policy against its reference: adapters off for LoRA, else the
+    starting model the demo sampled from."""
     policy.eval()
-    return generation_metrics(pr, prompts, reward, ds.eval_samples, sampling, reference_samples=ref_samples)
+    if cfg.lora.enabled:
+        compared = Compared.lora_run(policy, tokenizer, cfg)
+    else:
+        compared = Compared(policy, reference, tokenizer, cfg.loss, bf16=cfg.train.bf16)
+    return generation_metrics(compared, prompts, reward, ds.eval_samples, sampling, reference_samples=ref_samples)
 
 
 def run_sweep(root, cfg, data_args, overrides, tokenizer, reference, eval_prompts, eval_samples, reward, ds, sampling, main_gen) -> list[dict]:
@@ -190,7 +197,7 @@ def run_sweep(root, cfg, data_args, overrides, tokenizer, reference, eval_prompt
         run_dir = root / "sweep" / name
         sweep_cfg = _train_config(run_dir, data_args, overrides + extra)
         result = train(sweep_cfg)
-        gen, records = _generation_eval(result.model, tokenizer, sweep_cfg, eval_prompts, eval_samples, reward, ds, sampling)
+        gen, records = _generation_eval(result.model, reference, tokenizer, sweep_cfg, eval_prompts, eval_samples, reward, ds, sampling)
         write_results(run_dir, {"reward": ds.reward, "generation": gen}, records)
         points.append(_point(method, label, gen, beta=sweep_cfg.loss.beta if method == "DPO" else None))
         del result
@@ -203,12 +210,13 @@ def _point(method: str, label: str, gen: dict, beta: float | None = None) -> dic
             "reward": gen["reward/policy"], "reward_stderr": gen["reward/policy_stderr"], "kl_kind": "sampled"}
 
 
-def best_of_n(reference, tokenizer, prompts, reward, ds: DemoSettings, sampling) -> list[dict]:
+def best_of_n(reference: Reference, tokenizer, prompts, reward, ds: DemoSettings, sampling) -> list[dict]:
     """Best-of-N from the reference: for each prompt keep the highest-reward of N samples. Its KL from the
     reference is at most log N - (N - 1) / N (the standard analytic bound), reported as such."""
     n_max = max(ds.best_of)
     settings = dataclasses.replace(sampling, seed=sampling.seed + 1)  # samples independent of the others
-    samples = sample(reference, tokenizer, prompts, n_max, settings, label=f"best-of-{n_max} samples")
+    with reference.module() as ref_model:
+        samples = sample(ref_model, tokenizer, prompts, n_max, settings, label=f"best-of-{n_max} samples")
     flat = [p for p in prompts for _ in range(n_max)]
     scores = torch.tensor(reward(flat, [s.completion for row in samples for s in row])).view(len(prompts), n_max)
     points = []

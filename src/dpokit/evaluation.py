@@ -1,12 +1,15 @@
-"""`dpokit eval`: did training improve the model, and at what distance from the reference?
+"""Evaluation: did training improve the model, and at what distance from the reference? One stage, called by
+the training loop (held-out pairs at every evaluation), by `dpokit eval` and by the demo; it returns its
+metrics and samples and fills nothing in place.
 
 Two kinds of evidence, both against the reference pi_ref (the starting model):
 
-- preference data (`--data`): held-out accuracy and margins of the implicit reward, the mean log-ratio
-  log pi/pi_ref of chosen and rejected completions, and a per-token KL estimate on the chosen ones;
-- generation (`--prompts` or the prompts of `--data`, with `--reward`): sample completions from the policy
-  and from the reference, score both, and report mean reward, the policy's win rate over the reference,
-  the sampled KL(pi || pi_ref) per sequence and per token, and the length drift.
+- preference data: held-out accuracy and margins of the implicit reward, the mean log-ratio
+  log pi/pi_ref of chosen and rejected completions, and a per-token KL estimate on the chosen ones
+  (`evaluate_pairs`);
+- generation: sample completions from the policy and from the reference, score both with a reward, and
+  report mean reward, the policy's win rate over the reference, the sampled KL(pi || pi_ref) per sequence
+  and per token, and the length drift (`generation_metrics`).
 
 The sampled KL is sum_t [log pi(y_t | .) - log pi_ref(y_t | .)] over completions y ~ pi, averaged: an
 unbiased estimate of the sequence-level KL when sampling at temperature 1 without top-p (the default);
@@ -15,7 +18,7 @@ with other sampling settings it is the same statistic, not the KL of the samplin
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import math
 import warnings
@@ -25,31 +28,90 @@ from pathlib import Path
 import torch
 
 from dpokit import models
-from dpokit.config import Config, LossConfig, load_config
+from dpokit.batching import Layout
+from dpokit.config import LossConfig, load_config
 from dpokit.data import DataError, load_examples, resolve_data_path
 from dpokit.data.readers import read_records
-from dpokit.generate import Sample, SamplingSettings, adapters_disabled, sample, sequence_logps
-from dpokit.metrics import write_jsonl
+from dpokit.errors import UsageError
+from dpokit.generate import Sample, SamplingSettings, sample, sequence_logps
+from dpokit.logps import CompletionLogps
+from dpokit.metrics import PairMetrics, write_jsonl
+from dpokit.objective import Objective
+from dpokit.progress import Progress
+from dpokit.reference import Reference, eval_mode
+from dpokit.schedule import eval_batches
+
+
+@torch.no_grad()
+def evaluate_pairs(
+    policy,
+    reference: Reference | None,
+    objective: Objective,
+    examples: list,
+    collate,
+    *,
+    batch_size: int,
+    accelerator=None,
+    sample_pairs: int = 0,
+    progress: bool = True,
+) -> tuple[dict, list[dict]]:
+    """Held-out metrics (means over every example, dropout off) and the per-pair values of the first
+    `sample_pairs` pairs (paired losses; they lie in batch 0, which process 0 runs).
+
+    `collate(indices)` builds a batch of `examples` on the policy's device; with an `accelerator` of
+    several processes, each runs its share of the batches and the sums are reduced over all of them.
+    """
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    sums, samples = PairMetrics(), []
+    batches = eval_batches(len(examples), batch_size, rank, world)
+    with eval_mode(policy), Progress("evaluation", sum(len(b) for b, counted in batches if counted), "pairs", progress and rank == 0) as bar:
+        for b, (indices, counted) in enumerate(batches):
+            out, extras = objective(policy, reference, collate(indices))
+            if counted:
+                sums.add(out, extras)
+                bar.advance(len(indices))
+            if b == 0 and rank == 0 and sample_pairs and not objective.unpaired:
+                samples = pair_samples(out, extras, examples, min(sample_pairs, len(indices)))
+    return sums.compute(accelerator), samples
+
+
+def pair_samples(out, extras: dict, examples: list, k: int) -> list[dict]:
+    """Per-pair values of the first `k` pairs of a batch (the log-ratio picture of `dpokit report`)."""
+    rows = []
+    for i in range(k):
+        row = {"index": i, "loss": float(out.losses[i]), "reward_chosen": float(out.chosen_rewards[i]),
+               "reward_rejected": float(out.rejected_rewards[i])}
+        for key in ("logratio/chosen", "logratio/rejected", "logps/chosen", "logps/rejected"):
+            if key in extras:
+                row[key.replace("/", "_")] = float(extras[key][i])
+        rows.append(row)
+    return rows
 
 
 @dataclass
-class PolicyAndReference:
+class Compared:
+    """A policy and its reference, as `dpokit eval` and the demo compare them."""
+
     policy: torch.nn.Module
     """A causal LM; PEFT-wrapped when it is a LoRA run's policy."""
+    reference: Reference
     tokenizer: object
-    reference: torch.nn.Module | None = None
-    """A separate reference model, or None: the policy with its LoRA adapters switched off."""
-    loss: LossConfig | None = None
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     """The loss the policy was trained with (its beta scales the implicit reward)."""
+    layout: Layout = dataclasses.field(default_factory=Layout)
+    """The batch layout of the run (exact: every layout gives the same numbers)."""
     bf16: bool = False
     source: str = ""
 
-    def reference_context(self):
-        return contextlib.nullcontext() if self.reference is not None else adapters_disabled(self.policy)
+    @classmethod
+    def lora_run(cls, policy, tokenizer, cfg, source: str = "") -> Compared:
+        """A LoRA policy against itself with its adapters off (the reference of its training)."""
+        clp = CompletionLogps(policy, cfg.train.logps_chunk_size, cfg.train.bf16)
+        return cls(policy, Reference.adapters_off(clp), tokenizer, cfg.loss, layout_of(cfg), cfg.train.bf16, source)
 
-    @property
-    def reference_model(self) -> torch.nn.Module:
-        return self.reference if self.reference is not None else self.policy
+
+def layout_of(cfg) -> Layout:
+    return Layout(cfg.train.prefix_sharing, cfg.train.packing, cfg.train.pack_tokens)
 
 
 def run_checkpoint(run_dir: Path) -> Path:
@@ -63,54 +125,55 @@ def run_checkpoint(run_dir: Path) -> Path:
             return Path(ckpt)
     found = latest_checkpoint(run_dir)
     if found is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint (checkpoints/step-N); was the run saved (train.save_final)?")
+        raise UsageError(f"{run_dir}: no checkpoint (checkpoints/step-N); was the run saved (train.save_final)?")
     return found
 
 
-def load_for_eval(target: str, ref: str | None = None, device: str | None = None, bf16: bool | None = None) -> PolicyAndReference:
-    """A run dir (its final checkpoint vs its config's model) or a model (vs `ref`)."""
+def load_for_eval(target: str, ref: str | None = None, device: str | None = None, bf16: bool | None = None) -> Compared:
+    """A run dir (its final checkpoint against its config's model) or a model (against `ref`)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = Path(target)
-    if (path / "config.yaml").is_file():
-        cfg = load_config(str(path / "config.yaml"))
-        ckpt = run_checkpoint(path)
-        tokenizer = models.load_tokenizer(str(ckpt), cfg.model.trust_remote_code)
-        if cfg.lora.enabled:
-            from peft import PeftModel
+    ref_model = None
+    if ref is not None:
+        ref_model = models.load_model(models.resolve_model_path(ref, "--ref"))
+    if not (path / "config.yaml").is_file():
+        resolved = models.resolve_model_path(target, "eval target")
+        if ref_model is None:
+            raise UsageError(f"{target!r} is a model, not a run dir (no config.yaml): give the model it was "
+                                    "trained from with --ref MODEL")
+        policy = models.load_model(resolved).to(device).eval().requires_grad_(False)
+        return Compared(policy, Reference.separate(ref_model.to(device), bf16=bool(bf16)), models.load_tokenizer(resolved),
+                        bf16=bool(bf16), source=target)
+    cfg = load_config(str(path / "config.yaml"))
+    if bf16 is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, bf16=bf16))
+    ckpt = run_checkpoint(path)
+    tokenizer = models.load_tokenizer(str(ckpt), cfg.model.trust_remote_code)
+    source = f"{path} ({ckpt.name})"
+    if cfg.lora.enabled:
+        from peft import PeftModel
 
-            base = models.load_model(models.resolve_model_path(cfg.model.name), cfg.model.trust_remote_code)
-            with warnings.catch_warnings():  # peft calls a deprecated transformers name; nothing to act on
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-                policy = PeftModel.from_pretrained(base, str(ckpt))
-        else:
-            policy = models.load_model(str(ckpt), cfg.model.trust_remote_code)
-        reference = None
-        if ref is not None or not cfg.lora.enabled:
-            reference = models.load_model(models.resolve_model_path(ref or cfg.model.name), cfg.model.trust_remote_code)
-        use_bf16 = cfg.train.bf16 if bf16 is None else bf16
-        pr = PolicyAndReference(policy, tokenizer, reference, cfg.loss, use_bf16, f"{path} ({ckpt.name})")
+        base = models.load_model(models.resolve_model_path(cfg.model.name), cfg.model.trust_remote_code)
+        with warnings.catch_warnings():  # peft calls a deprecated transformers name; nothing to act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            policy = PeftModel.from_pretrained(base, str(ckpt)).to(device).eval().requires_grad_(False)
+        if ref_model is None:
+            return Compared.lora_run(policy, tokenizer, cfg, source)
     else:
-        if ref is None:
-            raise FileNotFoundError(
-                f"{target!r} is not a run dir (no config.yaml): give the reference with --ref MODEL "
-                "(the model the policy was trained from)"
-            )
-        resolved = models.resolve_model_path(target)
-        tokenizer = models.load_tokenizer(resolved)
-        pr = PolicyAndReference(
-            models.load_model(resolved), tokenizer, models.load_model(models.resolve_model_path(ref)), LossConfig(), bool(bf16), target
-        )
-    for m in (pr.policy, pr.reference):
-        if m is not None:
-            m.to(device).eval().requires_grad_(False)
-    return pr
+        policy = models.load_model(str(ckpt), cfg.model.trust_remote_code).to(device).eval().requires_grad_(False)
+        if ref_model is None:
+            ref_model = models.load_model(models.resolve_model_path(cfg.model.name), cfg.model.trust_remote_code)
+    reference = Reference.separate(ref_model.to(device), cfg.train.logps_chunk_size, cfg.train.bf16)
+    return Compared(policy, reference, tokenizer, cfg.loss, layout_of(cfg), cfg.train.bf16, source)
 
 
-def load_prompts(spec: str, split: str | None = None, limit: int = 0) -> list:
+def load_prompts(spec: str, split: str | None = None, limit: int = 0, key: str = "--prompts") -> list:
     """Unique prompts of a file (any record with a `prompt` field: prompt files and preference files), in
     first-seen order; `builtin:reviews` is the demo's movie-review openings. `split` keeps records whose
     `split` field equals it."""
     path = resolve_data_path(spec, "prompts")
+    if not path.exists():
+        raise DataError(str(path), f"no such file (given as {key})")
     prompts, seen = [], set()
     for rec in read_records(path):
         if isinstance(rec, DataError):
@@ -123,9 +186,9 @@ def load_prompts(spec: str, split: str | None = None, limit: int = 0) -> list:
             raise DataError(rec.where, "must be non-empty text or a non-empty list of chat messages", "prompt")
         if split is not None and value.get("split") != split:
             continue
-        key = json.dumps(prompt, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
+        key_ = json.dumps(prompt, sort_keys=True)
+        if key_ not in seen:
+            seen.add(key_)
             prompts.append(prompt)
         if limit and len(prompts) == limit:
             break
@@ -134,48 +197,27 @@ def load_prompts(spec: str, split: str | None = None, limit: int = 0) -> list:
     return prompts
 
 
-@torch.no_grad()
-def preference_metrics(pr: PolicyAndReference, data: str, max_length: int = 1024, max_prompt_length: int = 512, batch_size: int = 8) -> dict:
+def preference_metrics(c: Compared, data: str, max_length: int = 1024, max_prompt_length: int = 512, batch_size: int = 8) -> dict:
     """Accuracy, margins, log-ratios and per-token KL of the chosen completions on a preference file."""
-    from dpokit.batching import Layout
-    from dpokit.logps import CompletionLogps
-    from dpokit.objective import Objective
-    from dpokit.reference import ModelReference, PolicyReference
     from dpokit.tokenize import tokenize_pairs
-    from dpokit.train import evaluate
 
-    examples, _ = load_examples(data)
-    pairs, stats = tokenize_pairs(examples, pr.tokenizer, max_length, max_prompt_length)
+    examples, _ = load_examples(data, key="--data")
+    pairs, stats = tokenize_pairs(examples, c.tokenizer, max_length, max_prompt_length)
     if not pairs:
         raise DataError(data, f"no pairs left after tokenization ({stats.to_dict()['dropped']})")
-    policy = CompletionLogps(pr.policy, bf16=pr.bf16)
-    reference = (
-        ModelReference(CompletionLogps(pr.reference, bf16=pr.bf16)) if pr.reference is not None else PolicyReference(policy)
-    )
-    cfg = Config()
-    cfg.loss = pr.loss or LossConfig()
-    cfg.eval.batch_size = batch_size
-    device = next(pr.policy.parameters()).device
-    shim = _SingleProcess(device)
-    objective = Objective(cfg.loss)
-    metrics = evaluate(policy, reference, objective, pairs, Layout().pairs, pr.tokenizer.pad_token_id, cfg, shim)
-    metrics = {k.removeprefix("eval/"): v for k, v in metrics.items()}
-    metrics["pairs"] = len(pairs)
-    metrics["dropped"] = dict(stats.dropped)
-    return metrics
+    policy = CompletionLogps(c.policy, bf16=c.bf16)
+    device = next(c.policy.parameters()).device
+    pad = c.tokenizer.pad_token_id
 
+    def collate(indices):
+        return c.layout.pairs([pairs[i] for i in indices], pad, ids=indices).to(device)
 
-class _SingleProcess:
-    """What `train.evaluate` asks of an Accelerator, for one process."""
-
-    process_index, num_processes = 0, 1
-
-    def __init__(self, device):
-        self.device = device
+    metrics, _ = evaluate_pairs(policy, c.reference, Objective(c.loss), pairs, collate, batch_size=batch_size)
+    return {**metrics, "pairs": len(pairs), "dropped": dict(stats.dropped)}
 
 
 def generation_metrics(
-    pr: PolicyAndReference,
+    c: Compared,
     prompts: list,
     reward,
     samples_per_prompt: int = 1,
@@ -188,20 +230,20 @@ def generation_metrics(
     Returns (metrics, one record per prompt with both models' completions and rewards).
     `reference_samples` reuses completions already drawn from the reference for these prompts.
     """
-    settings = settings or SamplingSettings(bf16=pr.bf16)
-    n, tok = samples_per_prompt, pr.tokenizer
-    pol = sample(pr.policy, tok, prompts, n, settings, progress, "policy samples")
+    settings = settings or SamplingSettings(bf16=c.bf16)
+    n, tok = samples_per_prompt, c.tokenizer
+    pol = sample(c.policy, tok, prompts, n, settings, progress, "policy samples")
     if reference_samples is None:
-        with pr.reference_context():
-            reference_samples = sample(pr.reference_model, tok, prompts, n, settings, progress, "reference samples")
+        with c.reference.module() as ref_model:
+            reference_samples = sample(ref_model, tok, prompts, n, settings, progress, "reference samples")
     ref = [row[:n] for row in reference_samples]
     flat_prompts = [p if isinstance(p, str) else tok.apply_chat_template(p, tokenize=False) for p in prompts for _ in range(n)]
     r_pol = torch.tensor(reward(flat_prompts, [s.completion for row in pol for s in row])).view(len(prompts), n)
     r_ref = torch.tensor(reward(flat_prompts, [s.completion for row in ref for s in row])).view(len(prompts), n)
     pad = tok.pad_token_id
-    lp_pol = sequence_logps(pr.policy, pol, pad, bf16=pr.bf16)
-    with pr.reference_context():
-        lp_ref = sequence_logps(pr.reference_model, pol, pad, bf16=pr.bf16)
+    lp_pol = sequence_logps(c.policy, pol, pad, bf16=c.bf16)
+    with c.reference.module() as ref_model:
+        lp_ref = sequence_logps(ref_model, pol, pad, bf16=c.bf16)
     kl_seq = (lp_pol - lp_ref).double()
     len_pol = torch.tensor([[len(s.completion_ids) for s in row] for row in pol], dtype=torch.float64)
     len_ref = torch.tensor([[len(s.completion_ids) for s in row] for row in ref], dtype=torch.float64)
@@ -253,3 +295,50 @@ def write_results(out_dir: Path, results: dict, records: list[dict] | None) -> P
     if records is not None:
         write_jsonl(out_dir / "eval_samples.jsonl", records)
     return path
+
+
+def run_eval(
+    target: str,
+    *,
+    data: str | None = None,
+    prompts: str | None = None,
+    split: str | None = None,
+    reward: str | None = None,
+    ref: str | None = None,
+    num_prompts: int = 64,
+    samples: int = 2,
+    sampling: SamplingSettings | None = None,
+    bf16: bool | None = None,
+    max_length: int = 1024,
+    max_prompt_length: int = 512,
+    batch_size: int = 32,
+    out: str | None = None,
+) -> tuple[dict, Path]:
+    """`dpokit eval`: preference metrics on `data` and/or generation metrics with `reward` on `prompts` (or
+    the prompts of `data`); writes eval.json (+ eval_samples.jsonl) to `out`, the run dir, or ./eval-<time>.
+    Every option is checked before a model is loaded."""
+    from datetime import datetime
+
+    from dpokit.rewards import get_reward
+
+    if not data and not reward:
+        raise UsageError("nothing to evaluate: give --data (preference pairs) and/or --reward (with prompts)")
+    if reward and not (prompts or data):
+        raise UsageError("--reward needs prompts: give --prompts FILE (or --data)")
+    scorer = get_reward(reward) if reward else None
+    prompt_list = load_prompts(prompts or data, split, num_prompts, "--prompts" if prompts else "--data") if scorer else None
+    if data and not resolve_data_path(data).exists():
+        raise DataError(data, "no such file (given as --data)")
+    c = load_for_eval(target, ref, bf16=bf16)
+    results: dict = {"target": c.source, "reference": ref or "the run's starting model"}
+    records = None
+    if data:
+        results["preference"] = preference_metrics(c, data, max_length, max_prompt_length, batch_size)
+        results["data"] = data
+    if scorer is not None:
+        settings = dataclasses.replace(sampling or SamplingSettings(), bf16=c.bf16)
+        results["generation"], records = generation_metrics(c, prompt_list, scorer, samples, settings)
+        results["reward"] = reward
+    is_run = (Path(target) / "config.yaml").is_file()
+    folder = Path(out) if out else Path(target) if is_run else Path(datetime.now().strftime("eval-%Y%m%d-%H%M%S"))
+    return results, write_results(folder, results, records)

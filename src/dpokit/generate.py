@@ -8,13 +8,13 @@ KL) and dropped from its text.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from dpokit.batching import Doc, build_batch
 from dpokit.logps import CompletionLogps, sum_by_sequence
+from dpokit.progress import Progress
 from dpokit.reference import eval_mode
 from dpokit.tokenize import encode_prompt
 
@@ -69,18 +69,14 @@ def sample(model, tokenizer, prompts: list, n: int, settings: SamplingSettings, 
     time with the model's KV cache; each batch draws from its own generator state (seed + batch number),
     so the result does not depend on what ran before.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     encoded = [encode_prompt(p, tokenizer) for p in prompts]
     jobs = sorted(((i, k) for i in range(len(prompts)) for k in range(n)), key=lambda j: (len(encoded[j[0]]), j))
     stop = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     device = next(model.parameters()).device
     out: list[list[Sample | None]] = [[None] * n for _ in prompts]
-    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not progress)
     with eval_mode(model):
-        with bar:
-            task = bar.add_task(label, total=len(jobs))
+        with Progress(label, len(jobs), "sequences", progress) as bar:
             for b, start in enumerate(range(0, len(jobs), settings.batch_size)):
                 chunk = jobs[start : start + settings.batch_size]
                 width = max(len(encoded[i]) for i, _ in chunk)
@@ -111,7 +107,7 @@ def sample(model, tokenizer, prompts: list, n: int, settings: SamplingSettings, 
                     text_ids = ids if end is None else ids[:-1]
                     text = tokenizer.decode(text_ids, skip_special_tokens=True)
                     out[i][k] = Sample(prompts[i], text, encoded[i], ids, end is not None)
-                bar.advance(task, len(chunk))
+                bar.advance(len(chunk))
     return out  # type: ignore[return-value]
 
 
@@ -133,7 +129,3 @@ def sequence_logps(model, samples: list[list[Sample]], pad_id: int, batch_size: 
             rows.append(sum_by_sequence(tok.float(), batch.seq_index, batch.num_seqs).view(len(group), n).cpu())
     return torch.cat(rows) if rows else torch.zeros(0, n)
 
-
-def adapters_disabled(model):
-    """Context in which a PEFT model runs as its base model (the reference of a LoRA policy)."""
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()

@@ -72,12 +72,6 @@ def sum_by_sequence(values: torch.Tensor, seq_index: torch.Tensor, num_seqs: int
     return torch.zeros(num_seqs, dtype=values.dtype, device=values.device).index_add(0, seq_index, values)
 
 
-def full_logits_token_logps(logits: torch.Tensor, pred_index: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
-    """Reference path for tests: log_softmax over full (R, T, V) logits, then pick the completion tokens."""
-    logp = torch.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
-    return logp[pred_index, target_ids]
-
-
 class CompletionLogps(nn.Module):
     """Wraps a causal LM (or a PEFT model around one): batch tensors -> per-token completion log-probs.
 

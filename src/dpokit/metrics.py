@@ -115,8 +115,17 @@ def write_jsonl(path: Path, rows) -> None:
     Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
+def _fmt(record: dict, key: str, spec: str) -> str:
+    """A metric for the console, or `-` when the step could not define it (e.g. a KTO step of one label)."""
+    value = record.get(key)
+    return "-" if value is None or not math.isfinite(value) else format(value, spec)
+
+
 class StepReporter:
-    """Progress bar with the live loss and margin, plus one printed line per step and per evaluation."""
+    """Progress bar with the live loss and margin, plus one printed line per step and per evaluation.
+
+    A metric a step cannot define (the margin and accuracy of a KTO step whose examples share one label) is
+    shown as `-`, never as nan."""
 
     def __init__(self, total_steps: int, enabled: bool = True, done: int = 0):
         from rich.console import Console
@@ -128,12 +137,12 @@ class StepReporter:
             TextColumn("[bold]train"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f} margin {task.fields[margin]:+.4f}"),
+            TextColumn("loss {task.fields[loss]} margin {task.fields[margin]}"),
             TimeRemainingColumn(),
             console=self.console,
             disable=not enabled,
         )
-        self.task = self.progress.add_task("train", total=total_steps, completed=done, loss=math.nan, margin=math.nan)
+        self.task = self.progress.add_task("train", total=total_steps, completed=done, loss="-", margin="-")
 
     def __enter__(self):
         self.progress.start()
@@ -143,20 +152,22 @@ class StepReporter:
         self.progress.stop()
 
     def update(self, record: dict) -> None:
-        self.progress.update(self.task, advance=1, loss=record["loss"], margin=record["rewards/margins"])
+        self.progress.update(self.task, advance=1, loss=_fmt(record, "loss", ".4f"), margin=_fmt(record, "rewards/margins", "+.4f"))
         if self.enabled:
+            acc = f" acc {_fmt(record, 'rewards/accuracies', '.2f')}" if "rewards/accuracies" in record else ""
             self.console.print(
-                f"step {record['step']:>4} loss {record['loss']:.4f} "
-                f"r+ {record['rewards/chosen']:+.3f} r- {record['rewards/rejected']:+.3f} "
-                f"margin {record['rewards/margins']:+.3f} acc {record.get('rewards/accuracies', math.nan):.2f} "
+                f"step {record['step']:>4} loss {_fmt(record, 'loss', '.4f')} "
+                f"r+ {_fmt(record, 'rewards/chosen', '+.3f')} r- {_fmt(record, 'rewards/rejected', '+.3f')} "
+                f"margin {_fmt(record, 'rewards/margins', '+.3f')}{acc} "
                 f"lr {record['lr']:.1e} |g| {record['grad_norm']:.2f} {record['tokens_per_s']:.0f} tok/s",
                 highlight=False,
             )
 
     def print_eval(self, step: int, record: dict | None) -> None:
         if self.enabled and record and "eval/loss" in record:
+            acc = f"  accuracy {_fmt(record, 'eval/rewards/accuracies', '.3f')}" if "eval/rewards/accuracies" in record else ""
             self.console.print(
-                f"[bold]eval @ step {step}[/bold]  loss {record['eval/loss']:.4f}  "
-                f"margin {record['eval/rewards/margins']:+.4f}  accuracy {record.get('eval/rewards/accuracies', math.nan):.3f}",
+                f"[bold]eval @ step {step}[/bold]  loss {_fmt(record, 'eval/loss', '.4f')}  "
+                f"margin {_fmt(record, 'eval/rewards/margins', '+.4f')}{acc}",
                 highlight=False,
             )

@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 import torch
 
-from dpokit.batching import Batch
+from dpokit.batching import Batch, UnpairedBatch
 from dpokit.config import LossConfig
 from dpokit.logps import sum_by_sequence
 from dpokit.losses import LOSSES, LossOutput, PairLogps, UnpairedLogps, combine
@@ -68,9 +68,10 @@ class Objective:
         if self.bco is not None and state.get("bco"):
             self.bco.total, self.bco.count = state["bco"]
 
-    def __call__(self, policy, reference, batch) -> tuple[LossOutput, dict[str, torch.Tensor]]:
+    def __call__(self, policy, reference, batch: Batch | UnpairedBatch) -> tuple[LossOutput, dict[str, torch.Tensor]]:
+        """`reference`: a `reference.Reference`, or None for reference-free losses."""
         if self.unpaired:
-            return self.unpaired_loss(policy, reference, *batch)
+            return self.unpaired_loss(policy, reference, batch)
         return self.pair_loss(policy, reference, batch)
 
     def pair_loss(self, policy, reference, batch: Batch):
@@ -112,7 +113,8 @@ class Objective:
             extras["logratio/rejected"] = x.policy_rejected.detach() - x.ref_rejected
         return out, extras
 
-    def unpaired_loss(self, policy, reference, targets: Batch, mismatched: Batch):
+    def unpaired_loss(self, policy, reference, batch: UnpairedBatch):
+        targets, mismatched = batch.targets, batch.mismatched
         ref = reference.sequence_logps(targets)
         pol = sum_by_sequence(policy(*targets.model_args), targets.seq_index, targets.num_seqs)
         with torch.no_grad():  # the KL baseline is a detached estimate (KTO, sec. 4.1)

@@ -1,32 +1,29 @@
-"""The reference policy pi_ref, handled in one place: always under no_grad, always with dropout off.
+"""The reference policy pi_ref, in one place. Training, held-out evaluation and sampling ask it the same two
+things: its log-probs for a batch (`sequence_logps`), and itself as a causal LM to sample from or to score
+samples with (`module`). It always runs under no_grad with dropout off.
 
-Strategies (each has `sequence_logps(batch, token_weights=None) -> (S,)`):
-- `PolicyReference`: LoRA training; the same network with the adapters switched off (no second copy);
-- `FrozenCopyReference`: full fine-tuning; a frozen copy of the starting weights;
-- `ModelReference`: a separate model given as the reference (evaluation of a saved policy);
-- `CachedReference`: log-probs precomputed once before training (`train.precompute_ref`) and looked up by
-  example id; stored on disk under a key of the model weights, the tokenized data and the settings that
-  change the numbers, so a matching key reuses the file and anything else recomputes it. Full
-  fine-tuning with a cache holds no second copy of the model at all.
+Strategies, each a constructor of `Reference`:
+- `Reference.adapters_off(policy)`: LoRA training; the policy's own network with its adapters switched off
+  (no second copy of the weights);
+- `Reference.frozen_copy(policy)`: full fine-tuning; a frozen copy of the starting weights;
+- `Reference.separate(model)`: another checkpoint (the starting model of a saved full fine-tuning run, or
+  one the user names);
+- `Reference.initial(policy)`: the policy as it is, valid only before its first update (fills the cache in
+  full fine-tuning without a copy);
+- `Reference.cached(table)`: log-probs computed once before training (refcache.py), looked up per batch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import logging
-import os
-from pathlib import Path
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from dpokit.batching import Batch
 from dpokit.logps import CompletionLogps, sum_by_sequence
-
-log = logging.getLogger(__name__)
-CACHE_VERSION = "1"
 
 
 @contextlib.contextmanager
@@ -47,107 +44,101 @@ def unwrap(module: nn.Module) -> CompletionLogps:
     return module
 
 
-def _sum(tok: torch.Tensor, batch: Batch, token_weights: torch.Tensor | None) -> torch.Tensor:
-    return sum_by_sequence(tok if token_weights is None else tok * token_weights, batch.seq_index, batch.num_seqs)
+class Reference:
+    """pi_ref for one run; build it with one of the constructors below."""
 
-
-class PolicyReference:
-    """pi_ref = the trained network itself, with its LoRA adapters switched off (`adapters_off`), or as it
-    is: valid only before its first update (used to fill the cache in full fine-tuning without a copy)."""
-
-    def __init__(self, policy: nn.Module, adapters_off: bool = True):
-        self.policy, self.adapters_off = policy, adapters_off
-
-    @torch.no_grad()
-    def sequence_logps(self, batch: Batch, token_weights: torch.Tensor | None = None) -> torch.Tensor:
-        off = unwrap(self.policy).model.disable_adapter() if self.adapters_off else contextlib.nullcontext()
-        with eval_mode(self.policy), off:
-            return _sum(self.policy(*batch.model_args), batch, token_weights)
-
-
-class ModelReference:
-    """pi_ref = a separate frozen model (e.g. the SFT checkpoint when evaluating a trained policy)."""
-
-    def __init__(self, model: CompletionLogps):
-        self.frozen = model
-        self.frozen.eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def sequence_logps(self, batch: Batch, token_weights: torch.Tensor | None = None) -> torch.Tensor:
-        return _sum(self.frozen(*batch.model_args), batch, token_weights)
-
-
-class FrozenCopyReference(ModelReference):
-    """pi_ref = a frozen copy of the policy, taken before any update."""
-
-    def __init__(self, policy: nn.Module):
-        inner = unwrap(policy)
-        super().__init__(CompletionLogps(copy.deepcopy(inner.model), inner.chunk_size, inner.bf16))
-
-
-class CachedReference:
-    """pi_ref log-probs looked up by example id: `table` is (num_examples, 2) = (chosen, rejected)."""
-
-    def __init__(self, table: torch.Tensor):
+    def __init__(self, network: nn.Module | None, *, disable_adapters: bool = False, table=None, kind: str = ""):
+        self.network = network
+        """A CompletionLogps (possibly wrapped by DDP/FSDP), or None for a cached reference."""
+        self.disable_adapters = disable_adapters
         self.table = table
+        """A refcache.CachedLogps for a cached reference."""
+        self.kind = kind
+
+    @classmethod
+    def adapters_off(cls, policy: nn.Module) -> Reference:
+        return cls(policy, disable_adapters=True, kind="policy with adapters off")
+
+    @classmethod
+    def frozen_copy(cls, policy: nn.Module) -> Reference:
+        inner = unwrap(policy)
+        return cls.separate(copy.deepcopy(inner.model), inner.chunk_size, inner.bf16, kind="frozen copy")
+
+    @classmethod
+    def separate(cls, model: nn.Module, chunk_size: int = 1024, bf16: bool = False, kind: str = "separate model") -> Reference:
+        model.eval().requires_grad_(False)
+        return cls(CompletionLogps(model, chunk_size, bf16), kind=kind)
+
+    @classmethod
+    def initial(cls, policy: nn.Module) -> Reference:
+        return cls(policy, kind="the policy before its first update")
+
+    @classmethod
+    def cached(cls, table) -> Reference:
+        return cls(None, table=table, kind="precomputed log-probs")
+
+    @contextlib.contextmanager
+    def _active(self) -> Iterator[None]:
+        if self.network is None:
+            raise TypeError("a cached reference holds log-probs only: it has no model to run or sample from")
+        off = unwrap(self.network).model.disable_adapter() if self.disable_adapters else contextlib.nullcontext()
+        with torch.no_grad(), eval_mode(self.network), off:
+            yield
 
     def sequence_logps(self, batch: Batch, token_weights: torch.Tensor | None = None) -> torch.Tensor:
-        if batch.example_ids is None:
-            raise ValueError("a cached reference needs batches built with example ids")
-        rows = self.table[batch.example_ids.cpu()].to(batch.input_ids.device)  # (P, 2)
-        return torch.cat([rows[:, 0], rows[:, 1]])  # chosen sequences first, then rejected
+        """(S,) log pi_ref of each completion of `batch`, summed over its tokens (times `token_weights`)."""
+        if self.table is not None:
+            return self.table.lookup(batch)
+        with self._active():
+            tok = self.network(*batch.model_args)
+        return sum_by_sequence(tok if token_weights is None else tok * token_weights, batch.seq_index, batch.num_seqs)
+
+    @contextlib.contextmanager
+    def module(self) -> Iterator[nn.Module]:
+        """The reference as a causal LM (`generate`, forward), for the duration."""
+        with self._active():
+            yield unwrap(self.network).model
 
 
-@torch.no_grad()
-def precompute_table(reference, examples: list, collate, pad_id: int, batch_size: int, device, token_weights_fn=None):
-    """(N, 2) reference log-probs of every pair, in example order."""
-    out = []
-    for start in range(0, len(examples), batch_size):
-        stop = min(start + batch_size, len(examples))
-        batch = collate(examples[start:stop], pad_id, ids=list(range(start, stop))).to(device)
-        weights = token_weights_fn(batch) if token_weights_fn else None
-        seq = reference.sequence_logps(batch, weights).float().cpu()
-        P = batch.num_pairs
-        out.append(torch.stack([seq[:P], seq[P:]], dim=1))
-    return torch.cat(out) if out else torch.zeros(0, 2)
+def for_training(cfg, policy: nn.Module) -> Reference:
+    """The live reference of a run: the policy with its adapters off (LoRA) or a frozen copy of it taken
+    now, before any update (full fine-tuning)."""
+    return Reference.adapters_off(policy) if cfg.lora.enabled else Reference.frozen_copy(policy)
 
 
-def weights_fingerprint(model: nn.Module) -> str:
-    """Hash of every parameter and buffer (names and bytes) of the reference weights."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if "lora_" in name:  # adapters are off in the reference
-            continue
-        # the same weights give the same key with or without a PEFT wrapper
-        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-        t = tensor.detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # the buffer itself, no copy
-    return h.hexdigest()
+def cache_settings(cfg, device_type: str) -> dict:
+    """Everything besides the weights and the batch that changes reference log-probs by even one ulp."""
+    t = cfg.train
+    return {
+        "ld_alpha": cfg.loss.ld_alpha, "bf16": t.bf16, "attn": cfg.model.attn_implementation,
+        "fast_fp32_matmul": t.fast_fp32_matmul, "prefix_sharing": t.prefix_sharing, "packing": t.packing,
+        "pack_tokens": t.pack_tokens, "logps_chunk_size": t.logps_chunk_size, "device": device_type,
+        "torch": torch.__version__,
+    }
 
 
-def examples_fingerprint(examples: list) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for e in examples:
-        h.update(repr((e.prompt_ids, e.chosen_ids, e.rejected_ids)).encode())
-    return h.hexdigest()
+def precomputed(cfg, policy: nn.Module, splits: dict, token_weights=None, progress: bool = True) -> tuple[dict, dict]:
+    """Cached references for each split, computed from the policy before its first update.
 
+    `splits`: name -> (examples, micro-batches as example-index lists, collate(indices) -> batch). Returns
+    (name -> Reference, name -> counts) plus "cache" -> the folder in the counts.
+    """
+    from pathlib import Path
 
-def cache_key(weights: str, examples: list, settings: dict) -> str:
-    parts = [CACHE_VERSION, weights, examples_fingerprint(examples), repr(sorted(settings.items()))]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+    from dpokit import models
+    from dpokit.refcache import ShardStore, cache_folder, precompute, weights_fingerprint
 
-
-def load_or_compute(path: Path, compute) -> tuple[torch.Tensor, bool]:
-    """Read the cached table at `path`, or compute and write it atomically. Returns (table, reused)."""
-    from safetensors.torch import load_file, save_file
-
-    if path.exists():
-        return load_file(str(path))["ref_logps"], True
-    table = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # several processes may fill the same entry at once
-    save_file({"ref_logps": table.contiguous()}, str(tmp))
-    tmp.replace(path)
-    return table, False
+    # Each process fills its own micro-batches, some from the cache: through a DDP wrapper every forward would
+    # be a collective (it broadcasts buffers), and processes with different cache hits would wait forever.
+    # A DDP replica holds all the weights, so the module it wraps computes the same numbers alone.
+    local = unwrap(policy) if isinstance(policy, torch.nn.parallel.DistributedDataParallel) else policy
+    start = Reference.adapters_off(local) if cfg.lora.enabled else Reference.initial(local)
+    root = Path(cfg.train.ref_cache_dir) if cfg.train.ref_cache_dir else models.cache_dir() / "ref-logps"
+    device = next(unwrap(policy).parameters()).device
+    store = ShardStore(cache_folder(root, weights_fingerprint(unwrap(policy).model), cache_settings(cfg, device.type)))
+    refs, stats = {}, {"cache": str(store.folder)}
+    for name, (examples, batches, collate) in splits.items():
+        table, stats[name] = precompute(start, batches, examples, collate, store, token_weights,
+                                        f"reference log-probs ({name})", progress)
+        refs[name] = Reference.cached(table)
+    return refs, stats

@@ -19,6 +19,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from dpokit.errors import UsageError
 from dpokit.metrics import read_metrics
 
 # Loss types the explorer can evaluate from (chosen, rejected) inputs; the others fall back to sigmoid.
@@ -298,10 +299,10 @@ def _flatten(d, prefix: str = "") -> dict:
 def write_report(run_dir, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: no such run dir")
+        raise UsageError(f"{run_dir}: no such run dir")
     data = collect(run_dir)
     if not data["metrics"] and not data["eval"]:
-        raise FileNotFoundError(f"{run_dir}: nothing to report (no metrics.jsonl or eval.json); is this a run dir?")
+        raise UsageError(f"{run_dir}: nothing to report (no metrics.jsonl or eval.json); is this a run dir?")
     path = Path(out) if out else run_dir / "report.html"
     path.write_text(build_html(data), encoding="utf-8")
     return path

@@ -1,0 +1,121 @@
+"""Every command the README and docs/ show in a code block runs, as written, on the tiny model: `train`
+commands get the tiny model and two steps appended (the real model is too slow for a test), everything
+else runs unchanged, from a folder laid out like a checkout (configs/, ../shared/data) holding the files the
+examples name. A `$ dpokit ...` command's shown output must appear in what it prints (`...` ends a line
+abridged). A command that cannot run here must be listed in NOT_RUN with the reason."""
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpokit.cli import main
+from helpers import SHARED_DATA, cli_args
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+NOT_RUN = {
+    "make demo": "the demo pipeline runs in tests/test_demo.py on the tiny model; make demo itself takes minutes",
+    "make test": "this is make test",
+    "accelerate launch --config_file configs/accelerate/ddp.yaml -m dpokit.cli train configs/hh_lora.yaml":
+        "the DDP config is for GPUs; data parallel on CPU (--num-processes) runs in tests/test_distributed.py",
+}
+FAST_TRAIN = ("train.max_steps=2", "data.limit=24", "train.progress=false", "eval.batch_size=8")
+
+
+def doc_commands() -> list[tuple[str, str, list[str]]]:
+    """(doc name, command, shown output lines) of every command in a code block."""
+    found = []
+    for path in DOCS:
+        for block in re.findall(r"^```[^\n]*\n(.*?)^```", path.read_text(), flags=re.S | re.M):
+            lines = block.splitlines()
+            console = any(line.startswith("$ ") for line in lines)  # commands after `$ `, the rest their output
+            for line in lines:
+                command = re.sub(r"\s+#(\s.*)?$", "", line.removeprefix("$ ")).strip()
+                if line.startswith("$ ") or (not console and re.match(r"(\.venv/bin/)?dpokit |make |accelerate |python ", command)):
+                    found.append((path.name, command, []))
+                elif console and found:
+                    found[-1][2].append(line)
+    return found
+
+
+COMMANDS = doc_commands()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_model_dir):
+    """A checkout-like folder: configs/, ../shared/data, the example files and run dirs the docs name."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from dpokit.data import load_examples
+    from dpokit.metrics import write_jsonl
+
+    root = tmp_path_factory.mktemp("docs")
+    work = root / "work"
+    work.mkdir()
+    (work / "configs").symlink_to(ROOT / "configs")
+    (root / "shared").symlink_to(SHARED_DATA.parent)
+    (work / "bad.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    examples, _ = load_examples("builtin:demo")
+    write_jsonl(work / "heldout.jsonl", [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in examples[-8:]])
+    write_jsonl(work / "prompts.jsonl", [{"prompt": f"The film was {w}"} for w in ("dull", "long", "a surprise")])
+    for name in ("policy", "sft"):
+        shutil.copytree(tiny_model_dir, work / "path" / "to" / name)
+    from dpokit.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    config = AutoConfig.from_pretrained(str(tiny_model_dir), num_labels=1)
+    config.pad_token_id = tokenizer.pad_token_id
+    with torch.random.fork_rng():
+        AutoModelForSequenceClassification.from_config(config).save_pretrained(work / "path" / "to" / "reward-model")
+    tokenizer.save_pretrained(work / "path" / "to" / "reward-model")
+    for run, extra in (("my-run", ()), ("20261127-071002", ("train.checkpoint_every=1",))):
+        assert main(cli_args(tiny_model_dir, work / "runs" / run, "train.save_final=true", *extra)) == 0
+    return work
+
+
+def argv_of(command: str, tiny_model_dir, index: int) -> list[str]:
+    argv = command.split()
+    argv = argv[1:]  # `dpokit` or `.venv/bin/dpokit`
+    if argv[0] == "train" and "--help" not in argv and "--resume" not in argv:
+        argv += [f"model.name={tiny_model_dir}", *FAST_TRAIN, f"train.run_dir=runs/doc-{index}"]
+    return argv
+
+
+def shown_lines_appear(shown: list[str], printed: str) -> None:
+    flat = " ".join(printed.replace("│", " ").split())
+    for line in shown:
+        line = " ".join(line.replace("│", " ").split())
+        if not line or line == "...":
+            continue
+        if line.endswith("..."):
+            line = line[:-3].rstrip(" ,")
+        assert line in flat, (line, printed)
+
+
+@pytest.mark.parametrize("doc, command, shown", COMMANDS, ids=[f"{d}: {c[:60]}" for d, c, _ in COMMANDS])
+def test_documented_command_runs_as_written(doc, command, shown, workspace, tiny_model_dir, monkeypatch, capsys):
+    if command in NOT_RUN:
+        pytest.skip(NOT_RUN[command])
+    assert re.match(r"(\.venv/bin/)?dpokit ", command), f"{doc}: {command!r} is neither run here nor listed in NOT_RUN"
+    monkeypatch.chdir(workspace)
+    argv = argv_of(command, tiny_model_dir, COMMANDS.index((doc, command, shown)))
+    if "--help" in argv:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 0
+        return
+    expect_error = any("error:" in line for line in shown)
+    assert main(argv) == (2 if expect_error else 0), capsys.readouterr().err
+    out = capsys.readouterr()
+    shown_lines_appear(shown, out.out + out.err)
+
+
+def test_every_doc_command_is_collected():
+    """The collector sees the examples (a broken fence would silently skip them all)."""
+    names = [c for _, c, _ in COMMANDS]
+    assert any(c.startswith(".venv/bin/dpokit train configs/tiny.yaml") for c in names)
+    assert sum(c.startswith("dpokit eval") for c in names) == 3  # docs/evaluation.md
+    assert any(c.startswith("dpokit data check") for c in names)
