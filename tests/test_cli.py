@@ -176,3 +176,13 @@ def test_long_phases_report_progress_when_not_on_a_terminal(tmp_path, tiny_model
     out = run_cli(["eval", str(run), "--prompts", str(prompts), "--reward", "length", "--max-new-tokens", "4"])
     assert out.returncode == 0, out.stderr
     assert "policy samples: 6/6 sequences" in out.stderr, out.stderr
+
+
+def test_overrides_after_flags_and_flags_only_where_they_apply(tmp_path, tiny_model_dir, capsys):
+    # `CONFIG --loss.beta 0.2 key=value`: argparse leaves the override after the flag unplaced; it still applies
+    assert main(["train", "configs/tiny.yaml", "--loss.beta", "0.2", f"model.name={tiny_model_dir}", "train.max_steps=1",
+                 "train.progress=false", f"train.run_dir={tmp_path / 'r'}"]) == 0
+    assert "beta: 0.2" in (tmp_path / "r" / "config.yaml").read_text()
+    with pytest.raises(SystemExit) as info:  # eval takes no config overrides: refused, not ignored
+        main(["eval", str(tmp_path / "r"), "--data", "builtin:demo", "--loss.beta", "0.2"])
+    assert info.value.code == 2 and "unrecognized arguments: loss.beta=0.2" in capsys.readouterr().err

@@ -30,11 +30,14 @@ class _Stderr(logging.Handler):
 
 
 def _dotted_flags(extra: list[str]) -> tuple[list[str], list[str]]:
-    """`--loss.beta 0.2` / `--loss.beta=0.2` -> `loss.beta=0.2`; returns (overrides, unrecognized)."""
+    """`--loss.beta 0.2` / `--loss.beta=0.2` -> `loss.beta=0.2`, and `key=value` overrides argparse could not
+    place (after a flag: `CONFIG --num-processes 2 loss.beta=0.2`); returns (overrides, unrecognized)."""
     overrides, bad, i = [], [], 0
     while i < len(extra):
         arg = extra[i]
-        if arg.startswith("--") and "." in arg:
+        if not arg.startswith("-") and "=" in arg:
+            overrides.append(arg)
+        elif arg.startswith("--") and "." in arg:
             key = arg[2:]
             if "=" in key:
                 overrides.append(key)
@@ -152,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     flags, unknown = _dotted_flags(extra)
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown or (flags and args.command not in ("train", "precompute-ref", "demo")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or flags)}")
     configure_logging(args.verbose)
     if args.command == "train" and args.num_processes > 1 and "RANK" not in os.environ:
         return launch_data_parallel(args.num_processes, argv if argv is not None else sys.argv[1:])
