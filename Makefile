@@ -32,6 +32,7 @@ browser:
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: install lint browser
 	$(BIN)/pytest -q

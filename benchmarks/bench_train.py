@@ -105,7 +105,12 @@ def child_dpokit(args, extra: list[str]) -> dict:
     result = train(load_config(None, overrides))
     wall = time.perf_counter() - t0
     times = [r["step_time_s"] for r in result.history]
-    return {"step_times": times[args.warmup :], "wall_s": wall, "setup_s": wall - sum(times), "loss1": result.history[0]["loss"]}
+    return {
+        "step_times": times[args.warmup :],
+        "wall_s": wall,
+        "setup_s": wall - sum(times),
+        "loss1": result.history[0]["loss"],
+    }
 
 
 def child_trl(args, opts: dict) -> dict:
@@ -152,7 +157,9 @@ def child_trl(args, opts: dict) -> dict:
     )
     peft_config = None
     if args.mode == "lora":
-        peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+        )
     t0 = time.perf_counter()
     trainer = DPOTrainer(
         model=model,
@@ -166,7 +173,12 @@ def child_trl(args, opts: dict) -> dict:
     wall = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     del torch
-    return {"step_times": times[args.warmup :], "wall_s": wall, "setup_s": wall - sum(times), "loss1": losses[0] if losses else None}
+    return {
+        "step_times": times[args.warmup :],
+        "wall_s": wall,
+        "setup_s": wall - sum(times),
+        "loss1": losses[0] if losses else None,
+    }
 
 
 def run_child(args) -> None:
@@ -211,7 +223,9 @@ def main() -> None:
     ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
     ap.add_argument("--mode", choices=["lora", "full"], default="lora")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--fast-fp32-matmul", action="store_true", help="oneDNN fp32 matmul path for every contender")
+    ap.add_argument(
+        "--fast-fp32-matmul", action="store_true", help="oneDNN fp32 matmul path for every contender"
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
@@ -240,9 +254,26 @@ def main() -> None:
     tokens_per_step = info["tokens"] / (args.warmup + args.steps)
     shared_per_step = info["shared_tokens"] / (args.warmup + args.steps)
     results: dict[str, list[dict]] = {c: [] for c in args.contenders}
-    base = [sys.executable, __file__, "--data", str(data)] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in ("mode", "precision", "steps", "warmup", "batch_size", "max_length", "max_prompt_length", "lr", "threads")
-    ] + (["--fast-fp32-matmul"] if args.fast_fp32_matmul else [])
+    base = (
+        [sys.executable, __file__, "--data", str(data)]
+        + [
+            f"--{k.replace('_', '-')}={v}"
+            for k, v in vars(args).items()
+            if k
+            in (
+                "mode",
+                "precision",
+                "steps",
+                "warmup",
+                "batch_size",
+                "max_length",
+                "max_prompt_length",
+                "lr",
+                "threads",
+            )
+        ]
+        + (["--fast-fp32-matmul"] if args.fast_fp32_matmul else [])
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     for rnd in range(args.rounds):
         order = args.contenders if rnd % 2 == 0 else args.contenders[::-1]  # alternate to spread drift
@@ -254,13 +285,19 @@ def main() -> None:
                 continue
             res = json.loads(line[len("BENCH_RESULT ") :])
             results[name].append(res)
-            print(f"round {rnd + 1} {name:14} {statistics.median(res['step_times']):6.2f} s/step  "
-                  f"peak RSS {res['peak_rss_mib']:6.0f} MiB  setup {res['setup_s']:5.1f} s  loss1 {res['loss1']}", flush=True)
+            print(
+                f"round {rnd + 1} {name:14} {statistics.median(res['step_times']):6.2f} s/step  "
+                f"peak RSS {res['peak_rss_mib']:6.0f} MiB  setup {res['setup_s']:5.1f} s  loss1 {res['loss1']}",
+                flush=True,
+            )
     peak = matmul_peak(args.threads, args.precision)
     from dpokit.models import load_model, resolve_model_path
 
     model = load_model(resolve_model_path("smollm2-135m-instruct"))
-    params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n) + model.config.vocab_size * model.config.hidden_size
+    params = (
+        sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+        + model.config.vocab_size * model.config.hidden_size
+    )
     summary = {}
     for name, runs in results.items():
         if not runs:
@@ -276,19 +313,34 @@ def main() -> None:
             "mfu": flops / step / (peak * 1e9),
             "processes": len(runs),
         }
-    print(f"\n{args.mode}, {args.precision}{' + oneDNN fp32' if args.fast_fp32_matmul else ''}, batch {args.batch_size} pairs, "
-          f"max_length {args.max_length}, {tokens_per_step:.0f} tokens/step, {args.threads} threads, "
-          f"matmul peak {peak:.0f} GFLOP/s, medians of {args.rounds} processes")
+    print(
+        f"\n{args.mode}, {args.precision}{' + oneDNN fp32' if args.fast_fp32_matmul else ''}, batch {args.batch_size} pairs, "
+        f"max_length {args.max_length}, {tokens_per_step:.0f} tokens/step, {args.threads} threads, "
+        f"matmul peak {peak:.0f} GFLOP/s, medians of {args.rounds} processes"
+    )
     print(f"{'contender':16}{'s/step':>8}{'pairs/s':>9}{'tok/s':>8}{'peak MiB':>10}{'setup s':>9}{'MFU':>7}")
     for name, s in summary.items():
-        print(f"{name:16}{s['s_per_step']:8.2f}{s['pairs_per_s']:9.3f}{s['tokens_per_s']:8.0f}{s['peak_rss_mib']:10.0f}{s['setup_s']:9.1f}{s['mfu']:7.1%}")
+        print(
+            f"{name:16}{s['s_per_step']:8.2f}{s['pairs_per_s']:9.3f}{s['tokens_per_s']:8.0f}{s['peak_rss_mib']:10.0f}{s['setup_s']:9.1f}{s['mfu']:7.1%}"
+        )
     for ours in [n for n in summary if n.startswith("dpokit")]:
         for theirs in [n for n in summary if n.startswith("trl")]:
             a, b = summary[ours], summary[theirs]
-            print(f"{ours} / {theirs}: speed x{b['s_per_step'] / a['s_per_step']:.2f}, peak RSS x{a['peak_rss_mib'] / b['peak_rss_mib']:.2f}")
+            print(
+                f"{ours} / {theirs}: speed x{b['s_per_step'] / a['s_per_step']:.2f}, peak RSS x{a['peak_rss_mib'] / b['peak_rss_mib']:.2f}"
+            )
     if args.out:
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "tokens_per_step": tokens_per_step,
-                                        "matmul_peak_gflops": peak, "results": summary}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "tokens_per_step": tokens_per_step,
+                    "matmul_peak_gflops": peak,
+                    "results": summary,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ def tie_share(model) -> float:
 def token_logps(model, tokenizer, n_texts: int) -> torch.Tensor:
     from dpokit.data import load_examples
 
-    examples, _ = load_examples(str(SHARED_DATA / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"), skip_invalid=True)
+    examples, _ = load_examples(
+        str(SHARED_DATA / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"), skip_invalid=True
+    )
     out = []
     for ex in examples[:n_texts]:
         ids = tokenizer(ex.prompt + ex.chosen, return_tensors="pt")["input_ids"][:, :256]
@@ -77,7 +79,9 @@ def margins(model_dir: str, bf16: bool) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--texts", type=int, default=32, help="held-out texts for the log-prob comparison")
     args = parser.parse_args()
     shipped = models.resolve_model_path(models.SMOLLM2_ALIAS)

@@ -11,27 +11,93 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parents[1] / "src" / "dpokit" / "assets" / "demo_prefs.jsonl"
 
 CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
-    "Japan": "Tokyo", "China": "Beijing", "Russia": "Moscow", "Egypt": "Cairo", "Greece": "Athens",
-    "Canada": "Ottawa", "Australia": "Canberra", "Brazil": "Brasilia", "Argentina": "Buenos Aires",
-    "Mexico": "Mexico City", "India": "New Delhi", "Kenya": "Nairobi", "Norway": "Oslo",
-    "Sweden": "Stockholm", "Finland": "Helsinki", "Poland": "Warsaw", "Austria": "Vienna",
-    "Ireland": "Dublin", "Peru": "Lima", "Chile": "Santiago", "Cuba": "Havana", "Thailand": "Bangkok",
-    "Turkey": "Ankara", "Iran": "Tehran", "Denmark": "Copenhagen", "Belgium": "Brussels",
-    "Hungary": "Budapest", "Netherlands": "Amsterdam", "South Korea": "Seoul", "Vietnam": "Hanoi",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "Russia": "Moscow",
+    "Egypt": "Cairo",
+    "Greece": "Athens",
+    "Canada": "Ottawa",
+    "Australia": "Canberra",
+    "Brazil": "Brasilia",
+    "Argentina": "Buenos Aires",
+    "Mexico": "Mexico City",
+    "India": "New Delhi",
+    "Kenya": "Nairobi",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Poland": "Warsaw",
+    "Austria": "Vienna",
+    "Ireland": "Dublin",
+    "Peru": "Lima",
+    "Chile": "Santiago",
+    "Cuba": "Havana",
+    "Thailand": "Bangkok",
+    "Turkey": "Ankara",
+    "Iran": "Tehran",
+    "Denmark": "Copenhagen",
+    "Belgium": "Brussels",
+    "Hungary": "Budapest",
+    "Netherlands": "Amsterdam",
+    "South Korea": "Seoul",
+    "Vietnam": "Hanoi",
 }
 OPPOSITES = {
-    "hot": "cold", "big": "small", "fast": "slow", "up": "down", "light": "dark", "happy": "sad",
-    "old": "young", "open": "closed", "early": "late", "full": "empty", "hard": "soft", "high": "low",
-    "strong": "weak", "rich": "poor", "wet": "dry", "near": "far", "loud": "quiet", "thick": "thin",
-    "clean": "dirty", "cheap": "expensive", "first": "last", "inside": "outside", "true": "false",
-    "win": "lose", "push": "pull", "buy": "sell", "day": "night", "begin": "end",
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "up": "down",
+    "light": "dark",
+    "happy": "sad",
+    "old": "young",
+    "open": "closed",
+    "early": "late",
+    "full": "empty",
+    "hard": "soft",
+    "high": "low",
+    "strong": "weak",
+    "rich": "poor",
+    "wet": "dry",
+    "near": "far",
+    "loud": "quiet",
+    "thick": "thin",
+    "clean": "dirty",
+    "cheap": "expensive",
+    "first": "last",
+    "inside": "outside",
+    "true": "false",
+    "win": "lose",
+    "push": "pull",
+    "buy": "sell",
+    "day": "night",
+    "begin": "end",
 }
 PLURALS = {
-    "child": "children", "mouse": "mice", "tooth": "teeth", "foot": "feet", "man": "men",
-    "woman": "women", "goose": "geese", "person": "people", "leaf": "leaves", "knife": "knives",
-    "box": "boxes", "city": "cities", "baby": "babies", "wolf": "wolves", "cactus": "cacti",
-    "ox": "oxen", "sheep": "sheep", "fish": "fish", "potato": "potatoes", "hero": "heroes",
+    "child": "children",
+    "mouse": "mice",
+    "tooth": "teeth",
+    "foot": "feet",
+    "man": "men",
+    "woman": "women",
+    "goose": "geese",
+    "person": "people",
+    "leaf": "leaves",
+    "knife": "knives",
+    "box": "boxes",
+    "city": "cities",
+    "baby": "babies",
+    "wolf": "wolves",
+    "cactus": "cacti",
+    "ox": "oxen",
+    "sheep": "sheep",
+    "fish": "fish",
+    "potato": "potatoes",
+    "hero": "heroes",
 }
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 OPENERS = [
@@ -61,10 +127,22 @@ def items(rng: random.Random):
         yield f"What is the capital of {country}?", f"{city}.", f"{wrong}.", city, wrong
     for word, opp in OPPOSITES.items():
         wrong = rng.choice([o for o in OPPOSITES.values() if o != opp])
-        yield f"What is the opposite of '{word}'?", f"{opp.capitalize()}.", f"{wrong.capitalize()}.", opp, wrong
+        yield (
+            f"What is the opposite of '{word}'?",
+            f"{opp.capitalize()}.",
+            f"{wrong.capitalize()}.",
+            opp,
+            wrong,
+        )
     for word, plural in PLURALS.items():
         wrong = word + "s" if plural != word + "s" else word + "es"
-        yield f"What is the plural of '{word}'?", f"{plural.capitalize()}.", f"{wrong.capitalize()}.", plural, wrong
+        yield (
+            f"What is the plural of '{word}'?",
+            f"{plural.capitalize()}.",
+            f"{wrong.capitalize()}.",
+            plural,
+            wrong,
+        )
     for i, day in enumerate(DAYS):
         nxt, wrong = DAYS[(i + 1) % 7], DAYS[(i + 3) % 7]
         yield f"Which day comes after {day}?", f"{nxt}.", f"{wrong}.", nxt, wrong
@@ -85,7 +163,11 @@ def main() -> None:
             continue
         seen.add(question)
         kind = rng.choices(["verbose", "wrong", "verbose_wrong"], weights=[2, 1, 1])[0]
-        rejected = {"verbose": verbose(answer, rng), "wrong": wrong_short, "verbose_wrong": verbose(wrong, rng)}[kind]
+        rejected = {
+            "verbose": verbose(answer, rng),
+            "wrong": wrong_short,
+            "verbose_wrong": verbose(wrong, rng),
+        }[kind]
         rows.append(
             {
                 "prompt": [{"role": "user", "content": question}],

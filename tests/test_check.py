@@ -53,22 +53,42 @@ def test_every_shared_file_checks_cleanly(shared_data):
 def test_synthetic_set_triggers_each_finding(tmp_path):
     rows = [{"prompt": "p0", "chosen": "same answer", "rejected": "same answer"}]  # identical
     words = " ".join("abcdefghijklmnopqrs")
-    rows += [{"prompt": "p1", "chosen": words + " t", "rejected": words + " u"}] * 2  # Dice 19/20 = 0.95; duplicate
-    rows += [{"prompt": f"q{i}", "chosen": "long " * 20 + str(i), "rejected": "short"} for i in range(10)]  # length bias
+    rows += [
+        {"prompt": "p1", "chosen": words + " t", "rejected": words + " u"}
+    ] * 2  # Dice 19/20 = 0.95; duplicate
+    rows += [
+        {"prompt": f"q{i}", "chosen": "long " * 20 + str(i), "rejected": "short"} for i in range(10)
+    ]  # length bias
     rows += [{"prompt": "q0", "chosen": "x", "rejected": ""}]  # empty + repeated prompt
     report = check_file(write_jsonl(tmp_path / "s.jsonl", rows))
-    assert report["identical_pairs"] == 1 and report["duplicate_pairs"] == 1 and report["empty_completions"] == 1
+    assert (
+        report["identical_pairs"] == 1 and report["duplicate_pairs"] == 1 and report["empty_completions"] == 1
+    )
     assert report["similarity"]["above_threshold"] == 1 + 2  # the identical pair and the two near-copies
     assert report["length"]["chosen_longer_share"] > 0.6
     assert report["repeated_prompts"]["prompts"] == 1
     advice = " ".join(report["advice"])
-    for key in ("data.skip_invalid", "data.drop_identical", "data.max_similarity", "loss.type=sigmoid_norm", "loss.ld_alpha"):
+    for key in (
+        "data.skip_invalid",
+        "data.drop_identical",
+        "data.max_similarity",
+        "loss.type=sigmoid_norm",
+        "loss.ld_alpha",
+    ):
         assert key in advice
 
 
 def test_length_correlation_uses_scores_when_present(tmp_path):
-    rows = [{"prompt": f"p{i}", "chosen": "w " * (i + 2), "rejected": "w", "score_chosen": float(i), "score_rejected": 0.0}
-            for i in range(8)]
+    rows = [
+        {
+            "prompt": f"p{i}",
+            "chosen": "w " * (i + 2),
+            "rejected": "w",
+            "score_chosen": float(i),
+            "score_rejected": 0.0,
+        }
+        for i in range(8)
+    ]
     report = check_file(write_jsonl(tmp_path / "s.jsonl", rows))
     assert report["length"]["correlation_basis"].startswith("Pearson")
     assert report["length"]["correlation"] == pytest.approx(1.0)
@@ -78,9 +98,14 @@ def test_length_correlation_uses_scores_when_present(tmp_path):
 def test_truncation_needs_the_tokenizer(tmp_path, tiny_model_dir):
     from dpokit.models import load_tokenizer
 
-    rows = [{"prompt": "x" * 50, "chosen": "yes", "rejected": "no"}, {"prompt": "short", "chosen": "y" * 40, "rejected": "n"}]
+    rows = [
+        {"prompt": "x" * 50, "chosen": "yes", "rejected": "no"},
+        {"prompt": "short", "chosen": "y" * 40, "rejected": "n"},
+    ]
     report = check_file(write_jsonl(tmp_path / "s.jsonl", rows), load_tokenizer(str(tiny_model_dir)), 30, 20)
-    assert report["truncation"]["prompts_truncated"] == 1 and report["truncation"]["completions_truncated"] == 1
+    assert (
+        report["truncation"]["prompts_truncated"] == 1 and report["truncation"]["completions_truncated"] == 1
+    )
 
 
 def test_filters_count_every_drop_by_reason(tmp_path):
@@ -94,7 +119,12 @@ def test_filters_count_every_drop_by_reason(tmp_path):
     examples, _ = load_examples(write_jsonl(tmp_path / "f.jsonl", rows))
     kept, dropped = filter_pairs(examples, max_similarity=0.5, min_confidence=0.5, min_score_gap=0.5)
     assert [e.prompt for e in kept] == ["e"]
-    assert dropped == {"identical chosen and rejected": 1, "similarity > 0.5": 1, "confidence < 0.5": 1, "score gap < 0.5": 1}
+    assert dropped == {
+        "identical chosen and rejected": 1,
+        "similarity > 0.5": 1,
+        "confidence < 0.5": 1,
+        "score gap < 0.5": 1,
+    }
 
 
 def test_rebalance_length_evens_out_the_bias(tmp_path):
@@ -113,7 +143,10 @@ def test_data_check_and_filter_cli(tmp_path, shared_data, capsys):
     assert main(["data", "filter", hh, "--out", str(out), "--skip-invalid", "--max-similarity", "0.9"]) == 0
     printed = capsys.readouterr().out
     assert "kept 2347 of 2354 records" in printed and "dropped 2: identical chosen and rejected" in printed
-    assert "dropped 1: similarity > 0.9" in printed and "dropped 4: invalid: rejected: empty completion" in printed
+    assert (
+        "dropped 1: similarity > 0.9" in printed
+        and "dropped 4: invalid: rejected: empty completion" in printed
+    )
     assert len(out.read_text().splitlines()) == 2347
 
 
@@ -130,12 +163,19 @@ def test_filter_deduplicates_and_check_then_stops_advising_it(tmp_path, shared_d
 
 
 def test_deduplicate_modes(tmp_path):
-    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": "b"},
-            {"prompt": "p", "chosen": "a", "rejected": "c"}, {"prompt": "q", "chosen": "a", "rejected": "b"}]
+    rows = [
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "chosen": "a", "rejected": "c"},
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+    ]
     examples, _ = load_examples(write_jsonl(tmp_path / "d.jsonl", rows))
     assert filter_pairs(examples)[1] == {"duplicate pair": 1}  # the default
     kept, dropped = filter_pairs(examples, deduplicate="prompt_chosen")
-    assert [e.rejected for e in kept] == ["b", "b"] and dropped == {"duplicate pair": 1, "repeated prompt + chosen": 1}
+    assert [e.rejected for e in kept] == ["b", "b"] and dropped == {
+        "duplicate pair": 1,
+        "repeated prompt + chosen": 1,
+    }
     assert len(filter_pairs(examples, deduplicate="off")[0]) == 4
 
 
@@ -194,7 +234,10 @@ def test_filter_hint_names_its_own_flag(tmp_path, capsys):
 def test_filter_counts_add_up(tmp_path, shared_data, capsys):
     pandalm = shared_data / "pandalm" / "testset-v1.json"
     out = tmp_path / "o.jsonl"
-    assert main(["data", "filter", str(pandalm), "--out", str(out), "--skip-invalid", "--min-agreement", "1.0"]) == 0
+    assert (
+        main(["data", "filter", str(pandalm), "--out", str(out), "--skip-invalid", "--min-agreement", "1.0"])
+        == 0
+    )
     printed = capsys.readouterr().out
     kept = len(out.read_text().splitlines())
     assert f"kept {kept} of 999 records" in printed, printed

@@ -29,7 +29,17 @@ def one_line_error(capsys, *fragments) -> str:
 
 def test_missing_model_folder(tmp_path, capsys):
     run = tmp_path / "r"
-    assert main(["train", "data.train=builtin:demo", f"model.name={tmp_path / 'nope' / 'model'}", f"train.run_dir={run}"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "data.train=builtin:demo",
+                f"model.name={tmp_path / 'nope' / 'model'}",
+                f"train.run_dir={run}",
+            ]
+        )
+        == 2
+    )
     one_line_error(capsys, "model.name=", "no such folder or file")
     assert not run.exists()
 
@@ -38,7 +48,17 @@ def test_hub_id_while_offline_fails_at_once(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     run = tmp_path / "r"
-    assert main(["train", "data.train=builtin:demo", "model.name=someone/not-cached-model", f"train.run_dir={run}"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "data.train=builtin:demo",
+                "model.name=someone/not-cached-model",
+                f"train.run_dir={run}",
+            ]
+        )
+        == 2
+    )
     one_line_error(capsys, "someone/not-cached-model", "offline", "not in the local cache")
     assert not run.exists()
 
@@ -47,8 +67,17 @@ def test_hub_unreachable_fails_at_once(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    assert main(["train", "data.train=builtin:demo", "model.name=someone/not-cached-model",
-                 f"train.run_dir={tmp_path / 'r'}"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "data.train=builtin:demo",
+                "model.name=someone/not-cached-model",
+                f"train.run_dir={tmp_path / 'r'}",
+            ]
+        )
+        == 2
+    )
     one_line_error(capsys, "someone/not-cached-model", "unreachable", "not in the local cache")
 
 
@@ -82,7 +111,12 @@ def test_bad_config_and_bad_data_without_traceback(tmp_path, tiny_model_dir, cap
     assert "loss.beta=-1" in err and "train.lr=0" in err and "Traceback" not in err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
-    assert main(["train", f"data.train={bad}", f"model.name={tiny_model_dir}", f"train.run_dir={tmp_path / 'r'}"]) == 2
+    assert (
+        main(
+            ["train", f"data.train={bad}", f"model.name={tiny_model_dir}", f"train.run_dir={tmp_path / 'r'}"]
+        )
+        == 2
+    )
     assert f"{bad}:line 2: rejected: missing field" in capsys.readouterr().err
 
 
@@ -106,7 +140,10 @@ def test_a_run_that_fails_on_its_data_leaves_no_run_dir(tmp_path, tiny_model_dir
     monkeypatch.chdir(tmp_path)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    for data, fragment in ((empty, "no records"), (tmp_path / "missing.jsonl", "no such file (given as data.train)")):
+    for data, fragment in (
+        (empty, "no records"),
+        (tmp_path / "missing.jsonl", "no such file (given as data.train)"),
+    ):
         assert main(["train", f"data.train={data}", f"model.name={tiny_model_dir}"]) == 2
         one_line_error(capsys, fragment)
     assert not (tmp_path / "runs").exists()  # the default run dir, runs/<time>, was never made
@@ -133,7 +170,19 @@ def test_missing_files_are_named_by_the_option_that_gave_them(tmp_path, capsys, 
 def test_yaml_and_flag_overrides(tmp_path, tiny_model_dir):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model:\n  name: {tiny_model_dir}\ndata:\n  train: builtin:demo\n  limit: 8\n")
-    assert main(["train", str(cfg), "train.max_steps=1", "--train.progress", "false", f"--train.run_dir={tmp_path / 'r'}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(cfg),
+                "train.max_steps=1",
+                "--train.progress",
+                "false",
+                f"--train.run_dir={tmp_path / 'r'}",
+            ]
+        )
+        == 0
+    )
     assert len(read_metrics(tmp_path / "r" / "metrics.jsonl")) == 1
 
 
@@ -151,37 +200,71 @@ def test_help_says_what_each_option_does_and_its_default(capsys):
     assert "--temperature TEMPERATURE sampling temperature (0 = greedy) (default: 1.0)" in text
     assert "--max-new-tokens MAX_NEW_TOKENS most tokens sampled per completion (default: 48)" in text
     text = help_of(capsys, "data", "filter")
-    for flag in ("--max-similarity", "--min-agreement", "--min-score-gap", "--rebalance-length", "--deduplicate",
-                 "--skip-invalid", "--drop-identical"):
+    for flag in (
+        "--max-similarity",
+        "--min-agreement",
+        "--min-score-gap",
+        "--rebalance-length",
+        "--deduplicate",
+        "--skip-invalid",
+        "--drop-identical",
+    ):
         assert flag in text
     assert "Drop pairs whose annotator agreement" in text and "(default: pairs)" in text
-    assert "--max-length MAX_LENGTH count truncation at this data.max_length (needs --model)" in help_of(capsys, "data", "check")
+    assert "--max-length MAX_LENGTH count truncation at this data.max_length (needs --model)" in help_of(
+        capsys, "data", "check"
+    )
 
 
 def run_cli(args, **env):
     env = {**os.environ, "DPOKIT_PROGRESS_INTERVAL": "0", **env}
-    return subprocess.run([sys.executable, "-m", "dpokit.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "dpokit.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_long_phases_report_progress_when_not_on_a_terminal(tmp_path, tiny_model_dir):
     """Output to a pipe (a log file): the reference pass, evaluation and sampling each print count lines."""
     run = tmp_path / "r"
-    out = run_cli(cli_args(tiny_model_dir, run, "train.precompute_ref=true", f"train.ref_cache_dir={tmp_path / 'c'}",
-                           "train.save_final=true", "train.progress=true"))
+    out = run_cli(
+        cli_args(
+            tiny_model_dir,
+            run,
+            "train.precompute_ref=true",
+            f"train.ref_cache_dir={tmp_path / 'c'}",
+            "train.save_final=true",
+            "train.progress=true",
+        )
+    )
     assert out.returncode == 0, out.stderr
     assert "reference log-probs (train): 12/12 pairs" in out.stderr, out.stderr
     assert "evaluation: 6/6 pairs" in out.stderr, out.stderr
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say {w}"}) + "\n" for w in ("a", "b", "c")))
-    out = run_cli(["eval", str(run), "--prompts", str(prompts), "--reward", "length", "--max-new-tokens", "4"])
+    out = run_cli(
+        ["eval", str(run), "--prompts", str(prompts), "--reward", "length", "--max-new-tokens", "4"]
+    )
     assert out.returncode == 0, out.stderr
     assert "policy samples: 6/6 sequences" in out.stderr, out.stderr
 
 
 def test_overrides_after_flags_and_flags_only_where_they_apply(tmp_path, tiny_model_dir, capsys):
     # `CONFIG --loss.beta 0.2 key=value`: argparse leaves the override after the flag unplaced; it still applies
-    assert main(["train", "configs/tiny.yaml", "--loss.beta", "0.2", f"model.name={tiny_model_dir}", "train.max_steps=1",
-                 "train.progress=false", f"train.run_dir={tmp_path / 'r'}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "configs/tiny.yaml",
+                "--loss.beta",
+                "0.2",
+                f"model.name={tiny_model_dir}",
+                "train.max_steps=1",
+                "train.progress=false",
+                f"train.run_dir={tmp_path / 'r'}",
+            ]
+        )
+        == 0
+    )
     assert "beta: 0.2" in (tmp_path / "r" / "config.yaml").read_text()
     with pytest.raises(SystemExit) as info:  # eval takes no config overrides: refused, not ignored
         main(["eval", str(tmp_path / "r"), "--data", "builtin:demo", "--loss.beta", "0.2"])

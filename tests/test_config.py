@@ -42,7 +42,13 @@ def test_semantic_problems_all_reported():
     with pytest.raises(ConfigError) as info:
         load_config(None, ["loss.beta=-1", "train.lr=0", "loss.type=nope", "data.max_prompt_length=600"])
     text = str(info.value)
-    for fragment in ("data.train is empty", "loss.beta=-1", "train.lr=0", "unknown loss 'nope'", "max_prompt_length=600"):
+    for fragment in (
+        "data.train is empty",
+        "loss.beta=-1",
+        "train.lr=0",
+        "unknown loss 'nope'",
+        "max_prompt_length=600",
+    ):
         assert fragment in text
     assert len(info.value.problems) == 5
 

@@ -21,7 +21,13 @@ def write_jsonl(path, rows):
 
 def test_standard_format():
     ex = normalize("f:line 1", STANDARD)
-    assert (ex.prompt, ex.chosen, ex.rejected, ex.format, ex.weight) == ("Q: 2+2?", " 4", " 5", "standard", 1.0)
+    assert (ex.prompt, ex.chosen, ex.rejected, ex.format, ex.weight) == (
+        "Q: 2+2?",
+        " 4",
+        " 5",
+        "standard",
+        1.0,
+    )
 
 
 def test_implicit_prompt_hh_style():
@@ -51,7 +57,10 @@ def test_conversational_prompt_and_string_completions():
 
 def test_conversational_whole_dialogues_share_prefix():
     u = {"role": "user", "content": "hi"}
-    rec = {"chosen": [u, {"role": "assistant", "content": "a"}], "rejected": [u, {"role": "assistant", "content": "b"}]}
+    rec = {
+        "chosen": [u, {"role": "assistant", "content": "a"}],
+        "rejected": [u, {"role": "assistant", "content": "b"}],
+    }
     ex = normalize("f:line 1", rec)
     assert ex.prompt == [u] and ex.chosen[0]["content"] == "a" and ex.rejected[0]["content"] == "b"
 
@@ -72,7 +81,10 @@ def test_typed_content_parts():
     def msg(role, text):
         return {"role": role, "content": [{"type": "text", "value": text}], "loss_weight": 0.0}
 
-    rec = {"chosen_messages": [msg("user", "q"), msg("assistant", "a")], "rejected_messages": [msg("user", "q"), msg("assistant", "b")]}
+    rec = {
+        "chosen_messages": [msg("user", "q"), msg("assistant", "a")],
+        "rejected_messages": [msg("user", "q"), msg("assistant", "b")],
+    }
     ex = normalize("f:line 1", rec)
     assert ex.prompt == [{"role": "user", "content": "q"}] and ex.chosen[0]["content"] == "a"
 
@@ -154,11 +166,15 @@ def test_all_file_kinds_read_the_same_pairs(tmp_path):
     with gzip.open(tmp_path / "c.jsonl.gz", "wt") as fh:
         fh.write("\n".join(json.dumps(r) for r in rows))
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
-    (tmp_path / "e.csv").write_text("prompt,chosen,rejected\n" + "".join(f"p{i},c{i},r{i}\n" for i in range(5)))
+    (tmp_path / "e.csv").write_text(
+        "prompt,chosen,rejected\n" + "".join(f"p{i},c{i},r{i}\n" for i in range(5))
+    )
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "f"))
     for name in ("a.jsonl", "b.json", "c.jsonl.gz", "d.parquet", "e.csv", "f"):
         examples, stats = load_examples(str(tmp_path / name))
-        assert [(e.prompt, e.chosen, e.rejected) for e in examples] == [(r["prompt"], r["chosen"], r["rejected"]) for r in rows], name
+        assert [(e.prompt, e.chosen, e.rejected) for e in examples] == [
+            (r["prompt"], r["chosen"], r["rejected"]) for r in rows
+        ], name
 
 
 def test_split_by_prompt_keeps_prompts_on_one_side(tmp_path):
@@ -214,12 +230,26 @@ def test_scores_are_read_in_every_format(tmp_path):
     from dpokit.data.filters import filter_pairs
 
     rows = [
-        {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
-         "rejected": [{"role": "assistant", "content": "b"}], "score_chosen": 5, "score_rejected": 4.5},
-        {"conversations": [{"from": "human", "value": "hello"}], "chosen": {"from": "gpt", "value": "a"},
-         "rejected": {"from": "gpt", "value": "b"}, "score_chosen": 9, "score_rejected": 1},
-        {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b",
-         "score_chosen": 2, "score_rejected": 1.9},
+        {
+            "prompt": [{"role": "user", "content": "hi"}],
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+            "score_chosen": 5,
+            "score_rejected": 4.5,
+        },
+        {
+            "conversations": [{"from": "human", "value": "hello"}],
+            "chosen": {"from": "gpt", "value": "a"},
+            "rejected": {"from": "gpt", "value": "b"},
+            "score_chosen": 9,
+            "score_rejected": 1,
+        },
+        {
+            "chosen": "\n\nHuman: hi\n\nAssistant: a",
+            "rejected": "\n\nHuman: hi\n\nAssistant: b",
+            "score_chosen": 2,
+            "score_rejected": 1.9,
+        },
     ]
     examples, _ = load_examples(str(write_jsonl(tmp_path / "scored.jsonl", rows)))
     assert [e.format for e in examples] == ["conversational", "sharegpt", "implicit"]
@@ -235,7 +265,11 @@ def test_training_drops_duplicate_pairs_and_counts_them(tmp_path, tiny_model_dir
     rows = [{"prompt": "p", "chosen": "good answer", "rejected": "bad answer"}] * 3
     rows.append({"prompt": "q", "chosen": "yes", "rejected": "no"})
     data = write_jsonl(tmp_path / "dups.jsonl", rows)
-    result = train(load_cfg(tiny_model_dir, tmp_path / "r", f"data.train={data}", "data.eval_fraction=0", "train.max_steps=1"))
+    result = train(
+        load_cfg(
+            tiny_model_dir, tmp_path / "r", f"data.train={data}", "data.eval_fraction=0", "train.max_steps=1"
+        )
+    )
     stats = json.loads((result.run_dir / "data_stats.json").read_text())
     assert stats["filtered"]["train"] == {"duplicate pair": 2}
 
@@ -246,7 +280,16 @@ def test_heavy_truncation_is_said_on_the_console(tmp_path, tiny_model_dir, caplo
 
     rows = [{"prompt": f"word{i} " * 400, "chosen": "yes", "rejected": "no"} for i in range(6)]
     data = write_jsonl(tmp_path / "long.jsonl", rows)
-    train(load_cfg(tiny_model_dir, tmp_path / "r", f"data.train={data}", "data.eval_fraction=0", "train.max_steps=1",
-                   "data.max_prompt_length=64", "data.max_length=96"))
+    train(
+        load_cfg(
+            tiny_model_dir,
+            tmp_path / "r",
+            f"data.train={data}",
+            "data.eval_fraction=0",
+            "train.max_steps=1",
+            "data.max_prompt_length=64",
+            "data.max_length=96",
+        )
+    )
     said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("6 of 6 prompts were cut to data.max_prompt_length=64" in m for m in said), said

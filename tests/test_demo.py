@@ -20,7 +20,10 @@ def test_label_pairs_higher_wins_and_drops_ties():
     samples = [[_s("good"), _s("bad")], [_s("x"), _s("y")], [_s("same"), _s("same")], [_s("lo"), _s("hi")]]
     rewards = [[0.9, -0.2], [0.3, 0.3], [0.1, 0.5], [-0.5, 0.4]]
     pairs = label_pairs(["a", "b", "c", "d"], samples, rewards, "higher", 0.25, random.Random(0))
-    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [("a", "good", "bad"), ("d", "hi", "lo")]
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [
+        ("a", "good", "bad"),
+        ("d", "hi", "lo"),
+    ]
     assert pairs[0]["score_chosen"] == 0.9 and pairs[1]["score_rejected"] == -0.5
     # Bradley-Terry: with a tiny scale the larger reward wins almost surely; with a huge one it is a coin flip
     many = [[_s("a"), _s("b")]] * 400
@@ -31,10 +34,21 @@ def test_label_pairs_higher_wins_and_drops_ties():
 
 
 def test_demo_pipeline_with_sweep(tmp_path, tiny_model_dir):
-    ds = DemoSettings(train_prompts=12, eval_prompts=4, reward="length", max_new_tokens=8, sweep_betas=[0.5], best_of=[1, 2, 4])
+    ds = DemoSettings(
+        train_prompts=12,
+        eval_prompts=4,
+        reward="length",
+        max_new_tokens=8,
+        sweep_betas=[0.5],
+        best_of=[1, 2, 4],
+    )
     out = tmp_path / "demo"
-    result = run_demo([f"model.name={tiny_model_dir}", "train.bf16=false", "train.progress=false", "train.epochs=1"],
-                      sweep=True, run_dir=str(out), settings=ds)
+    result = run_demo(
+        [f"model.name={tiny_model_dir}", "train.bf16=false", "train.progress=false", "train.epochs=1"],
+        sweep=True,
+        run_dir=str(out),
+        settings=ds,
+    )
     pairs, _ = load_examples(str(out / "data" / "train_pairs.jsonl"))
     assert 0 < len(pairs) <= 12
     assert all(e.meta["score_chosen"] > e.meta["score_rejected"] for e in pairs)
@@ -43,8 +57,14 @@ def test_demo_pipeline_with_sweep(tmp_path, tiny_model_dir):
     assert gen["prompts"] == 4 and gen["samples_per_prompt"] == 2
     assert results["preference_before"]["loss"] == pytest.approx(0.6931, abs=1e-4)
     methods = [(p["method"], p["label"]) for p in result.frontier]
-    assert methods == [("DPO", "beta=0.1"), ("DPO", "beta=0.5"), ("Preferred-FT", "SFT on chosen"),
-                       ("Best-of-N", "N=1"), ("Best-of-N", "N=2"), ("Best-of-N", "N=4")]
+    assert methods == [
+        ("DPO", "beta=0.1"),
+        ("DPO", "beta=0.5"),
+        ("Preferred-FT", "SFT on chosen"),
+        ("Best-of-N", "N=1"),
+        ("Best-of-N", "N=2"),
+        ("Best-of-N", "N=4"),
+    ]
     bon = [p for p in result.frontier if p["method"] == "Best-of-N"]
     assert bon[0]["kl"] == 0.0 and bon[1]["kl"] == pytest.approx(0.1931, abs=1e-4)
     assert bon[0]["reward"] <= bon[1]["reward"] <= bon[2]["reward"]  # the max over more samples never drops

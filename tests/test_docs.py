@@ -19,8 +19,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NOT_RUN = {
     "make demo": "the demo pipeline runs in tests/test_demo.py on the tiny model; make demo itself takes minutes",
     "make test": "this is make test",
-    "accelerate launch --config_file configs/accelerate/ddp.yaml -m dpokit.cli train configs/hh_lora.yaml":
-        "the DDP config is for GPUs; data parallel on CPU (--num-processes) runs in tests/test_distributed.py",
+    "accelerate launch --config_file configs/accelerate/ddp.yaml -m dpokit.cli train configs/hh_lora.yaml": "the DDP config is for GPUs; data parallel on CPU (--num-processes) runs in tests/test_distributed.py",
 }
 FAST_TRAIN = ("train.max_steps=2", "data.limit=24", "train.progress=false", "eval.batch_size=8")
 
@@ -31,10 +30,14 @@ def doc_commands() -> list[tuple[str, str, list[str]]]:
     for path in DOCS:
         for block in re.findall(r"^```[^\n]*\n(.*?)^```", path.read_text(), flags=re.S | re.M):
             lines = block.splitlines()
-            console = any(line.startswith("$ ") for line in lines)  # commands after `$ `, the rest their output
+            console = any(
+                line.startswith("$ ") for line in lines
+            )  # commands after `$ `, the rest their output
             for line in lines:
                 command = re.sub(r"\s+#(\s.*)?$", "", line.removeprefix("$ ")).strip()
-                if line.startswith("$ ") or (not console and re.match(r"(\.venv/bin/)?dpokit |make |accelerate |python ", command)):
+                if line.startswith("$ ") or (
+                    not console and re.match(r"(\.venv/bin/)?dpokit |make |accelerate |python ", command)
+                ):
                     found.append((path.name, command, []))
                 elif console and found:
                     found[-1][2].append(line)
@@ -57,10 +60,17 @@ def workspace(tmp_path_factory, tiny_model_dir):
     work.mkdir()
     (work / "configs").symlink_to(ROOT / "configs")
     (root / "shared").symlink_to(SHARED_DATA.parent)
-    (work / "bad.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    (work / "bad.jsonl").write_text(
+        '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n'
+    )
     examples, _ = load_examples("builtin:demo")
-    write_jsonl(work / "heldout.jsonl", [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in examples[-8:]])
-    write_jsonl(work / "prompts.jsonl", [{"prompt": f"The film was {w}"} for w in ("dull", "long", "a surprise")])
+    write_jsonl(
+        work / "heldout.jsonl",
+        [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in examples[-8:]],
+    )
+    write_jsonl(
+        work / "prompts.jsonl", [{"prompt": f"The film was {w}"} for w in ("dull", "long", "a surprise")]
+    )
     for name in ("policy", "sft"):
         shutil.copytree(tiny_model_dir, work / "path" / "to" / name)
     from dpokit.models import load_tokenizer
@@ -69,7 +79,9 @@ def workspace(tmp_path_factory, tiny_model_dir):
     config = AutoConfig.from_pretrained(str(tiny_model_dir), num_labels=1)
     config.pad_token_id = tokenizer.pad_token_id
     with torch.random.fork_rng():
-        AutoModelForSequenceClassification.from_config(config).save_pretrained(work / "path" / "to" / "reward-model")
+        AutoModelForSequenceClassification.from_config(config).save_pretrained(
+            work / "path" / "to" / "reward-model"
+        )
     tokenizer.save_pretrained(work / "path" / "to" / "reward-model")
     for run, extra in (("my-run", ()), ("20261127-071002", ("train.checkpoint_every=1",))):
         assert main(cli_args(tiny_model_dir, work / "runs" / run, "train.save_final=true", *extra)) == 0
@@ -96,10 +108,14 @@ def shown_lines_appear(shown: list[str], printed: str) -> None:
 
 
 @pytest.mark.parametrize("doc, command, shown", COMMANDS, ids=[f"{d}: {c[:60]}" for d, c, _ in COMMANDS])
-def test_documented_command_runs_as_written(doc, command, shown, workspace, tiny_model_dir, monkeypatch, capsys):
+def test_documented_command_runs_as_written(
+    doc, command, shown, workspace, tiny_model_dir, monkeypatch, capsys
+):
     if command in NOT_RUN:
         pytest.skip(NOT_RUN[command])
-    assert re.match(r"(\.venv/bin/)?dpokit ", command), f"{doc}: {command!r} is neither run here nor listed in NOT_RUN"
+    assert re.match(r"(\.venv/bin/)?dpokit ", command), (
+        f"{doc}: {command!r} is neither run here nor listed in NOT_RUN"
+    )
     monkeypatch.chdir(workspace)
     argv = argv_of(command, tiny_model_dir, COMMANDS.index((doc, command, shown)))
     if "--help" in argv:

@@ -26,11 +26,17 @@ def tiny(tiny_model_dir, tiny_tokenizer):
 
 def test_samples_are_deterministic_and_end_at_eos(tiny):
     model, tok = tiny
-    prompts = ["hello there", "a b c d e f g", [{"role": "user", "content": "hi"}]] if tok.chat_template else ["hello", "a b c d"]
+    prompts = (
+        ["hello there", "a b c d e f g", [{"role": "user", "content": "hi"}]]
+        if tok.chat_template
+        else ["hello", "a b c d"]
+    )
     settings = SamplingSettings(max_new_tokens=10, batch_size=4, seed=3)
     first = sample(model, tok, prompts, 3, settings, progress=False)
     again = sample(model, tok, prompts, 3, settings, progress=False)
-    assert [[s.completion_ids for s in row] for row in first] == [[s.completion_ids for s in row] for row in again]
+    assert [[s.completion_ids for s in row] for row in first] == [
+        [s.completion_ids for s in row] for row in again
+    ]
     stop = eos_ids(model, tok)
     for row in first:
         assert len(row) == 3
@@ -38,8 +44,12 @@ def test_samples_are_deterministic_and_end_at_eos(tiny):
             assert 1 <= len(s.completion_ids) <= 10
             assert s.finished == (s.completion_ids[-1] in stop)
             assert not any(t in stop for t in s.completion_ids[:-1])
-    other = sample(model, tok, prompts, 3, SamplingSettings(max_new_tokens=10, batch_size=4, seed=4), progress=False)
-    assert [s.completion_ids for row in other for s in row] != [s.completion_ids for row in first for s in row]
+    other = sample(
+        model, tok, prompts, 3, SamplingSettings(max_new_tokens=10, batch_size=4, seed=4), progress=False
+    )
+    assert [s.completion_ids for row in other for s in row] != [
+        s.completion_ids for row in first for s in row
+    ]
 
 
 def test_eos_is_kept_in_ids_and_dropped_from_text(tiny):
@@ -61,7 +71,14 @@ def test_eos_is_kept_in_ids_and_dropped_from_text(tiny):
 
 def test_sequence_logps_match_an_independent_forward(tiny):
     model, tok = tiny
-    samples = sample(model, tok, ["hello there", "one two three four"], 3, SamplingSettings(max_new_tokens=8), progress=False)
+    samples = sample(
+        model,
+        tok,
+        ["hello there", "one two three four"],
+        3,
+        SamplingSettings(max_new_tokens=8),
+        progress=False,
+    )
     got = sequence_logps(model, samples, tok.pad_token_id, batch_size=1)
     for i, row in enumerate(samples):
         for k, s in enumerate(row):
@@ -84,7 +101,12 @@ def test_sampled_kl_estimates_the_exact_kl(tiny_model_dir, tiny_tokenizer):
     pr = Compared(model, Reference.separate(reference), tiny_tokenizer)
     prompt = "the quick brown fox"
     metrics, records = generation_metrics(
-        pr, [prompt], get_reward("length"), 800, SamplingSettings(max_new_tokens=1, batch_size=200), progress=False
+        pr,
+        [prompt],
+        get_reward("length"),
+        800,
+        SamplingSettings(max_new_tokens=1, batch_size=200),
+        progress=False,
     )
     ids = torch.tensor([tiny_tokenizer(prompt)["input_ids"]])
     with torch.no_grad():
@@ -98,11 +120,20 @@ def test_sampled_kl_estimates_the_exact_kl(tiny_model_dir, tiny_tokenizer):
 
 
 def test_identical_policy_and_reference_give_zero_kl_and_even_win_rate(tiny_model_dir, tiny_tokenizer):
-    model = add_lora(load_model(str(tiny_model_dir)), r=4, alpha=8, dropout=0.0, target_modules=["q_proj"]).eval()
+    model = add_lora(
+        load_model(str(tiny_model_dir)), r=4, alpha=8, dropout=0.0, target_modules=["q_proj"]
+    ).eval()
     pr = Compared(model, Reference.adapters_off(CompletionLogps(model)), tiny_tokenizer)
-    m, _ = generation_metrics(pr, ["a b", "c d e"], get_reward("length"), 4, SamplingSettings(max_new_tokens=6), progress=False)
+    m, _ = generation_metrics(
+        pr, ["a b", "c d e"], get_reward("length"), 4, SamplingSettings(max_new_tokens=6), progress=False
+    )
     # LoRA B starts at zero: the same model, and the same seeds give the same samples
-    assert m["kl/sequence"] == 0.0 and m["win_rate"] == 0.5 and m["reward/gain"] == 0.0 and m["length/drift"] == 0.0
+    assert (
+        m["kl/sequence"] == 0.0
+        and m["win_rate"] == 0.5
+        and m["reward/gain"] == 0.0
+        and m["length/drift"] == 0.0
+    )
 
 
 def _eval_pairs_file(tmp_path):
@@ -110,7 +141,12 @@ def _eval_pairs_file(tmp_path):
 
     examples, _ = load_examples("builtin:demo")
     path = tmp_path / "heldout.jsonl"
-    path.write_text("".join(json.dumps({"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected}) + "\n" for e in examples[-12:]))
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected}) + "\n"
+            for e in examples[-12:]
+        )
+    )
     return path
 
 
@@ -118,15 +154,33 @@ def _eval_pairs_file(tmp_path):
 def test_eval_of_a_saved_run_reproduces_its_final_metrics(tmp_path, tiny_model_dir, lora):
     heldout = _eval_pairs_file(tmp_path)
     cfg = load_cfg(
-        tiny_model_dir, tmp_path / "run", "data.limit=0", "data.eval_fraction=0", f"data.eval={heldout}", "data.max_length=128",
-        "data.max_prompt_length=64", "train.save_final=true", "train.max_steps=4", "eval.batch_size=4", f"lora.enabled={str(lora).lower()}",
+        tiny_model_dir,
+        tmp_path / "run",
+        "data.limit=0",
+        "data.eval_fraction=0",
+        f"data.eval={heldout}",
+        "data.max_length=128",
+        "data.max_prompt_length=64",
+        "train.save_final=true",
+        "train.max_steps=4",
+        "eval.batch_size=4",
+        f"lora.enabled={str(lora).lower()}",
         "train.lr=5e-3" if lora else "train.lr=1e-4",
     )
     result = train(cfg)
     pr = load_for_eval(str(result.run_dir))
-    assert pr.reference.disable_adapters == lora  # LoRA: the policy with adapters off; full: the starting model
+    assert (
+        pr.reference.disable_adapters == lora
+    )  # LoRA: the policy with adapters off; full: the starting model
     got = preference_metrics(pr, str(heldout), max_length=128, max_prompt_length=64, batch_size=5)
-    for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "logratio/chosen", "drift/kl_chosen_per_token"):
+    for key in (
+        "loss",
+        "rewards/accuracies",
+        "rewards/margins",
+        "rewards/chosen",
+        "logratio/chosen",
+        "drift/kl_chosen_per_token",
+    ):
         assert got[key] == pytest.approx(result.final_eval[f"eval/{key}"], abs=1e-4), key
     assert abs(got["rewards/margins"]) > 1e-4  # the run moved the policy
     assert got["logratio/chosen"] * cfg.loss.beta == pytest.approx(got["rewards/chosen"], abs=1e-5)
@@ -136,8 +190,26 @@ def test_cli_eval_writes_results_and_samples(tmp_path, tiny_model_dir, capsys):
     heldout = _eval_pairs_file(tmp_path)
     run = tmp_path / "run"
     assert main(cli_args(tiny_model_dir, run, "train.save_final=true")) == 0
-    rc = main(["eval", str(run), "--data", str(heldout), "--reward", "length:words", "--num-prompts", "5",
-               "--samples", "2", "--max-new-tokens", "6", "--max-length", "128", "--max-prompt-length", "64"])
+    rc = main(
+        [
+            "eval",
+            str(run),
+            "--data",
+            str(heldout),
+            "--reward",
+            "length:words",
+            "--num-prompts",
+            "5",
+            "--samples",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--max-length",
+            "128",
+            "--max-prompt-length",
+            "64",
+        ]
+    )
     assert rc == 0
     results = json.loads((run / "eval.json").read_text())
     assert results["preference"]["pairs"] == 12
@@ -155,10 +227,31 @@ def test_cli_eval_writes_results_and_samples(tmp_path, tiny_model_dir, capsys):
     assert "top_p=0.0 in (0, 1]" in capsys.readouterr().err
     # a model against an explicit reference (here itself: every log-ratio and the KL are exactly 0)
     out = tmp_path / "model-eval"
-    assert main(["eval", str(tiny_model_dir), "--ref", str(tiny_model_dir), "--data", str(heldout), "--reward", "length",
-                 "--num-prompts", "3", "--max-new-tokens", "4", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tiny_model_dir),
+                "--ref",
+                str(tiny_model_dir),
+                "--data",
+                str(heldout),
+                "--reward",
+                "length",
+                "--num-prompts",
+                "3",
+                "--max-new-tokens",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     same = json.loads((out / "eval.json").read_text())
-    assert same["preference"]["rewards/margins"] == 0.0 and same["preference"]["loss"] == pytest.approx(math.log(2))
+    assert same["preference"]["rewards/margins"] == 0.0 and same["preference"]["loss"] == pytest.approx(
+        math.log(2)
+    )
     assert same["generation"]["kl/sequence"] == 0.0 and same["generation"]["win_rate"] == 0.5
 
 

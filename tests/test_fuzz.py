@@ -11,16 +11,48 @@ from hypothesis import strategies as st
 from dpokit.data import DataError, load_examples
 from dpokit.tokenize import tokenize_pairs, tokenize_unpaired
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 text = st.text(max_size=40) | st.sampled_from(["", " ", "\n\nHuman: hi\n\nAssistant: yo", "x" * 5000])
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | text
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4), max_leaves=12)
-message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "gpt", "human", "alien", 3]), "content": text | json_values})
-FIELDS = ["prompt", "chosen", "rejected", "completion", "label", "weight", "messages", "conversations",
-          "response1", "response2", "instruction", "annotator1", "score_chosen", "chosen_messages"]
-record = st.dictionaries(st.sampled_from(FIELDS), text | json_values | st.lists(message, max_size=3) | message, max_size=6)
-line = record.map(json.dumps) | json_values.map(json.dumps) | text | st.binary(max_size=30).map(lambda b: b.decode("latin-1"))
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
+    max_leaves=12,
+)
+message = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["user", "assistant", "system", "gpt", "human", "alien", 3]),
+        "content": text | json_values,
+    }
+)
+FIELDS = [
+    "prompt",
+    "chosen",
+    "rejected",
+    "completion",
+    "label",
+    "weight",
+    "messages",
+    "conversations",
+    "response1",
+    "response2",
+    "instruction",
+    "annotator1",
+    "score_chosen",
+    "chosen_messages",
+]
+record = st.dictionaries(
+    st.sampled_from(FIELDS), text | json_values | st.lists(message, max_size=3) | message, max_size=6
+)
+line = (
+    record.map(json.dumps)
+    | json_values.map(json.dumps)
+    | text
+    | st.binary(max_size=30).map(lambda b: b.decode("latin-1"))
+)
 
 
 def check_load(path, tokenizer, unpaired):
@@ -33,7 +65,9 @@ def check_load(path, tokenizer, unpaired):
         assert stats.valid == len(examples) and stats.valid + stats.skipped == stats.records
         tokenize = tokenize_unpaired if unpaired else tokenize_pairs
         try:
-            pairs, tstats = tokenize(examples, tokenizer, max_length=24, max_prompt_length=12, skip_invalid=True)
+            pairs, tstats = tokenize(
+                examples, tokenizer, max_length=24, max_prompt_length=12, skip_invalid=True
+            )
         except DataError:
             continue
         assert tstats.kept == len(pairs) and tstats.kept + sum(tstats.dropped.values()) == len(examples)
@@ -68,8 +102,12 @@ VALID_GZ = gzip.compress(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n' * 
 
 
 @SETTINGS
-@given(edits=st.lists(st.tuples(st.integers(10, len(VALID_GZ) - 1), st.integers(0, 255)), min_size=1, max_size=4),
-       cut=st.integers(11, len(VALID_GZ)))
+@given(
+    edits=st.lists(
+        st.tuples(st.integers(10, len(VALID_GZ) - 1), st.integers(0, 255)), min_size=1, max_size=4
+    ),
+    cut=st.integers(11, len(VALID_GZ)),
+)
 def test_corrupted_gzip(tmp_path_factory, tiny_tokenizer, edits, cut):
     # a corrupted deflate stream raises zlib.error, which is not an OSError: found by this test
     data = bytearray(VALID_GZ)
@@ -81,7 +119,11 @@ def test_corrupted_gzip(tmp_path_factory, tiny_tokenizer, edits, cut):
 
 
 @SETTINGS
-@given(rows=st.lists(st.fixed_dictionaries({"prompt": text, "chosen": text, "rejected": text}), min_size=1, max_size=5))
+@given(
+    rows=st.lists(
+        st.fixed_dictionaries({"prompt": text, "chosen": text, "rejected": text}), min_size=1, max_size=5
+    )
+)
 def test_csv(tmp_path_factory, tiny_tokenizer, rows):
     import csv
 
@@ -97,7 +139,11 @@ def test_mixed_formats_in_one_file_name_each_bad_line(tmp_path):
     rows = [
         {"prompt": "p", "chosen": "a", "rejected": "b"},
         {"prompt": "p", "completion": "a", "label": True},
-        {"conversations": [{"from": "human", "value": "hi"}], "chosen": {"from": "gpt", "value": "a"}, "rejected": {"from": "gpt", "value": "b"}},
+        {
+            "conversations": [{"from": "human", "value": "hi"}],
+            "chosen": {"from": "gpt", "value": "a"},
+            "rejected": {"from": "gpt", "value": "b"},
+        },
     ]
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))

@@ -11,16 +11,34 @@ from helpers import load_cfg
 
 
 def cfg(tmp_path, model_dir, *overrides):
-    return load_cfg(model_dir, tmp_path / "run", "data.limit=40", "data.eval_fraction=0.2", "train.max_steps=4",
-                    "train.save_final=true", *overrides)
+    return load_cfg(
+        model_dir,
+        tmp_path / "run",
+        "data.limit=40",
+        "data.eval_fraction=0.2",
+        "train.max_steps=4",
+        "train.save_final=true",
+        *overrides,
+    )
 
 
 def test_nan_from_an_absurd_lr_stops_cleanly_with_the_last_good_checkpoint(tmp_path, tiny_model_dir):
     with pytest.raises(TrainingError) as info:
-        train(cfg(tmp_path, tiny_model_dir, "train.lr=1e30", "train.max_grad_norm=0", "train.max_steps=6", "lora.enabled=false"))
+        train(
+            cfg(
+                tmp_path,
+                tiny_model_dir,
+                "train.lr=1e30",
+                "train.max_grad_norm=0",
+                "train.max_steps=6",
+                "lora.enabled=false",
+            )
+        )
     message = str(info.value)
     print(message)
-    assert "is not finite" in message and "train.lr=1e+30 too high" in message and "last good weights" in message
+    assert (
+        "is not finite" in message and "train.lr=1e+30 too high" in message and "last good weights" in message
+    )
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["stopped"] == message
     last_good = summary["checkpoint"]
@@ -30,38 +48,63 @@ def test_nan_from_an_absurd_lr_stops_cleanly_with_the_last_good_checkpoint(tmp_p
 def test_vanished_gradient_warning(tmp_path, tiny_model_dir):
     # with LoRA, lr 1e30 saturates the network instead (RMSNorm maps huge activations to 0): loss stays
     # finite but the gradient is exactly 0 from step 2 on
-    result = train(cfg(tmp_path, tiny_model_dir, "train.lr=1e30", "train.max_grad_norm=0", "data.eval_fraction=0"))
+    result = train(
+        cfg(tmp_path, tiny_model_dir, "train.lr=1e30", "train.max_grad_norm=0", "data.eval_fraction=0")
+    )
     warnings = json.loads((result.run_dir / "summary.json").read_text())["warnings"]
     print(warnings)
     assert any("gradient norm is 0" in w and "train.lr" in w for w in warnings)
 
 
 def test_drift_warning(tmp_path, tiny_model_dir, caplog):
-    result = train(cfg(tmp_path, tiny_model_dir, "train.lr=5e-2", "train.drift_warn=0.05", "data.eval_fraction=0"))
+    result = train(
+        cfg(tmp_path, tiny_model_dir, "train.lr=5e-2", "train.drift_warn=0.05", "data.eval_fraction=0")
+    )
     warnings = json.loads((result.run_dir / "summary.json").read_text())["warnings"]
     print(warnings)
     assert any("reference drift" in w and "Lower train.lr" in w and "raise loss.beta" in w for w in warnings)
-    assert all("drift/abs_logratio_per_token" in r and "drift/kl_chosen_per_token" in r for r in result.history)
+    assert all(
+        "drift/abs_logratio_per_token" in r and "drift/kl_chosen_per_token" in r for r in result.history
+    )
 
 
 def test_flat_margins_warning(tmp_path, tiny_model_dir):
     # lr so small that nothing moves: margins stay ~0
-    result = train(cfg(tmp_path, tiny_model_dir, "train.lr=1e-12", "train.flat_window=2", "train.max_steps=4",
-                       "data.eval_fraction=0"))
+    result = train(
+        cfg(
+            tmp_path,
+            tiny_model_dir,
+            "train.lr=1e-12",
+            "train.flat_window=2",
+            "train.max_steps=4",
+            "data.eval_fraction=0",
+        )
+    )
     warnings = json.loads((result.run_dir / "summary.json").read_text())["warnings"]
     print(warnings)
     assert any("rewards/margins is flat" in w and "no preference is being learned" in w for w in warnings)
 
 
 def test_learning_run_gives_no_flat_warning(tmp_path, tiny_model_dir):
-    result = train(cfg(tmp_path, tiny_model_dir, "train.flat_window=2", "train.max_steps=4", "data.eval_fraction=0"))
+    result = train(
+        cfg(tmp_path, tiny_model_dir, "train.flat_window=2", "train.max_steps=4", "data.eval_fraction=0")
+    )
     assert not any("flat" in w for w in json.loads((result.run_dir / "summary.json").read_text())["warnings"])
 
 
 def test_early_stopping_keeps_the_best_checkpoint(tmp_path, tiny_model_dir):
     # lr 1e-12: eval margins never improve after the first evaluation -> stop after `patience` more
-    result = train(cfg(tmp_path, tiny_model_dir, "train.lr=1e-12", "train.max_steps=20", "eval.every=1",
-                       "eval.patience=2", "eval.min_delta=0.01"))
+    result = train(
+        cfg(
+            tmp_path,
+            tiny_model_dir,
+            "train.lr=1e-12",
+            "train.max_steps=20",
+            "eval.every=1",
+            "eval.patience=2",
+            "eval.min_delta=0.01",
+        )
+    )
     print(result.stopped)
     assert result.stopped.startswith("early stopping at step 3") and len(result.history) == 3
     assert (result.run_dir / "checkpoints" / "best" / "adapter_config.json").exists()
@@ -74,7 +117,9 @@ def test_guard_unit_logic():
     for step, m in enumerate([0.0, 0.1, 0.2, 0.3], start=1):  # growing: windows (0, .1) -> (.2, .3)
         g.on_step({"step": step, "rewards/margins": m}, beta=0.1, lr=1e-5)
     assert g.warnings == []
-    for step, m in enumerate([0.3, 0.3], start=5):  # window (.2, .3) -> (.3, .3): mean 0.25 -> 0.3, still growing
+    for step, m in enumerate(
+        [0.3, 0.3], start=5
+    ):  # window (.2, .3) -> (.3, .3): mean 0.25 -> 0.3, still growing
         g.on_step({"step": step, "rewards/margins": m}, beta=0.1, lr=1e-5)
     assert g.warnings == []
     for step, m in enumerate([0.3, 0.3], start=7):  # (.3, .3) -> (.3, .3): flat

@@ -24,7 +24,10 @@ LAYOUTS = {
 def random_pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
     rng = random.Random(seed)
     ids = lambda k: [rng.randrange(3, 250) for _ in range(k)]  # noqa: E731
-    return [TokenizedPair(ids(rng.randint(1, 12)), ids(rng.randint(1, 9)), ids(rng.randint(1, 9))) for _ in range(n)]
+    return [
+        TokenizedPair(ids(rng.randint(1, 12)), ids(rng.randint(1, 9)), ids(rng.randint(1, 9)))
+        for _ in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +88,14 @@ def small_cfg(tmp_path, model_dir, name, *flags):
 
 def assert_same_history(a, b, label):
     for ra, rb in zip(a, b, strict=True):
-        for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "eval/loss", "eval/rewards/margins"):
+        for key in (
+            "loss",
+            "grad_norm",
+            "rewards/margins",
+            "rewards/chosen",
+            "eval/loss",
+            "eval/rewards/margins",
+        ):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (label, ra["step"], key)
 
@@ -93,7 +103,9 @@ def assert_same_history(a, b, label):
 def test_bf16_autocast_starts_at_ln2_and_tracks_fp32(tmp_path, tiny_model_dir):
     fp32 = train(small_cfg(tmp_path, tiny_model_dir, "fp32")).history
     bf16 = train(small_cfg(tmp_path, tiny_model_dir, "bf16", "train.bf16=true")).history
-    assert bf16[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # policy == reference, same precision
+    assert bf16[0]["loss"] == pytest.approx(
+        0.6931471805599453, abs=1e-6
+    )  # policy == reference, same precision
     for a, b in zip(fp32, bf16, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=0.05, abs=0.01)
         assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], rel=0.2, abs=0.02)
@@ -129,7 +141,9 @@ def test_policy_trains_in_train_mode_and_checkpointing_is_exact(tmp_path, tiny_m
     monkeypatch.setattr(CompletionLogps, "forward", record)
     plain = train(small_cfg(tmp_path, tiny_model_dir, "plain")).history
     assert modes and all(modes)  # from_pretrained returns eval mode; training must switch it
-    checkpointed = train(small_cfg(tmp_path, tiny_model_dir, "gc", "train.gradient_checkpointing=true")).history
+    checkpointed = train(
+        small_cfg(tmp_path, tiny_model_dir, "gc", "train.gradient_checkpointing=true")
+    ).history
     assert_same_history(plain, checkpointed, "gradient_checkpointing")
 
 

@@ -11,7 +11,9 @@ from dpokit.logps import sum_by_sequence, token_logps
 from dpokit.tokenize import TokenizedPair
 
 
-def full_logits_token_logps(logits: torch.Tensor, pred_index: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+def full_logits_token_logps(
+    logits: torch.Tensor, pred_index: torch.Tensor, target_ids: torch.Tensor
+) -> torch.Tensor:
     """The plain path the chunked one must match: log_softmax over full (R, T, V) logits, then the targets."""
     logp = torch.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
     return logp[pred_index, target_ids]
@@ -53,7 +55,10 @@ def test_padding_positions_do_not_count():
 @pytest.mark.parametrize("chunk", [1, 3, 7, 4096])
 def test_chunked_equals_full_logits_values_and_grads(chunk):
     torch.manual_seed(0)
-    pairs = [TokenizedPair([1, 2, 3], [4, 5, 6, 7], [8, 9]), TokenizedPair([3], [10, 11], [12, 13, 14, 15, 16])]
+    pairs = [
+        TokenizedPair([1, 2, 3], [4, 5, 6, 7], [8, 9]),
+        TokenizedPair([3], [10, 11], [12, 13, 14, 15, 16]),
+    ]
     batch = Layout().pairs(pairs, pad_id=0)
     R, T, H, V = batch.input_ids.shape[0], batch.input_ids.shape[1], 8, 20
     head = nn.Linear(H, V, bias=True)

@@ -20,8 +20,16 @@ PAIRED = sorted(n for n, s in LOSSES.items() if not s.unpaired)
 
 
 def cli_run(tmp_path, model_dir, data, *overrides):
-    args = cli_args(model_dir, tmp_path / "run", f"data.train={data}", "data.limit=16", "data.max_length=160",
-                    "data.max_prompt_length=80", "train.max_steps=2", *overrides)
+    args = cli_args(
+        model_dir,
+        tmp_path / "run",
+        f"data.train={data}",
+        "data.limit=16",
+        "data.max_length=160",
+        "data.max_prompt_length=80",
+        "train.max_steps=2",
+        *overrides,
+    )
     assert main(args) == 0
     return read_metrics(tmp_path / "run" / "metrics.jsonl")
 
@@ -32,12 +40,16 @@ def test_each_paired_loss_runs_through_the_cli(tmp_path, tiny_model_dir, name):
     records = cli_run(tmp_path, tiny_model_dir, "builtin:demo", f"loss.type={name}", *extra)
     steps = [r for r in records if r["step"] > 0]
     assert len(steps) == 2
-    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in steps)
+    assert all(
+        math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in steps
+    )
     assert "eval/loss" in steps[-1] and "rewards/margins" in steps[-1]
 
 
 def test_two_combined_losses_rpo(tmp_path, tiny_model_dir):
-    records = cli_run(tmp_path, tiny_model_dir, "builtin:demo", "loss.type=[sigmoid,sft]", "loss.weights=[1.0,0.5]")
+    records = cli_run(
+        tmp_path, tiny_model_dir, "builtin:demo", "loss.type=[sigmoid,sft]", "loss.weights=[1.0,0.5]"
+    )
     first = records[1]
     # step 1: sigmoid = ln 2 and sft = mean per-token NLL of the chosen completions, so loss > ln 2
     assert first["loss"] > math.log(2) and first["rewards/margins"] == 0
@@ -46,7 +58,9 @@ def test_two_combined_losses_rpo(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("name", ["kto", "apo_zero_unpaired"])
 def test_unpaired_losses_on_the_llama_factory_kto_file(tmp_path, tiny_model_dir, shared_data, name):
     data = shared_data / "llama-factory" / "kto_en_demo.json"
-    records = cli_run(tmp_path, tiny_model_dir, data, f"loss.type={name}", "data.limit=40", "train.batch_size=8")
+    records = cli_run(
+        tmp_path, tiny_model_dir, data, f"loss.type={name}", "data.limit=40", "train.batch_size=8"
+    )
     first, last = records[1], records[-1]
     # at step 1 rho = 0 (and z0 = 0), so every example's loss is 1 - sigma(0) = sigma(0) = 0.5
     assert first["loss"] == pytest.approx(0.5, abs=1e-6)
@@ -58,16 +72,30 @@ def test_unpaired_losses_on_the_llama_factory_kto_file(tmp_path, tiny_model_dir,
 def test_readme_kto_example_runs_with_single_label_batches(tmp_path, shared_data, capsys):
     """The README's command, with batches of 2 so that many micro-batches hold one label only: a step that
     cannot define a margin leaves it out (and the console shows `-`), never a crash or a nan."""
-    args = ["train", "configs/tiny.yaml", "loss.type=kto", f"data.train={KTO_DEMO}", "train.max_steps=3",
-            "train.batch_size=2", f"train.run_dir={tmp_path / 'r'}"]
+    args = [
+        "train",
+        "configs/tiny.yaml",
+        "loss.type=kto",
+        f"data.train={KTO_DEMO}",
+        "train.max_steps=3",
+        "train.batch_size=2",
+        f"train.run_dir={tmp_path / 'r'}",
+    ]
     assert main(args) == 0
     assert "nan" not in capsys.readouterr().err.lower()
     steps = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["step"] > 0]
-    assert any("rewards/margins" not in r for r in steps) and all("rewards/accuracies" not in r for r in steps)
+    assert any("rewards/margins" not in r for r in steps) and all(
+        "rewards/accuracies" not in r for r in steps
+    )
 
 
 def test_kto_refuses_paired_data_and_dpo_refuses_unpaired(tmp_path, tiny_model_dir, shared_data, capsys):
-    base = [f"model.name={tiny_model_dir}", "train.progress=false", f"train.run_dir={tmp_path / 'r'}", "train.overwrite=true"]
+    base = [
+        f"model.name={tiny_model_dir}",
+        "train.progress=false",
+        f"train.run_dir={tmp_path / 'r'}",
+        "train.overwrite=true",
+    ]
     assert main(["train", "data.train=builtin:demo", "loss.type=kto", *base]) == 2
     assert "needs prompt/completion/label records" in capsys.readouterr().err
     kto_file = shared_data / "llama-factory" / "kto_en_demo.json"
@@ -85,7 +113,9 @@ def test_ld_token_weights_literal():
 
 def test_ld_alpha_one_is_plain_dpo_and_below_one_changes_the_loss(tmp_path, tiny_model_dir):
     plain = cli_run(tmp_path / "a", tiny_model_dir, "builtin:demo", "data.eval_fraction=0")
-    same = cli_run(tmp_path / "b", tiny_model_dir, "builtin:demo", "data.eval_fraction=0", "loss.ld_alpha=1.0")
+    same = cli_run(
+        tmp_path / "b", tiny_model_dir, "builtin:demo", "data.eval_fraction=0", "loss.ld_alpha=1.0"
+    )
     assert [r["loss"] for r in plain] == [r["loss"] for r in same]
     ld = cli_run(tmp_path / "c", tiny_model_dir, "builtin:demo", "data.eval_fraction=0", "loss.ld_alpha=0.5")
     assert ld[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and ld[1]["loss"] != plain[1]["loss"]
@@ -101,7 +131,9 @@ def test_wpo_weights_hand_worked():
 
 
 def test_wpo_run(tmp_path, tiny_model_dir):
-    records = cli_run(tmp_path, tiny_model_dir, "builtin:demo", "loss.use_weighting=true", "data.eval_fraction=0")
+    records = cli_run(
+        tmp_path, tiny_model_dir, "builtin:demo", "loss.use_weighting=true", "data.eval_fraction=0"
+    )
     # weights < 1 scale the ln 2 of step 1 down
     assert 0 < records[0]["loss"] < math.log(2)
 
@@ -114,7 +146,10 @@ def test_wpo_run(tmp_path, tiny_model_dir):
         (["loss.ld_alpha=1.5"], "loss.ld_alpha=1.5: must be in [0, 1]"),
         (["loss.ld_alpha=-0.1"], "must be in [0, 1]"),
         (["loss.type=[sigmoid,sft]", "loss.weights=[1.0]"], "one weight per loss"),
-        (["loss.type=ipo", "loss.f_divergence=js_divergence"], "applies only to exo_pair, hinge, robust, sigmoid"),
+        (
+            ["loss.type=ipo", "loss.f_divergence=js_divergence"],
+            "applies only to exo_pair, hinge, robust, sigmoid",
+        ),
         (["loss.type=kto", "train.batch_size=1"], "train.batch_size >= 2"),
         (["loss.f_divergence=chi2"], "loss.f_divergence='chi2'"),
     ],

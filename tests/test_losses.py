@@ -78,7 +78,9 @@ CLOSED_FORM = [
 ]
 
 
-@pytest.mark.parametrize("name, overrides, expected", CLOSED_FORM, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(CLOSED_FORM)])
+@pytest.mark.parametrize(
+    "name, overrides, expected", CLOSED_FORM, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(CLOSED_FORM)]
+)
 def test_closed_form(name, overrides, expected):
     assert loss_of(name, **overrides).losses.item() == pytest.approx(expected, abs=1e-12)
 
@@ -94,7 +96,9 @@ def test_aot_sorts_gaps_across_the_batch():
     # pair 1: policy gap -1 - (-3) = 2, ref gap 0;  pair 2: policy (-2, -1) gap -1, ref (-1, -3) gap 2.
     # sorted policy gaps [-1, 2], sorted ref gaps [0, 2] -> deltas [-1, 0], beta 1:
     # losses [-log sigma(-1), -log sigma(0)] = [1.313261687518, ln 2]
-    x = PairLogps(*(torch.tensor(v, dtype=D) for v in ([-1.0, -2.0], [-3.0, -1.0], [-2.0, -1.0], [-2.0, -3.0])))
+    x = PairLogps(
+        *(torch.tensor(v, dtype=D) for v in ([-1.0, -2.0], [-3.0, -1.0], [-2.0, -1.0], [-2.0, -3.0]))
+    )
     out = compute_loss("aot", x, {**PARAMS, "beta": 1.0})
     assert out.losses.tolist() == pytest.approx([1.3132616875182228, math.log(2)], abs=1e-12)
     # unpaired AOT sorts c = [1, -1] and r = [-3 + 2, -1 + 3] = [-1, 2] separately:
@@ -113,13 +117,17 @@ def test_aot_sorts_gaps_across_the_batch():
     ],
 )
 def test_f_divergences(divergence, alpha, expected):
-    assert loss_of("sigmoid", f_divergence=divergence, f_alpha=alpha).losses.item() == pytest.approx(expected, abs=1e-12)
+    assert loss_of("sigmoid", f_divergence=divergence, f_alpha=alpha).losses.item() == pytest.approx(
+        expected, abs=1e-12
+    )
 
 
 @pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
 def test_f_divergence_margin_is_zero_at_initialization(divergence):
     v = torch.tensor([-3.0, -7.0], dtype=D)
-    assert torch.allclose(preference_logits(PairLogps(v, v - 1, v.clone(), v - 1), divergence, 0.7), torch.zeros(2, dtype=D))
+    assert torch.allclose(
+        preference_logits(PairLogps(v, v - 1, v.clone(), v - 1), divergence, 0.7), torch.zeros(2, dtype=D)
+    )
 
 
 def kto_batch(kl):

@@ -23,8 +23,14 @@ def strip(records):
 def test_dpo_runs_one_reference_pass_per_micro_batch(tmp_path, tiny_model_dir, monkeypatch):
     calls = []
     real = Reference.sequence_logps
-    monkeypatch.setattr(Reference, "sequence_logps", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
-    train(load_cfg(tiny_model_dir, tmp_path / "r", "data.eval_fraction=0", "train.grad_accum=2", "train.max_steps=2"))
+    monkeypatch.setattr(
+        Reference, "sequence_logps", lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
+    )
+    train(
+        load_cfg(
+            tiny_model_dir, tmp_path / "r", "data.eval_fraction=0", "train.grad_accum=2", "train.max_steps=2"
+        )
+    )
     assert len(calls) == 4
 
 
@@ -33,15 +39,28 @@ def test_dpo_runs_one_reference_pass_per_micro_batch(tmp_path, tiny_model_dir, m
 def test_reference_free_losses_build_and_run_no_reference(tmp_path, tiny_model_dir, monkeypatch, name, lora):
     created, policy_calls = [], []
     real_init, real_forward = Reference.__init__, CompletionLogps.forward
-    monkeypatch.setattr(Reference, "__init__", lambda self, *a, **k: created.append(1) or real_init(self, *a, **k))
+    monkeypatch.setattr(
+        Reference, "__init__", lambda self, *a, **k: created.append(1) or real_init(self, *a, **k)
+    )
 
     def counting_forward(self, *args, **kwargs):
         policy_calls.append(1)
         return real_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(CompletionLogps, "forward", counting_forward)
-    assert main(cli_args(tiny_model_dir, tmp_path / "r", f"loss.type={name}", f"lora.enabled={lora}",
-                         "data.eval_fraction=0", "train.max_steps=2")) == 0
+    assert (
+        main(
+            cli_args(
+                tiny_model_dir,
+                tmp_path / "r",
+                f"loss.type={name}",
+                f"lora.enabled={lora}",
+                "data.eval_fraction=0",
+                "train.max_steps=2",
+            )
+        )
+        == 0
+    )
     # no Reference (so no frozen copy of the weights) and no reference forward pass: the policy ran exactly
     # once per micro-batch (2 steps x 1 micro-batch)
     assert created == [] and len(policy_calls) == 2
@@ -58,34 +77,84 @@ def test_precomputed_reference_covers_only_the_scheduled_pairs(tmp_path, tiny_mo
         return forward(self, input_ids, *args, **kwargs)
 
     monkeypatch.setattr(CompletionLogps, "forward", counting)
-    train(load_cfg(tiny_model_dir, tmp_path / "r", "data.limit=200", "data.eval_fraction=0", "train.max_steps=2",
-                   "train.precompute_ref=true", f"train.ref_cache_dir={tmp_path / 'cache'}"))
+    train(
+        load_cfg(
+            tiny_model_dir,
+            tmp_path / "r",
+            "data.limit=200",
+            "data.eval_fraction=0",
+            "train.max_steps=2",
+            "train.precompute_ref=true",
+            f"train.ref_cache_dir={tmp_path / 'cache'}",
+        )
+    )
     assert seen == [8, 8]  # two micro-batches, padded: 4 chosen + 4 rejected rows each
 
 
 @pytest.mark.parametrize("lora", ["true", "false"])
 def test_cached_reference_equals_the_live_one_and_builds_no_copy(tmp_path, tiny_model_dir, monkeypatch, lora):
     lr = "train.lr=1e-3" if lora == "true" else "train.lr=1e-4"
-    live = train(load_cfg(tiny_model_dir, tmp_path / "live", f"lora.enabled={lora}", lr, "eval.every=1")).history
+    live = train(
+        load_cfg(tiny_model_dir, tmp_path / "live", f"lora.enabled={lora}", lr, "eval.every=1")
+    ).history
 
     def no_copy(*args, **kwargs):
         raise AssertionError("a cached reference must not build a frozen copy")
 
     monkeypatch.setattr(Reference, "frozen_copy", no_copy)
-    cached = train(load_cfg(tiny_model_dir, tmp_path / "cached", f"lora.enabled={lora}", lr, "eval.every=1",
-                            "train.precompute_ref=true", f"train.ref_cache_dir={tmp_path / 'cache'}")).history
+    cached = train(
+        load_cfg(
+            tiny_model_dir,
+            tmp_path / "cached",
+            f"lora.enabled={lora}",
+            lr,
+            "eval.every=1",
+            "train.precompute_ref=true",
+            f"train.ref_cache_dir={tmp_path / 'cache'}",
+        )
+    ).history
     assert strip(cached) == strip(live)  # the same batches through the same kernels: equal, not close
 
 
 def test_a_longer_run_extends_the_cache_to_the_same_numbers(tmp_path, tiny_model_dir):
     """A 2-step run fills part of the cache; a 5-step run with that warm cache equals one with a cold cache,
     and both equal the live reference, in the packed, prefix-shared layout."""
-    fast = ("train.prefix_sharing=true", "train.packing=true", "data.limit=60", "train.max_steps=5", "eval.every=2")
+    fast = (
+        "train.prefix_sharing=true",
+        "train.packing=true",
+        "data.limit=60",
+        "train.max_steps=5",
+        "eval.every=2",
+    )
     warm_cache, cold_cache = tmp_path / "warm-cache", tmp_path / "cold-cache"
-    train(load_cfg(tiny_model_dir, tmp_path / "short", *fast, "train.max_steps=2", "train.precompute_ref=true",
-                   f"train.ref_cache_dir={warm_cache}"))
-    warm = train(load_cfg(tiny_model_dir, tmp_path / "warm", *fast, "train.precompute_ref=true", f"train.ref_cache_dir={warm_cache}"))
-    cold = train(load_cfg(tiny_model_dir, tmp_path / "cold", *fast, "train.precompute_ref=true", f"train.ref_cache_dir={cold_cache}"))
+    train(
+        load_cfg(
+            tiny_model_dir,
+            tmp_path / "short",
+            *fast,
+            "train.max_steps=2",
+            "train.precompute_ref=true",
+            f"train.ref_cache_dir={warm_cache}",
+        )
+    )
+    warm = train(
+        load_cfg(
+            tiny_model_dir,
+            tmp_path / "warm",
+            *fast,
+            "train.precompute_ref=true",
+            f"train.ref_cache_dir={warm_cache}",
+        )
+    )
+    cold = train(
+        load_cfg(
+            tiny_model_dir,
+            tmp_path / "cold",
+            *fast,
+            "train.precompute_ref=true",
+            f"train.ref_cache_dir={cold_cache}",
+        )
+    )
     live = train(load_cfg(tiny_model_dir, tmp_path / "live", *fast))
     assert strip(warm.history) == strip(cold.history) == strip(live.history)
     reference = json.loads((tmp_path / "warm" / "summary.json").read_text())["reference"]
@@ -93,16 +162,30 @@ def test_a_longer_run_extends_the_cache_to_the_same_numbers(tmp_path, tiny_model
     assert reference["eval"]["reused"] == reference["eval"]["batches"]
 
 
-def test_precompute_command_fills_what_training_reuses_and_settings_key_the_cache(tmp_path, tiny_model_dir, capsys):
-    common = [f"model.name={tiny_model_dir}", "data.train=builtin:demo", "data.limit=24", "data.eval_fraction=0.25",
-              f"train.ref_cache_dir={tmp_path / 'cache'}", "train.device=cpu", "train.max_steps=3", "train.progress=false"]
+def test_precompute_command_fills_what_training_reuses_and_settings_key_the_cache(
+    tmp_path, tiny_model_dir, capsys
+):
+    common = [
+        f"model.name={tiny_model_dir}",
+        "data.train=builtin:demo",
+        "data.limit=24",
+        "data.eval_fraction=0.25",
+        f"train.ref_cache_dir={tmp_path / 'cache'}",
+        "train.device=cpu",
+        "train.max_steps=3",
+        "train.progress=false",
+    ]
     assert main(["precompute-ref", *common]) == 0
     assert "train: 12 pairs in 3 batches (3 computed, 0 reused)" in capsys.readouterr().out
     run = train(load_cfg(tiny_model_dir, tmp_path / "r1", *common, "train.precompute_ref=true"))
     stats = json.loads((run.run_dir / "summary.json").read_text())["reference"]
     assert stats["train"]["computed"] == 0 and stats["eval"]["computed"] == 0
-    for i, changed in enumerate(("data.max_prompt_length=32", "loss.ld_alpha=0.5", "train.bf16=true", "train.packing=true")):
-        run = train(load_cfg(tiny_model_dir, tmp_path / f"r{i + 2}", *common, changed, "train.precompute_ref=true"))
+    for i, changed in enumerate(
+        ("data.max_prompt_length=32", "loss.ld_alpha=0.5", "train.bf16=true", "train.packing=true")
+    ):
+        run = train(
+            load_cfg(tiny_model_dir, tmp_path / f"r{i + 2}", *common, changed, "train.precompute_ref=true")
+        )
         stats = json.loads((run.run_dir / "summary.json").read_text())["reference"]
         assert stats["train"]["reused"] == 0 and stats["train"]["computed"] == 3, changed
 
@@ -110,7 +193,16 @@ def test_precompute_command_fills_what_training_reuses_and_settings_key_the_cach
 def test_bf16_step_one_is_ln2_with_the_cached_reference(tmp_path, tiny_model_dir):
     """The cache holds the very batches the loop runs, so even in bf16 the policy equals its reference at
     step 1 (a cache computed in other batches rounds differently: 0.6908 on the embedded model)."""
-    run = train(load_cfg(tiny_model_dir, tmp_path / "r", "train.bf16=true", "train.precompute_ref=true",
-                         "train.prefix_sharing=true", "train.packing=true", f"train.ref_cache_dir={tmp_path / 'c'}"))
+    run = train(
+        load_cfg(
+            tiny_model_dir,
+            tmp_path / "r",
+            "train.bf16=true",
+            "train.precompute_ref=true",
+            "train.prefix_sharing=true",
+            "train.packing=true",
+            f"train.ref_cache_dir={tmp_path / 'c'}",
+        )
+    )
     assert run.history[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-7)
     assert run.initial_eval["eval/loss"] == pytest.approx(0.6931471805599453, abs=1e-7)

@@ -22,14 +22,54 @@ from helpers import load_cfg
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("report") / "run"
-    cfg = load_cfg(tiny_model_dir, out, "train.max_steps=4", "eval.every=2", "eval.sample_pairs=3", "train.save_final=true")
+    cfg = load_cfg(
+        tiny_model_dir,
+        out,
+        "train.max_steps=4",
+        "eval.every=2",
+        "eval.sample_pairs=3",
+        "train.save_final=true",
+    )
     train(cfg)
     # generation results as `dpokit eval` writes them
-    assert main(["eval", str(out), "--reward", "length:words", "--prompts", "builtin:reviews", "--split", "eval",
-                 "--num-prompts", "3", "--samples", "2", "--max-new-tokens", "5"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(out),
+                "--reward",
+                "length:words",
+                "--prompts",
+                "builtin:reviews",
+                "--split",
+                "eval",
+                "--num-prompts",
+                "3",
+                "--samples",
+                "2",
+                "--max-new-tokens",
+                "5",
+            ]
+        )
+        == 0
+    )
     frontier = [
-        {"method": "DPO", "label": "beta=0.1", "kl": 1.5, "reward": 0.4, "reward_stderr": 0.05, "kl_kind": "sampled"},
-        {"method": "Best-of-N", "label": "N=2", "kl": math.log(2) - 0.5, "reward": 0.3, "reward_stderr": 0.05, "kl_kind": "analytic bound"},
+        {
+            "method": "DPO",
+            "label": "beta=0.1",
+            "kl": 1.5,
+            "reward": 0.4,
+            "reward_stderr": 0.05,
+            "kl_kind": "sampled",
+        },
+        {
+            "method": "Best-of-N",
+            "label": "N=2",
+            "kl": math.log(2) - 0.5,
+            "reward": 0.3,
+            "reward_stderr": 0.05,
+            "kl_kind": "analytic bound",
+        },
     ]
     (out / "frontier.json").write_text(json.dumps(frontier))
     return out
@@ -49,7 +89,9 @@ def test_pair_samples_hold_the_log_ratio_picture(run_dir):
     beta = 0.1
     for p in end:
         assert p["reward_chosen"] == pytest.approx(beta * p["logratio_chosen"], abs=1e-6)
-        want = -torch.nn.functional.logsigmoid(torch.tensor(beta * (p["logratio_chosen"] - p["logratio_rejected"]))).item()
+        want = -torch.nn.functional.logsigmoid(
+            torch.tensor(beta * (p["logratio_chosen"] - p["logratio_rejected"]))
+        ).item()
         assert p["loss"] == pytest.approx(want, abs=1e-5)
     assert any(p["logratio_chosen"] != 0.0 for p in end) and "eval/loss" in metrics
 
@@ -58,13 +100,27 @@ def test_report_is_self_contained(run_dir):
     path = write_report(run_dir)
     text = path.read_text()
     assert path == run_dir / "report.html" and len(text) > 1_000_000  # plotly.js is inlined
-    for needle in ("Training curves", "Log-ratios of real held-out pairs", "Loss explorer", "Sample generations",
-                   "Resolved config", "Reward vs KL frontier", "chart-rewards", "chart-pairs", "completed all steps"):
+    for needle in (
+        "Training curves",
+        "Log-ratios of real held-out pairs",
+        "Loss explorer",
+        "Sample generations",
+        "Resolved config",
+        "Reward vs KL frontier",
+        "chart-rewards",
+        "chart-pairs",
+        "completed all steps",
+    ):
         assert needle in text, needle
-    assert "src=\"http" not in text and "<link" not in text  # nothing fetched from the network
+    assert 'src="http' not in text and "<link" not in text  # nothing fetched from the network
     figures = json.loads(text.split('<script type="application/json" id="figures">')[1].split("</script>")[0])
     names = {t["name"] for t in figures["rewards"]["data"]}
-    assert {"train rewards/chosen", "train rewards/rejected", "eval rewards/chosen", "eval rewards/rejected"} <= names
+    assert {
+        "train rewards/chosen",
+        "train rewards/rejected",
+        "eval rewards/chosen",
+        "eval rewards/rejected",
+    } <= names
 
 
 def test_report_cli_and_errors(run_dir, tmp_path, capsys):
@@ -79,14 +135,22 @@ def browser():
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
         if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI=true but chromium / chromedriver are missing (make test installs Debian's chromium)")
+            pytest.fail(
+                "CI=true but chromium / chromedriver are missing (make test installs Debian's chromium)"
+            )
         pytest.skip("Debian's chromium and chromium-driver are not installed (`make browser`)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     drv = webdriver.Chrome(service=Service(driver), options=options)
@@ -97,7 +161,10 @@ def browser():
 def _set_slider(drv, element_id: str, value: float) -> None:
     drv.execute_script(
         "const el = document.getElementById(arguments[0]); el.value = arguments[1];"
-        "el.dispatchEvent(new Event('input', {bubbles: true}));", element_id, str(value))
+        "el.dispatchEvent(new Event('input', {bubbles: true}));",
+        element_id,
+        str(value),
+    )
 
 
 def test_report_in_a_real_browser(run_dir, browser):
@@ -107,7 +174,8 @@ def test_report_in_a_real_browser(run_dir, browser):
     assert not errors, errors
     charts = browser.execute_script(
         "return [...document.querySelectorAll('.chart')].map(d => [d.id, d.querySelectorAll('.main-svg').length,"
-        " d.querySelectorAll('.trace, .bars, .point').length])")
+        " d.querySelectorAll('.trace, .bars, .point').length])"
+    )
     assert len(charts) >= 10
     for chart_id, svgs, marks in charts:
         assert svgs > 0 and marks > 0, f"{chart_id} did not render"
@@ -118,26 +186,48 @@ def test_report_in_a_real_browser(run_dir, browser):
     c, r, beta = 4.0, float(browser.find_element("id", "x-rejected").get_attribute("value")), 0.1
     want = -torch.nn.functional.logsigmoid(torch.tensor(beta * (c - r), dtype=torch.float64)).item()
     assert float(after) == pytest.approx(want, abs=1e-6)
-    assert float(browser.find_element("id", "out-sigma").text) == pytest.approx(1 / (1 + math.exp(-beta * (c - r))), abs=1e-4)
+    assert float(browser.find_element("id", "out-sigma").text) == pytest.approx(
+        1 / (1 + math.exp(-beta * (c - r))), abs=1e-4
+    )
 
 
 @pytest.mark.parametrize("f_div", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
 def test_explorer_formulas_match_dpokit_losses(run_dir, browser, f_div):
     """The page's JavaScript losses against the PyTorch ones (lengths 1, so per-token inputs coincide)."""
     browser.get(write_report(run_dir).resolve().as_uri())
-    params = {"label_smoothing": 0.1, "simpo_gamma": 0.5, "discopop_tau": 0.05, "f_divergence": f_div, "f_alpha": 0.5,
-              "beta": 0.3, "bco_delta": 0.0, "orpo_lambda": 0.1, "cpo_alpha": 1.0}
+    params = {
+        "label_smoothing": 0.1,
+        "simpo_gamma": 0.5,
+        "discopop_tau": 0.05,
+        "f_divergence": f_div,
+        "f_alpha": 0.5,
+        "beta": 0.3,
+        "bco_delta": 0.0,
+        "orpo_lambda": 0.1,
+        "cpo_alpha": 1.0,
+    }
     browser.execute_script("Object.assign(EXPLORER, arguments[0]);", params)
     points = [(1.5, -0.5), (-2.0, 0.7), (0.0, 0.0), (3.0, 3.5)]
     for loss_type in EXPLORER_LOSSES:
         if f_div != "reverse_kl" and loss_type not in ("sigmoid", "robust", "hinge", "exo_pair"):
             continue
         for c, r in points:
-            js = browser.execute_script("return window.dpokitLoss(arguments[0], arguments[1], arguments[2], arguments[3]);", loss_type, c, r, 0.3)
+            js = browser.execute_script(
+                "return window.dpokitLoss(arguments[0], arguments[1], arguments[2], arguments[3]);",
+                loss_type,
+                c,
+                r,
+                0.3,
+            )
             one = torch.ones(1)
-            x = PairLogps(policy_chosen=torch.tensor([c], dtype=torch.float64), policy_rejected=torch.tensor([r], dtype=torch.float64),
-                          ref_chosen=torch.zeros(1, dtype=torch.float64), ref_rejected=torch.zeros(1, dtype=torch.float64),
-                          chosen_lengths=one, rejected_lengths=one)
+            x = PairLogps(
+                policy_chosen=torch.tensor([c], dtype=torch.float64),
+                policy_rejected=torch.tensor([r], dtype=torch.float64),
+                ref_chosen=torch.zeros(1, dtype=torch.float64),
+                ref_rejected=torch.zeros(1, dtype=torch.float64),
+                chosen_lengths=one,
+                rejected_lengths=one,
+            )
             want = compute_loss(loss_type, x, params).losses.item()
             assert js == pytest.approx(want, rel=1e-9, abs=1e-9), (loss_type, f_div, c, r)
 

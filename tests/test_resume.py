@@ -60,7 +60,9 @@ def test_sigkill_then_resume_gives_the_same_result(tmp_path, tiny_model_dir, ext
     assert 4 <= interrupted_at < 30, interrupted_at
 
     assert main(["train", "--resume", str(run_dir)]) == 0
-    assert strip(read_metrics(run_dir / "metrics.jsonl")) == strip(read_metrics(reference.run_dir / "metrics.jsonl"))
+    assert strip(read_metrics(run_dir / "metrics.jsonl")) == strip(
+        read_metrics(reference.run_dir / "metrics.jsonl")
+    )
     a = load_file(str(reference.checkpoint / "adapter_model.safetensors"))
     b = load_file(str(run_dir / "checkpoints" / "step-30" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -75,8 +77,18 @@ def test_checkpoint_state_loads_without_unpickling(tmp_path, tiny_model_dir):
 
 
 def test_resume_without_checkpoints_is_refused(tmp_path, tiny_model_dir):
-    train(load_config(None, overrides(tiny_model_dir, tmp_path / "r", "train.max_steps=1", "train.save_final=false",
-                                      "train.checkpoint_every=0")))
+    train(
+        load_config(
+            None,
+            overrides(
+                tiny_model_dir,
+                tmp_path / "r",
+                "train.max_steps=1",
+                "train.save_final=false",
+                "train.checkpoint_every=0",
+            ),
+        )
+    )
     with pytest.raises(TrainingError, match="no resumable checkpoint"):
         train(load_config(tmp_path / "r" / "config.yaml", ["train.resume=true"]))
 
@@ -91,7 +103,9 @@ def test_unwritable_run_dir_is_refused_before_training(tmp_path, tiny_model_dir)
 def test_full_disk_is_refused_before_training(tmp_path, tiny_model_dir, monkeypatch):
     import shutil
 
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20)
+    )
     with pytest.raises(TrainingError, match="MiB free on its disk"):
         train(load_config(None, overrides(tiny_model_dir, tmp_path / "r")))
 
@@ -115,4 +129,8 @@ def test_resume_with_a_config_file_is_refused(tmp_path, tiny_model_dir, capsys):
     other.write_text("train:\n  max_steps: 9\n")
     assert main(["train", str(other), "--resume", str(run)]) == 2
     err = capsys.readouterr().err
-    assert f"(got {other})" in err and "give it as an override, e.g. train.max_steps=200" in err and "Traceback" not in err
+    assert (
+        f"(got {other})" in err
+        and "give it as an override, e.g. train.max_steps=200" in err
+        and "Traceback" not in err
+    )

@@ -10,7 +10,9 @@ from dpokit.rewards import RewardError, get_reward
 
 def test_vader_orders_sentiment_and_scores_completion_or_full_text():
     score = get_reward("vader")
-    pos, neg, neutral = score(["The film"] * 3, ["was wonderful, I loved it.", "was awful and boring.", "was released in 1999."])
+    pos, neg, neutral = score(
+        ["The film"] * 3, ["was wonderful, I loved it.", "was awful and boring.", "was released in 1999."]
+    )
     assert pos > 0.5 and neg < -0.5 and neutral == 0.0
     # the prompt counts only with vader:full
     assert get_reward("vader")(["I hated it. "], ["The end."]) == [0.0]
@@ -32,7 +34,9 @@ def test_length_in_tokens(tiny_model_dir, tiny_tokenizer):
 
 
 def test_user_function(tmp_path, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text("def shout(prompts, completions):\n    return [c.count('!') for c in completions]\n")
+    (tmp_path / "my_rewards.py").write_text(
+        "def shout(prompts, completions):\n    return [c.count('!') for c in completions]\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert get_reward("my_rewards:shout")(["p", "p"], ["hi!!", "hi"]) == [2.0, 0.0]
     (tmp_path / "bad_rewards.py").write_text("def short(prompts, completions):\n    return [1.0]\n")
@@ -63,7 +67,9 @@ def test_reward_model_folder(tmp_path, tiny_model_dir, tiny_tokenizer):
     """A local sequence-classification folder scores prompt + completion with the logit of its label."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    config = AutoConfig.from_pretrained(tiny_model_dir, num_labels=2, id2label={0: "bad", 1: "good"}, label2id={"bad": 0, "good": 1})
+    config = AutoConfig.from_pretrained(
+        tiny_model_dir, num_labels=2, id2label={0: "bad", 1: "good"}, label2id={"bad": 0, "good": 1}
+    )
     config.pad_token_id = tiny_tokenizer.pad_token_id
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config).eval()
@@ -72,7 +78,10 @@ def test_reward_model_folder(tmp_path, tiny_model_dir, tiny_tokenizer):
     prompts, completions = ["Q: hi ", "Q: a longer prompt "], ["yes", "no thanks"]
     got = get_reward(f"model:{tmp_path / 'rm'}@good")(prompts, completions)
     with torch.no_grad():
-        want = [float(model(**tiny_tokenizer(p + c, return_tensors="pt")).logits[0, 1]) for p, c in zip(prompts, completions, strict=True)]
+        want = [
+            float(model(**tiny_tokenizer(p + c, return_tensors="pt")).logits[0, 1])
+            for p, c in zip(prompts, completions, strict=True)
+        ]
     assert got == pytest.approx(want, abs=1e-4)
     with pytest.raises(RewardError, match="no label 'great'"):
         get_reward(f"model:{tmp_path / 'rm'}@great")

@@ -41,6 +41,8 @@ def test_truncation_cuts_prompt_left_and_completion_right(tiny_tokenizer):
 
 def test_pair_with_no_room_left_is_dropped_and_counted(tiny_tokenizer):
     ex = text_pair(prompt="abcdefghij")
-    pairs, stats = tokenize_pairs([ex, text_pair(prompt="hi")], tiny_tokenizer, max_length=10, max_prompt_length=10)
+    pairs, stats = tokenize_pairs(
+        [ex, text_pair(prompt="hi")], tiny_tokenizer, max_length=10, max_prompt_length=10
+    )
     assert len(pairs) == 1
     assert stats.dropped == {"empty completion after truncation": 1}

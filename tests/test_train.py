@@ -55,7 +55,10 @@ def test_step_one_ln2_metrics_and_run_dir(tmp_path, tiny_model_dir):
 def test_lora_changes_only_adapter_weights(tmp_path, tiny_model_dir):
     before = load_model(str(tiny_model_dir)).state_dict()
     result = train(tiny_cfg(tmp_path, tiny_model_dir, "data.limit=24"))
-    after = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in result.model.state_dict().items()}
+    after = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in result.model.state_dict().items()
+    }
     lora = {k: v for k, v in after.items() if "lora_" in k}
     assert lora and any(k.endswith("lora_B.default.weight") and v.abs().sum() > 0 for k, v in lora.items())
     for name, value in before.items():
@@ -75,14 +78,22 @@ def test_full_finetune_updates_weights_against_frozen_reference(tmp_path, tiny_m
 
 
 def test_loss_falls_on_learnable_pairs(tmp_path, tiny_model_dir):
-    result = train(tiny_cfg(tmp_path, tiny_model_dir, "train.max_steps=20", "train.batch_size=8", "data.limit=200"))
+    result = train(
+        tiny_cfg(tmp_path, tiny_model_dir, "train.max_steps=20", "train.batch_size=8", "data.limit=200")
+    )
     assert result.final_eval["eval/loss"] < result.initial_eval["eval/loss"] - 0.1
     assert result.final_eval["eval/rewards/margins"] > 0.2
     assert result.final_eval["eval/rewards/accuracies"] > 0.7
 
 
 def test_batch4_accum1_equals_batch1_accum4(tmp_path, tiny_model_dir):
-    common = ("data.limit=40", "train.max_steps=3", "train.save_final=false", "eval.at_start=false", "data.eval_fraction=0")
+    common = (
+        "data.limit=40",
+        "train.max_steps=3",
+        "train.save_final=false",
+        "eval.at_start=false",
+        "data.eval_fraction=0",
+    )
     a = train(tiny_cfg(tmp_path / "a", tiny_model_dir, "train.batch_size=4", "train.grad_accum=1", *common))
     b = train(tiny_cfg(tmp_path / "b", tiny_model_dir, "train.batch_size=1", "train.grad_accum=4", *common))
     for ra, rb in zip(a.history, b.history, strict=True):
@@ -98,7 +109,10 @@ def test_lora_checkpoint_reloads_with_peft_and_same_logps(tmp_path, tiny_model_d
     result = train(tiny_cfg(tmp_path, tiny_model_dir, "data.limit=24"))
     tokenizer = load_tokenizer(str(result.checkpoint))
     pairs, _ = tokenize_pairs(
-        __import__("dpokit.data", fromlist=["load_examples"]).load_examples("builtin:demo")[0][:6], tokenizer, 192, 96
+        __import__("dpokit.data", fromlist=["load_examples"]).load_examples("builtin:demo")[0][:6],
+        tokenizer,
+        192,
+        96,
     )
     batch = Layout().pairs(pairs, tokenizer.pad_token_id)
     reloaded = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), str(result.checkpoint))

@@ -27,7 +27,9 @@ def use_low_memory_allocator() -> None:
     except (OSError, AttributeError):
         ok = False
     if not ok:
-        log.warning("train.low_memory_allocator: glibc mallopt is not available here; the setting has no effect")
+        log.warning(
+            "train.low_memory_allocator: glibc mallopt is not available here; the setting has no effect"
+        )
 
 
 def apply_matmul_backend(fast: bool) -> None:

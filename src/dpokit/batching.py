@@ -113,7 +113,9 @@ def pack_rows(docs: list[Doc], budget: int) -> list[list[int]]:
     return [sorted(row) for row in rows]
 
 
-def build_batch(docs: list[Doc], rows: list[list[int]], pad_id: int, weights: list[float], dense_mask: bool) -> Batch:
+def build_batch(
+    docs: list[Doc], rows: list[list[int]], pad_id: int, weights: list[float], dense_mask: bool
+) -> Batch:
     """Lay documents into rows and index every completion token (see the module docstring)."""
     R, T = len(rows), max(sum(len(docs[i]) for i in row) for row in rows)
     input_ids = torch.full((R, T), pad_id, dtype=torch.long)
@@ -127,7 +129,9 @@ def build_batch(docs: list[Doc], rows: list[list[int]], pad_id: int, weights: li
             doc = docs[d]
             p = len(doc.prompt)
             if p == 0:
-                raise ValueError("a document with an empty prompt has no token to predict its first completion token")
+                raise ValueError(
+                    "a document with an empty prompt has no token to predict its first completion token"
+                )
             input_ids[r, t : t + p] = torch.tensor(doc.prompt)
             position_ids[r, t : t + p] = torch.arange(p)
             doc_of[r, t : t + p] = d
@@ -150,7 +154,9 @@ def build_batch(docs: list[Doc], rows: list[list[int]], pad_id: int, weights: li
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         visible = (branch.unsqueeze(1) == 0) | (branch.unsqueeze(2) == branch.unsqueeze(1))
         mask = same_doc & causal & visible
-        mask |= torch.eye(T, dtype=torch.bool) & ~real.unsqueeze(2)  # padding sees itself: no empty softmax rows
+        mask |= torch.eye(T, dtype=torch.bool) & ~real.unsqueeze(
+            2
+        )  # padding sees itself: no empty softmax rows
         attention_mask = mask.unsqueeze(1)  # (R, 1, T, T)
     else:
         attention_mask = real.long()
@@ -183,11 +189,15 @@ class Layout:
     def pairs(self, pairs: list[TokenizedPair], pad_id: int, ids: list[int] | None = None) -> Batch:
         docs = pair_docs(pairs, self.prefix_share)
         # a plain padded layout keeps the 2D padding mask (causal attention implied: SDPA's fast path)
-        batch = build_batch(docs, self.rows(docs), pad_id, [p.weight for p in pairs], self.prefix_share or self.pack)
+        batch = build_batch(
+            docs, self.rows(docs), pad_id, [p.weight for p in pairs], self.prefix_share or self.pack
+        )
         batch.example_ids = None if ids is None else torch.tensor(ids, dtype=torch.long)
         return batch
 
-    def unpaired(self, examples: list[TokenizedUnpaired], pad_id: int, max_length: int, ids: list[int] | None = None) -> UnpairedBatch:
+    def unpaired(
+        self, examples: list[TokenizedUnpaired], pad_id: int, max_length: int, ids: list[int] | None = None
+    ) -> UnpairedBatch:
         """Targets and mismatched batches for KTO.
 
         The mismatched batch pairs prompt i with the completion of example (i + 1) mod B (cut to fit
@@ -200,7 +210,10 @@ class Layout:
         targets.labels = torch.tensor([e.label for e in examples], dtype=torch.bool)
         targets.example_ids = None if ids is None else torch.tensor(ids, dtype=torch.long)
         shifted = [
-            Doc(e.prompt_ids, ((examples[(i + 1) % B].completion_ids[: max(max_length - len(e.prompt_ids), 1)], i),))
+            Doc(
+                e.prompt_ids,
+                ((examples[(i + 1) % B].completion_ids[: max(max_length - len(e.prompt_ids), 1)], i),),
+            )
             for i, e in enumerate(examples)
         ]
         return UnpairedBatch(targets, build_batch(shifted, self.rows(shifted), pad_id, [1.0] * B, self.pack))

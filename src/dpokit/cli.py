@@ -17,8 +17,16 @@ from dpokit.models import ModelLoadError
 from dpokit.rewards import RewardError
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrainingError, UsageError, RewardError, SamplingError)
-FILTER_FLAGS = ("deduplicate", "drop_identical", "max_similarity", "min_agreement", "min_score_gap", "min_confidence",
-                "rebalance_length", "skip_invalid")
+FILTER_FLAGS = (
+    "deduplicate",
+    "drop_identical",
+    "max_similarity",
+    "min_agreement",
+    "min_score_gap",
+    "min_confidence",
+    "rebalance_length",
+    "skip_invalid",
+)
 """DataConfig fields that `dpokit data filter` takes as flags (same names, same docs, same defaults)."""
 
 
@@ -58,14 +66,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     raw = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser(
-        "train", help="train a policy", formatter_class=raw, epilog="config keys (set in YAML, as key=value or --key value):\n" + help_text()
+        "train",
+        help="train a policy",
+        formatter_class=raw,
+        epilog="config keys (set in YAML, as key=value or --key value):\n" + help_text(),
     )
-    p.add_argument("config", nargs="?", help="YAML config file (optional: everything can be given as overrides)")
+    p.add_argument(
+        "config", nargs="?", help="YAML config file (optional: everything can be given as overrides)"
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.beta=0.2")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint, with its config.yaml "
-                   "(overrides may follow; a config file may not)")
-    p.add_argument("--num-processes", type=int, default=1,
-                   help="data-parallel processes on this machine, launched through `accelerate launch` (gloo on CPU)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its latest checkpoint, with its config.yaml "
+        "(overrides may follow; a config file may not)",
+    )
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine, launched through `accelerate launch` (gloo on CPU)",
+    )
     r = sub.add_parser(
         "precompute-ref",
         help="compute the reference log-probs of a training config once and cache them on disk",
@@ -85,23 +106,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_data_parsers(sub) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    data = sub.add_parser("data", help="inspect or filter a preference file").add_subparsers(dest="data_command", required=True)
-    c = data.add_parser("check", help="report the known DPO failure modes of a preference file", formatter_class=fmt)
-    c.add_argument("data", nargs="+", help="preference file(s) (JSON/JSONL/gz/Parquet/CSV/saved dataset) or builtin:demo")
+    data = sub.add_parser("data", help="inspect or filter a preference file").add_subparsers(
+        dest="data_command", required=True
+    )
+    c = data.add_parser(
+        "check", help="report the known DPO failure modes of a preference file", formatter_class=fmt
+    )
+    c.add_argument(
+        "data", nargs="+", help="preference file(s) (JSON/JSONL/gz/Parquet/CSV/saved dataset) or builtin:demo"
+    )
     c.add_argument("--model", help="count tokens with this model's tokenizer (needed for truncation)")
     c.add_argument("--max-length", type=int, help="count truncation at this data.max_length (needs --model)")
-    c.add_argument("--max-prompt-length", type=int, help="count truncation at this data.max_prompt_length (needs --model)")
-    c.add_argument("--similarity-threshold", type=float, default=0.9, help="report pairs whose chosen/rejected Dice similarity exceeds this")
+    c.add_argument(
+        "--max-prompt-length",
+        type=int,
+        help="count truncation at this data.max_prompt_length (needs --model)",
+    )
+    c.add_argument(
+        "--similarity-threshold",
+        type=float,
+        default=0.9,
+        help="report pairs whose chosen/rejected Dice similarity exceeds this",
+    )
     c.add_argument("--json", action="store_true", help="print the full report as JSON")
-    f = data.add_parser("filter", help="write a cleaned copy of a preference file, counting every drop", formatter_class=fmt,
-                        description="Every filter is the data.* key of training's pre-filters, with the same default.")
+    f = data.add_parser(
+        "filter",
+        help="write a cleaned copy of a preference file, counting every drop",
+        formatter_class=fmt,
+        description="Every filter is the data.* key of training's pre-filters, with the same default.",
+    )
     f.add_argument("data", help="preference file")
     f.add_argument("--out", required=True, help="output JSONL file")
-    f.add_argument("--model", help="count tokens with this model's tokenizer (similarity and length), else words")
+    f.add_argument(
+        "--model", help="count tokens with this model's tokenizer (similarity and length), else words"
+    )
     f.add_argument("--seed", type=int, default=0, help="seed of the length rebalancing subsample")
     docs, hints = field_docs(DataConfig), typing.get_type_hints(DataConfig)
     for name in FILTER_FLAGS:
-        flag, default, doc = "--" + name.replace("_", "-"), getattr(DataConfig, name), docs[name].replace("%", "%%")
+        flag, default, doc = (
+            "--" + name.replace("_", "-"),
+            getattr(DataConfig, name),
+            docs[name].replace("%", "%%"),
+        )
         if hints[name] is bool:
             f.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=doc)
         elif name == "deduplicate":
@@ -117,8 +163,16 @@ def add_demo_parser(sub) -> None:
         description="Sample review continuations, label pairs by VADER sentiment, train DPO with LoRA, and compare "
         "reward and KL of policy and reference on held-out prompts; writes RUN_DIR/report.html.",
     )
-    d.add_argument("overrides", nargs="*", help="dotted training overrides on top of the demo settings, e.g. loss.beta=0.2")
-    d.add_argument("--sweep", action="store_true", help="also several betas, preferred-FT and best-of-N: the reward-vs-KL frontier")
+    d.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted training overrides on top of the demo settings, e.g. loss.beta=0.2",
+    )
+    d.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also several betas, preferred-FT and best-of-N: the reward-vs-KL frontier",
+    )
     d.add_argument("--run-dir", help="output folder (default runs/demo-<time>)")
     d.add_argument("--train-prompts", type=int, default=None, help="training prompts (two samples each)")
     d.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts")
@@ -132,9 +186,16 @@ def add_eval_parser(sub) -> None:
         epilog="Reward specs: vader, vader:full, length, length:words, length:tokens=MODEL, keywords:great,-awful, "
         "regex:PATTERN, model:PATH[@LABEL] (a sequence-classification folder), package.module:function.",
     )
-    e.add_argument("target", help="a run dir (its final checkpoint vs its config's model) or a model (needs --ref)")
-    e.add_argument("--data", help="preference file: accuracy, margins, log-ratios, KL of the chosen completions")
-    e.add_argument("--prompts", help="prompt file (records with a `prompt`) or builtin:reviews; default: the prompts of --data")
+    e.add_argument(
+        "target", help="a run dir (its final checkpoint vs its config's model) or a model (needs --ref)"
+    )
+    e.add_argument(
+        "--data", help="preference file: accuracy, margins, log-ratios, KL of the chosen completions"
+    )
+    e.add_argument(
+        "--prompts",
+        help="prompt file (records with a `prompt`) or builtin:reviews; default: the prompts of --data",
+    )
     e.add_argument("--split", help="keep only prompt records whose `split` field equals this (e.g. eval)")
     e.add_argument("--reward", help="score completions sampled from policy and reference with this reward")
     e.add_argument("--ref", help="reference model (default: the run's starting model)")
@@ -142,13 +203,31 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--samples", type=int, default=2, help="completions per prompt from each model")
     e.add_argument("--max-new-tokens", type=int, default=48, help="most tokens sampled per completion")
     e.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
-    e.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest token set of this probability")
-    e.add_argument("--batch-size", type=int, default=32, help="sequences per generation batch / pairs per scoring batch")
-    e.add_argument("--max-length", type=int, default=1024, help="most tokens of prompt + completion when scoring --data")
-    e.add_argument("--max-prompt-length", type=int, default=512, help="most prompt tokens when scoring --data")
+    e.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling: keep the smallest token set of this probability",
+    )
+    e.add_argument(
+        "--batch-size", type=int, default=32, help="sequences per generation batch / pairs per scoring batch"
+    )
+    e.add_argument(
+        "--max-length", type=int, default=1024, help="most tokens of prompt + completion when scoring --data"
+    )
+    e.add_argument(
+        "--max-prompt-length", type=int, default=512, help="most prompt tokens when scoring --data"
+    )
     e.add_argument("--seed", type=int, default=0, help="sampling seed")
-    e.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: as trained)")
-    e.add_argument("--out", help="folder for eval.json and eval_samples.jsonl (default: the run dir, else ./eval-<time>)")
+    e.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast (default: as trained)",
+    )
+    e.add_argument(
+        "--out", help="folder for eval.json and eval_samples.jsonl (default: the run dir, else ./eval-<time>)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +283,9 @@ def train_config(args, flags: list[str]):
         if not Path(resume).is_dir():
             raise UsageError(f"--resume {resume}: no such folder")
         if not (Path(resume) / "config.yaml").is_file():
-            raise UsageError(f"--resume {resume}: holds no run (no config.yaml); a run that failed to start leaves none")
+            raise UsageError(
+                f"--resume {resume}: holds no run (no config.yaml); a run that failed to start leaves none"
+            )
         config = str(Path(resume) / "config.yaml")
         overrides += ["train.resume=true", f"train.run_dir={resume}"]
     return load_config(config, overrides + flags)
@@ -215,7 +296,9 @@ def cmd_train(args, flags) -> None:
 
     result = train(train_config(args, flags))
     if result.already_complete:
-        print(f"{result.run_dir}: the run is complete ({result.stopped}; checkpoint {result.checkpoint.name}); nothing to resume")
+        print(
+            f"{result.run_dir}: the run is complete ({result.stopped}; checkpoint {result.checkpoint.name}); nothing to resume"
+        )
     else:
         print(f"run dir: {result.run_dir}")
 
@@ -229,7 +312,9 @@ def cmd_precompute(args, flags) -> None:
         return
     for split in ("train", "eval"):
         st = stats[split]
-        print(f"{split}: {st['pairs']} pairs in {st['batches']} batches ({st['computed']} computed, {st['reused']} reused)")
+        print(
+            f"{split}: {st['pairs']} pairs in {st['batches']} batches ({st['computed']} computed, {st['reused']} reused)"
+        )
     print(f"reference log-probs: {stats['cache']}")
 
 
@@ -238,7 +323,9 @@ def cmd_data(args, flags) -> None:
 
     tokenizer = None
     if args.data_command == "check" and (args.max_length or args.max_prompt_length) and not args.model:
-        raise UsageError("--max-length / --max-prompt-length count truncation in the model's tokens: give --model too")
+        raise UsageError(
+            "--max-length / --max-prompt-length count truncation in the model's tokens: give --model too"
+        )
     if args.model:
         from dpokit.models import load_tokenizer, resolve_model_path
 
@@ -249,7 +336,10 @@ def cmd_data(args, flags) -> None:
         from dpokit.data.check import check_file
         from dpokit.data.report import render
 
-        reports = [check_file(p, tokenizer, args.max_length, args.max_prompt_length, args.similarity_threshold) for p in args.data]
+        reports = [
+            check_file(p, tokenizer, args.max_length, args.max_prompt_length, args.similarity_threshold)
+            for p in args.data
+        ]
         if args.json:
             print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
         else:
@@ -281,12 +371,28 @@ def cmd_eval(args, flags) -> None:
     from dpokit.evaluation import run_eval
     from dpokit.generate import SamplingSettings
 
-    sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                batch_size=args.batch_size, seed=args.seed)
+    sampling = SamplingSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     results, path = run_eval(
-        args.target, data=args.data, prompts=args.prompts, split=args.split, reward=args.reward, ref=args.ref,
-        num_prompts=args.num_prompts, samples=args.samples, sampling=sampling, bf16=args.bf16,
-        max_length=args.max_length, max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, out=args.out,
+        args.target,
+        data=args.data,
+        prompts=args.prompts,
+        split=args.split,
+        reward=args.reward,
+        ref=args.ref,
+        num_prompts=args.num_prompts,
+        samples=args.samples,
+        sampling=sampling,
+        bf16=args.bf16,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        batch_size=args.batch_size,
+        out=args.out,
     )
     print(json.dumps({k: v for k, v in results.items() if k in ("preference", "generation")}, indent=2))
     print(f"results: {path}")
@@ -298,8 +404,14 @@ def cmd_report(args, flags) -> None:
     print(f"report: {write_report(args.run_dir, args.out)}")
 
 
-COMMANDS = {"train": cmd_train, "precompute-ref": cmd_precompute, "data": cmd_data, "demo": cmd_demo,
-            "eval": cmd_eval, "report": cmd_report}
+COMMANDS = {
+    "train": cmd_train,
+    "precompute-ref": cmd_precompute,
+    "data": cmd_data,
+    "demo": cmd_demo,
+    "eval": cmd_eval,
+    "report": cmd_report,
+}
 
 
 def launch_data_parallel(n: int, argv: list[str]) -> int:
@@ -322,8 +434,20 @@ def launch_data_parallel(n: int, argv: list[str]) -> int:
         elif not a.startswith("--num-processes="):
             rest.append(a)
     if torch.cuda.is_available():
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(n),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
     threads = max(1, (os.cpu_count() or 1) // n)

@@ -253,7 +253,9 @@ def iter_fields(cls: type = Config, prefix: str = ""):
 def did_you_mean(word: str, choices, prefix: str = "") -> str:
     """` (did you mean x?)` for the choices closest to a misspelt `word`, else ``."""
     close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
-    close += [c for c in choices if c.startswith(word[:3]) and c not in close and len(word) >= 3][: 3 - len(close)]
+    close += [c for c in choices if c.startswith(word[:3]) and c not in close and len(word) >= 3][
+        : 3 - len(close)
+    ]
     return f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
 
 
@@ -297,7 +299,9 @@ def _build(cls: type, data: dict, prefix: str, problems: list[str]):
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            problems.append(f"{prefix}{key}: unknown key{did_you_mean(str(key), names, prefix)}; valid keys: {', '.join(sorted(names))}")
+            problems.append(
+                f"{prefix}{key}: unknown key{did_you_mean(str(key), names, prefix)}; valid keys: {', '.join(sorted(names))}"
+            )
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:

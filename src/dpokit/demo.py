@@ -90,7 +90,14 @@ class DemoResult:
     wall_s: float
 
 
-def label_pairs(prompts: list, samples: list[list[Sample]], rewards: list[list[float]], how: str, scale: float, rng: random.Random) -> list[dict]:
+def label_pairs(
+    prompts: list,
+    samples: list[list[Sample]],
+    rewards: list[list[float]],
+    how: str,
+    scale: float,
+    rng: random.Random,
+) -> list[dict]:
     """One pair per prompt from its two samples; pairs with equal rewards or equal texts are dropped."""
     pairs = []
     for prompt, (a, b), (ra, rb) in zip(prompts, samples, rewards, strict=True):
@@ -101,45 +108,89 @@ def label_pairs(prompts: list, samples: list[list[Sample]], rewards: list[list[f
         else:
             first = ra > rb
         (c, rc), (r, rr) = ((a, ra), (b, rb)) if first else ((b, rb), (a, ra))
-        pairs.append({"prompt": prompt, "chosen": c.completion, "rejected": r.completion, "score_chosen": rc, "score_rejected": rr})
+        pairs.append(
+            {
+                "prompt": prompt,
+                "chosen": c.completion,
+                "rejected": r.completion,
+                "score_chosen": rc,
+                "score_rejected": rr,
+            }
+        )
     return pairs
 
 
-def run_demo(overrides: list[str] | None = None, sweep: bool = False, run_dir: str | None = None, settings: DemoSettings | None = None) -> DemoResult:
+def run_demo(
+    overrides: list[str] | None = None,
+    sweep: bool = False,
+    run_dir: str | None = None,
+    settings: DemoSettings | None = None,
+) -> DemoResult:
     started = time.perf_counter()
     ds = settings or DemoSettings()
     overrides = list(overrides or [])
     root = Path(run_dir or Path("runs") / datetime.now().strftime("demo-%Y%m%d-%H%M%S"))
-    base_cfg = load_config(None, [*TRAIN_SETTINGS, "data.train=(sampled below)", *overrides])  # model and precision
+    base_cfg = load_config(
+        None, [*TRAIN_SETTINGS, "data.train=(sampled below)", *overrides]
+    )  # model and precision
     reward = get_reward(ds.reward)
-    sampling = SamplingSettings(max_new_tokens=ds.max_new_tokens, temperature=ds.temperature, seed=ds.seed, bf16=base_cfg.train.bf16)
+    sampling = SamplingSettings(
+        max_new_tokens=ds.max_new_tokens, temperature=ds.temperature, seed=ds.seed, bf16=base_cfg.train.bf16
+    )
     train_prompts = load_prompts("builtin:reviews", "train", ds.train_prompts)
     eval_prompts = load_prompts("builtin:reviews", "eval", ds.eval_prompts)
 
     path = models.resolve_model_path(base_cfg.model.name)
     tokenizer = models.load_tokenizer(path)
-    reference = Reference.separate(models.load_model(path), bf16=base_cfg.train.bf16, kind="the starting model")
+    reference = Reference.separate(
+        models.load_model(path), bf16=base_cfg.train.bf16, kind="the starting model"
+    )
     t0 = time.perf_counter()
     with reference.module() as ref_model:
-        train_samples = sample(ref_model, tokenizer, train_prompts, 2, sampling, label="reference samples (train prompts)")
-        eval_samples = sample(ref_model, tokenizer, eval_prompts, max(2, ds.eval_samples), sampling, label="reference samples (eval prompts)")
+        train_samples = sample(
+            ref_model, tokenizer, train_prompts, 2, sampling, label="reference samples (train prompts)"
+        )
+        eval_samples = sample(
+            ref_model,
+            tokenizer,
+            eval_prompts,
+            max(2, ds.eval_samples),
+            sampling,
+            label="reference samples (eval prompts)",
+        )
     sampling_s = time.perf_counter() - t0
     rng = random.Random(ds.seed)
     data = {}
-    for name, prompts, samples in (("train", train_prompts, train_samples), ("eval", eval_prompts, eval_samples)):
-        flat = reward([p for p in prompts for _ in range(2)], [s.completion for row in samples for s in row[:2]])
+    for name, prompts, samples in (
+        ("train", train_prompts, train_samples),
+        ("eval", eval_prompts, eval_samples),
+    ):
+        flat = reward(
+            [p for p in prompts for _ in range(2)], [s.completion for row in samples for s in row[:2]]
+        )
         scores = [flat[2 * i : 2 * i + 2] for i in range(len(prompts))]
         pairs = label_pairs(prompts, [row[:2] for row in samples], scores, ds.labeling, ds.bt_scale, rng)
         (root / "data").mkdir(parents=True, exist_ok=True)
         write_jsonl(root / "data" / f"{name}_pairs.jsonl", pairs)
         data[name] = len(pairs)
-    log.info("labeled %d train / %d eval pairs with reward %r in %.0f s of sampling", data["train"], data["eval"], ds.reward, sampling_s)
+    log.info(
+        "labeled %d train / %d eval pairs with reward %r in %.0f s of sampling",
+        data["train"],
+        data["eval"],
+        ds.reward,
+        sampling_s,
+    )
     _write_data_check(root, tokenizer, base_cfg)
 
-    data_args = [f"data.train={root / 'data' / 'train_pairs.jsonl'}", f"data.eval={root / 'data' / 'eval_pairs.jsonl'}"]
+    data_args = [
+        f"data.train={root / 'data' / 'train_pairs.jsonl'}",
+        f"data.eval={root / 'data' / 'eval_pairs.jsonl'}",
+    ]
     cfg = _train_config(root, data_args, overrides)
     result = train(cfg)
-    gen, records = _generation_eval(result.model, reference, tokenizer, cfg, eval_prompts, eval_samples, reward, ds, sampling)
+    gen, records = _generation_eval(
+        result.model, reference, tokenizer, cfg, eval_prompts, eval_samples, reward, ds, sampling
+    )
     results = {
         "reward": ds.reward,
         "demo": {k: v for k, v in ds.__dict__.items()},
@@ -152,18 +203,35 @@ def run_demo(overrides: list[str] | None = None, sweep: bool = False, run_dir: s
     frontier = None
     if sweep:
         del result
-        frontier = run_sweep(root, cfg, data_args, overrides, tokenizer, reference, eval_prompts, eval_samples, reward, ds, sampling, gen)
+        frontier = run_sweep(
+            root,
+            cfg,
+            data_args,
+            overrides,
+            tokenizer,
+            reference,
+            eval_prompts,
+            eval_samples,
+            reward,
+            ds,
+            sampling,
+            gen,
+        )
         (root / "frontier.json").write_text(json.dumps(frontier, indent=2))
     results["wall_s"] = time.perf_counter() - started
     write_results(root, results, records)
     from dpokit.report import write_report
 
     write_report(root)
-    return DemoResult(root, gen, results["preference_before"], results["preference_after"], frontier, results["wall_s"])
+    return DemoResult(
+        root, gen, results["preference_before"], results["preference_after"], frontier, results["wall_s"]
+    )
 
 
 def _train_config(run_dir: Path, data_args: list[str], overrides: list[str]):
-    return load_config(None, [*TRAIN_SETTINGS, *data_args, f"train.run_dir={run_dir}", "train.overwrite=true", *overrides])
+    return load_config(
+        None, [*TRAIN_SETTINGS, *data_args, f"train.run_dir={run_dir}", "train.overwrite=true", *overrides]
+    )
 
 
 def _strip(metrics: dict | None) -> dict | None:
@@ -173,11 +241,15 @@ def _strip(metrics: dict | None) -> dict | None:
 def _write_data_check(root: Path, tokenizer, cfg) -> None:
     from dpokit.data.check import check_file
 
-    report = check_file(str(root / "data" / "train_pairs.jsonl"), tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
+    report = check_file(
+        str(root / "data" / "train_pairs.jsonl"), tokenizer, cfg.data.max_length, cfg.data.max_prompt_length
+    )
     (root / "data_check.json").write_text(json.dumps(report, indent=2, default=str))
 
 
-def _generation_eval(policy, reference: Reference, tokenizer, cfg, prompts, ref_samples, reward, ds: DemoSettings, sampling):
+def _generation_eval(
+    policy, reference: Reference, tokenizer, cfg, prompts, ref_samples, reward, ds: DemoSettings, sampling
+):
     """(metrics, records) of the trained policy against its reference: adapters off for LoRA, else the
     starting model the demo sampled from."""
     policy.eval()
@@ -185,19 +257,40 @@ def _generation_eval(policy, reference: Reference, tokenizer, cfg, prompts, ref_
         compared = Compared.lora_run(policy, tokenizer, cfg)
     else:
         compared = Compared(policy, reference, tokenizer, cfg.loss, bf16=cfg.train.bf16)
-    return generation_metrics(compared, prompts, reward, ds.eval_samples, sampling, reference_samples=ref_samples)
+    return generation_metrics(
+        compared, prompts, reward, ds.eval_samples, sampling, reference_samples=ref_samples
+    )
 
 
-def run_sweep(root, cfg, data_args, overrides, tokenizer, reference, eval_prompts, eval_samples, reward, ds, sampling, main_gen) -> list[dict]:
+def run_sweep(
+    root,
+    cfg,
+    data_args,
+    overrides,
+    tokenizer,
+    reference,
+    eval_prompts,
+    eval_samples,
+    reward,
+    ds,
+    sampling,
+    main_gen,
+) -> list[dict]:
     """One (KL, reward) point per method: DPO at each beta, preferred-FT, best-of-N from the reference."""
     points = [_point("DPO", f"beta={cfg.loss.beta:g}", main_gen, beta=cfg.loss.beta)]
-    runs = [(f"beta-{b:g}", [f"loss.beta={b}"], "DPO", f"beta={b:g}") for b in ds.sweep_betas if b != cfg.loss.beta]
+    runs = [
+        (f"beta-{b:g}", [f"loss.beta={b}"], "DPO", f"beta={b:g}")
+        for b in ds.sweep_betas
+        if b != cfg.loss.beta
+    ]
     runs.append(("preferred-ft", ["loss.type=[sft]", "lora.enabled=true"], "Preferred-FT", "SFT on chosen"))
     for name, extra, method, label in runs:
         run_dir = root / "sweep" / name
         sweep_cfg = _train_config(run_dir, data_args, overrides + extra)
         result = train(sweep_cfg)
-        gen, records = _generation_eval(result.model, reference, tokenizer, sweep_cfg, eval_prompts, eval_samples, reward, ds, sampling)
+        gen, records = _generation_eval(
+            result.model, reference, tokenizer, sweep_cfg, eval_prompts, eval_samples, reward, ds, sampling
+        )
         write_results(run_dir, {"reward": ds.reward, "generation": gen}, records)
         points.append(_point(method, label, gen, beta=sweep_cfg.loss.beta if method == "DPO" else None))
         del result
@@ -206,8 +299,16 @@ def run_sweep(root, cfg, data_args, overrides, tokenizer, reference, eval_prompt
 
 
 def _point(method: str, label: str, gen: dict, beta: float | None = None) -> dict:
-    return {"method": method, "label": label, "beta": beta, "kl": gen["kl/sequence"], "kl_stderr": gen["kl/sequence_stderr"],
-            "reward": gen["reward/policy"], "reward_stderr": gen["reward/policy_stderr"], "kl_kind": "sampled"}
+    return {
+        "method": method,
+        "label": label,
+        "beta": beta,
+        "kl": gen["kl/sequence"],
+        "kl_stderr": gen["kl/sequence_stderr"],
+        "reward": gen["reward/policy"],
+        "reward_stderr": gen["reward/policy_stderr"],
+        "kl_kind": "sampled",
+    }
 
 
 def best_of_n(reference: Reference, tokenizer, prompts, reward, ds: DemoSettings, sampling) -> list[dict]:
@@ -218,12 +319,24 @@ def best_of_n(reference: Reference, tokenizer, prompts, reward, ds: DemoSettings
     with reference.module() as ref_model:
         samples = sample(ref_model, tokenizer, prompts, n_max, settings, label=f"best-of-{n_max} samples")
     flat = [p for p in prompts for _ in range(n_max)]
-    scores = torch.tensor(reward(flat, [s.completion for row in samples for s in row])).view(len(prompts), n_max)
+    scores = torch.tensor(reward(flat, [s.completion for row in samples for s in row])).view(
+        len(prompts), n_max
+    )
     points = []
     for n in ds.best_of:
         best = scores[:, :n].max(dim=1).values
-        points.append({"method": "Best-of-N", "label": f"N={n}", "n": n, "kl": math.log(n) - (n - 1) / n, "kl_stderr": 0.0,
-                       "reward": float(best.mean()), "reward_stderr": float(best.std() / math.sqrt(len(best))), "kl_kind": "analytic bound"})
+        points.append(
+            {
+                "method": "Best-of-N",
+                "label": f"N={n}",
+                "n": n,
+                "kl": math.log(n) - (n - 1) / n,
+                "kl_stderr": 0.0,
+                "reward": float(best.mean()),
+                "reward_stderr": float(best.std() / math.sqrt(len(best))),
+                "kl_kind": "analytic bound",
+            }
+        )
     return points
 
 
@@ -243,6 +356,10 @@ def summary_lines(result: DemoResult) -> list[str]:
     if result.frontier:
         lines.append("reward-vs-KL frontier:")
         for p in result.frontier:
-            lines.append(f"  {p['method']:<13}{p['label']:<15} KL {p['kl']:6.2f} ({p['kl_kind']})  reward {p['reward']:.3f}")
-    lines.append(f"run dir: {result.run_dir}   report: {result.run_dir / 'report.html'}   wall: {result.wall_s / 60:.1f} min")
+            lines.append(
+                f"  {p['method']:<13}{p['label']:<15} KL {p['kl']:6.2f} ({p['kl_kind']})  reward {p['reward']:.3f}"
+            )
+    lines.append(
+        f"run dir: {result.run_dir}   report: {result.run_dir / 'report.html'}   wall: {result.wall_s / 60:.1f} min"
+    )
     return lines

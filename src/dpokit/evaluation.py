@@ -64,7 +64,12 @@ def evaluate_pairs(
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     sums, samples = PairMetrics(), []
     batches = eval_batches(len(examples), batch_size, rank, world)
-    with eval_mode(policy), Progress("evaluation", sum(len(b) for b, counted in batches if counted), "pairs", progress and rank == 0) as bar:
+    with (
+        eval_mode(policy),
+        Progress(
+            "evaluation", sum(len(b) for b, counted in batches if counted), "pairs", progress and rank == 0
+        ) as bar,
+    ):
         for b, (indices, counted) in enumerate(batches):
             out, extras = objective(policy, reference, collate(indices))
             if counted:
@@ -79,8 +84,12 @@ def pair_samples(out, extras: dict, examples: list, k: int) -> list[dict]:
     """Per-pair values of the first `k` pairs of a batch (the log-ratio picture of `dpokit report`)."""
     rows = []
     for i in range(k):
-        row = {"index": i, "loss": float(out.losses[i]), "reward_chosen": float(out.chosen_rewards[i]),
-               "reward_rejected": float(out.rejected_rewards[i])}
+        row = {
+            "index": i,
+            "loss": float(out.losses[i]),
+            "reward_chosen": float(out.chosen_rewards[i]),
+            "reward_rejected": float(out.rejected_rewards[i]),
+        }
         for key in ("logratio/chosen", "logratio/rejected", "logps/chosen", "logps/rejected"):
             if key in extras:
                 row[key.replace("/", "_")] = float(extras[key][i])
@@ -107,7 +116,9 @@ class Compared:
     def lora_run(cls, policy, tokenizer, cfg, source: str = "") -> Compared:
         """A LoRA policy against itself with its adapters off (the reference of its training)."""
         clp = CompletionLogps(policy, cfg.train.logps_chunk_size, cfg.train.bf16)
-        return cls(policy, Reference.adapters_off(clp), tokenizer, cfg.loss, layout_of(cfg), cfg.train.bf16, source)
+        return cls(
+            policy, Reference.adapters_off(clp), tokenizer, cfg.loss, layout_of(cfg), cfg.train.bf16, source
+        )
 
 
 def layout_of(cfg) -> Layout:
@@ -125,11 +136,15 @@ def run_checkpoint(run_dir: Path) -> Path:
             return Path(ckpt)
     found = latest_checkpoint(run_dir)
     if found is None:
-        raise UsageError(f"{run_dir}: no checkpoint (checkpoints/step-N); was the run saved (train.save_final)?")
+        raise UsageError(
+            f"{run_dir}: no checkpoint (checkpoints/step-N); was the run saved (train.save_final)?"
+        )
     return found
 
 
-def load_for_eval(target: str, ref: str | None = None, device: str | None = None, bf16: bool | None = None) -> Compared:
+def load_for_eval(
+    target: str, ref: str | None = None, device: str | None = None, bf16: bool | None = None
+) -> Compared:
     """A run dir (its final checkpoint against its config's model) or a model (against `ref`)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = Path(target)
@@ -139,11 +154,18 @@ def load_for_eval(target: str, ref: str | None = None, device: str | None = None
     if not (path / "config.yaml").is_file():
         resolved = models.resolve_model_path(target, "eval target")
         if ref_model is None:
-            raise UsageError(f"{target!r} is a model, not a run dir (no config.yaml): give the model it was "
-                                    "trained from with --ref MODEL")
+            raise UsageError(
+                f"{target!r} is a model, not a run dir (no config.yaml): give the model it was "
+                "trained from with --ref MODEL"
+            )
         policy = models.load_model(resolved).to(device).eval().requires_grad_(False)
-        return Compared(policy, Reference.separate(ref_model.to(device), bf16=bool(bf16)), models.load_tokenizer(resolved),
-                        bf16=bool(bf16), source=target)
+        return Compared(
+            policy,
+            Reference.separate(ref_model.to(device), bf16=bool(bf16)),
+            models.load_tokenizer(resolved),
+            bf16=bool(bf16),
+            source=target,
+        )
     cfg = load_config(str(path / "config.yaml"))
     if bf16 is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, bf16=bf16))
@@ -160,9 +182,13 @@ def load_for_eval(target: str, ref: str | None = None, device: str | None = None
         if ref_model is None:
             return Compared.lora_run(policy, tokenizer, cfg, source)
     else:
-        policy = models.load_model(str(ckpt), cfg.model.trust_remote_code).to(device).eval().requires_grad_(False)
+        policy = (
+            models.load_model(str(ckpt), cfg.model.trust_remote_code).to(device).eval().requires_grad_(False)
+        )
         if ref_model is None:
-            ref_model = models.load_model(models.resolve_model_path(cfg.model.name), cfg.model.trust_remote_code)
+            ref_model = models.load_model(
+                models.resolve_model_path(cfg.model.name), cfg.model.trust_remote_code
+            )
     reference = Reference.separate(ref_model.to(device), cfg.train.logps_chunk_size, cfg.train.bf16)
     return Compared(policy, reference, tokenizer, cfg.loss, layout_of(cfg), cfg.train.bf16, source)
 
@@ -180,10 +206,14 @@ def load_prompts(spec: str, split: str | None = None, limit: int = 0, key: str =
             raise rec
         value = rec.value
         if not isinstance(value, dict) or "prompt" not in value:
-            raise DataError(rec.where, "missing (every record needs a prompt: text or a list of chat messages)", "prompt")
+            raise DataError(
+                rec.where, "missing (every record needs a prompt: text or a list of chat messages)", "prompt"
+            )
         prompt = value["prompt"]
         if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
-            raise DataError(rec.where, "must be non-empty text or a non-empty list of chat messages", "prompt")
+            raise DataError(
+                rec.where, "must be non-empty text or a non-empty list of chat messages", "prompt"
+            )
         if split is not None and value.get("split") != split:
             continue
         key_ = json.dumps(prompt, sort_keys=True)
@@ -197,7 +227,9 @@ def load_prompts(spec: str, split: str | None = None, limit: int = 0, key: str =
     return prompts
 
 
-def preference_metrics(c: Compared, data: str, max_length: int = 1024, max_prompt_length: int = 512, batch_size: int = 8) -> dict:
+def preference_metrics(
+    c: Compared, data: str, max_length: int = 1024, max_prompt_length: int = 512, batch_size: int = 8
+) -> dict:
     """Accuracy, margins, log-ratios and per-token KL of the chosen completions on a preference file."""
     from dpokit.tokenize import tokenize_pairs
 
@@ -237,9 +269,17 @@ def generation_metrics(
         with c.reference.module() as ref_model:
             reference_samples = sample(ref_model, tok, prompts, n, settings, progress, "reference samples")
     ref = [row[:n] for row in reference_samples]
-    flat_prompts = [p if isinstance(p, str) else tok.apply_chat_template(p, tokenize=False) for p in prompts for _ in range(n)]
-    r_pol = torch.tensor(reward(flat_prompts, [s.completion for row in pol for s in row])).view(len(prompts), n)
-    r_ref = torch.tensor(reward(flat_prompts, [s.completion for row in ref for s in row])).view(len(prompts), n)
+    flat_prompts = [
+        p if isinstance(p, str) else tok.apply_chat_template(p, tokenize=False)
+        for p in prompts
+        for _ in range(n)
+    ]
+    r_pol = torch.tensor(reward(flat_prompts, [s.completion for row in pol for s in row])).view(
+        len(prompts), n
+    )
+    r_ref = torch.tensor(reward(flat_prompts, [s.completion for row in ref for s in row])).view(
+        len(prompts), n
+    )
     pad = tok.pad_token_id
     lp_pol = sequence_logps(c.policy, pol, pad, bf16=c.bf16)
     with c.reference.module() as ref_model:
@@ -326,7 +366,11 @@ def run_eval(
     if reward and not (prompts or data):
         raise UsageError("--reward needs prompts: give --prompts FILE (or --data)")
     scorer = get_reward(reward) if reward else None
-    prompt_list = load_prompts(prompts or data, split, num_prompts, "--prompts" if prompts else "--data") if scorer else None
+    prompt_list = (
+        load_prompts(prompts or data, split, num_prompts, "--prompts" if prompts else "--data")
+        if scorer
+        else None
+    )
     if data and not resolve_data_path(data).exists():
         raise DataError(data, "no such file (given as --data)")
     c = load_for_eval(target, ref, bf16=bf16)
@@ -340,5 +384,7 @@ def run_eval(
         results["generation"], records = generation_metrics(c, prompt_list, scorer, samples, settings)
         results["reward"] = reward
     is_run = (Path(target) / "config.yaml").is_file()
-    folder = Path(out) if out else Path(target) if is_run else Path(datetime.now().strftime("eval-%Y%m%d-%H%M%S"))
+    folder = (
+        Path(out) if out else Path(target) if is_run else Path(datetime.now().strftime("eval-%Y%m%d-%H%M%S"))
+    )
     return results, write_results(folder, results, records)

@@ -36,9 +36,13 @@ class SamplingSettings:
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise SamplingError(f"max_new_tokens={self.max_new_tokens}, batch_size={self.batch_size}: both must be >= 1")
+            raise SamplingError(
+                f"max_new_tokens={self.max_new_tokens}, batch_size={self.batch_size}: both must be >= 1"
+            )
         if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise SamplingError(f"temperature={self.temperature} must be >= 0 (0 = greedy), top_p={self.top_p} in (0, 1]")
+            raise SamplingError(
+                f"temperature={self.temperature} must be >= 0 (0 = greedy), top_p={self.top_p} in (0, 1]"
+            )
 
 
 @dataclass
@@ -62,7 +66,15 @@ def eos_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list, n: int, settings: SamplingSettings, progress: bool = True, label: str = "sampling") -> list[list[Sample]]:
+def sample(
+    model,
+    tokenizer,
+    prompts: list,
+    n: int,
+    settings: SamplingSettings,
+    progress: bool = True,
+    label: str = "sampling",
+) -> list[list[Sample]]:
     """`n` completions for each prompt: result[i][k] is the k-th sample of prompts[i].
 
     Sequences are grouped by prompt length (less left padding) and generated `settings.batch_size` at a
@@ -70,7 +82,9 @@ def sample(model, tokenizer, prompts: list, n: int, settings: SamplingSettings, 
     so the result does not depend on what ran before.
     """
     encoded = [encode_prompt(p, tokenizer) for p in prompts]
-    jobs = sorted(((i, k) for i in range(len(prompts)) for k in range(n)), key=lambda j: (len(encoded[j[0]]), j))
+    jobs = sorted(
+        ((i, k) for i in range(len(prompts)) for k in range(n)), key=lambda j: (len(encoded[j[0]]), j)
+    )
     stop = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     device = next(model.parameters()).device
@@ -112,7 +126,14 @@ def sample(model, tokenizer, prompts: list, n: int, settings: SamplingSettings, 
 
 
 @torch.no_grad()
-def sequence_logps(model, samples: list[list[Sample]], pad_id: int, batch_size: int = 16, bf16: bool = False, chunk_size: int = 1024) -> torch.Tensor:
+def sequence_logps(
+    model,
+    samples: list[list[Sample]],
+    pad_id: int,
+    batch_size: int = 16,
+    bf16: bool = False,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
     """(num_prompts, n) log-probs of each sampled completion (summed over its tokens) under `model`
     (temperature 1, no top-p: the model's own distribution). The n samples of a prompt share one
     prompt forward (prefix sharing)."""
@@ -123,9 +144,15 @@ def sequence_logps(model, samples: list[list[Sample]], pad_id: int, batch_size: 
     with eval_mode(model):
         for start in range(0, len(samples), batch_size):
             group = samples[start : start + batch_size]
-            docs = [Doc(g[0].prompt_ids, tuple((s.completion_ids, j * n + k) for k, s in enumerate(g))) for j, g in enumerate(group)]
-            batch = build_batch(docs, [[d] for d in range(len(docs))], pad_id, [1.0] * len(docs), dense_mask=True).to(device)
+            docs = [
+                Doc(g[0].prompt_ids, tuple((s.completion_ids, j * n + k) for k, s in enumerate(g)))
+                for j, g in enumerate(group)
+            ]
+            batch = build_batch(
+                docs, [[d] for d in range(len(docs))], pad_id, [1.0] * len(docs), dense_mask=True
+            ).to(device)
             tok = clp(*batch.model_args)
-            rows.append(sum_by_sequence(tok.float(), batch.seq_index, batch.num_seqs).view(len(group), n).cpu())
+            rows.append(
+                sum_by_sequence(tok.float(), batch.seq_index, batch.num_seqs).view(len(group), n).cpu()
+            )
     return torch.cat(rows) if rows else torch.zeros(0, n)
-

@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 
 class Guards:
-    def __init__(self, drift_warn: float, flat_window: int, flat_min_delta: float, patience: int, min_delta: float):
+    def __init__(
+        self, drift_warn: float, flat_window: int, flat_min_delta: float, patience: int, min_delta: float
+    ):
         self.drift_warn, self.flat_window, self.flat_min_delta = drift_warn, flat_window, flat_min_delta
         self.patience, self.min_delta = patience, min_delta
         self.margins: list[float] = []
@@ -34,7 +36,16 @@ class Guards:
         self.stop_reason: str | None = None
         self.warnings: list[str] = []
 
-    STATE = ("margins", "drift_warned", "zero_grad_warned", "best", "best_step", "bad_evals", "stop_reason", "warnings")
+    STATE = (
+        "margins",
+        "drift_warned",
+        "zero_grad_warned",
+        "best",
+        "best_step",
+        "bad_evals",
+        "stop_reason",
+        "warnings",
+    )
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.STATE}

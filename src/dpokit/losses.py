@@ -126,7 +126,9 @@ def _per_token(logps: Tensor, lengths: Tensor) -> Tensor:
 # --- DPO family on reference log-ratios ----------------------------------------------------------------
 
 
-def sigmoid(x: PairLogps, *, beta: float, label_smoothing: float = 0.0, f_divergence="reverse_kl", f_alpha=1.0):
+def sigmoid(
+    x: PairLogps, *, beta: float, label_smoothing: float = 0.0, f_divergence="reverse_kl", f_alpha=1.0
+):
     """DPO (arXiv:2305.18290, eq. 7); label_smoothing eps > 0 gives conservative DPO (cDPO).
 
         L = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
@@ -139,11 +141,13 @@ def sigmoid(x: PairLogps, *, beta: float, label_smoothing: float = 0.0, f_diverg
 def robust(x: PairLogps, *, beta: float, label_smoothing: float, f_divergence="reverse_kl", f_alpha=1.0):
     """Robust DPO (arXiv:2403.00409, eq. 12): unbiased under label-flip rate eps.
 
-        L = [-(1 - eps) log sigma(beta h) + eps log sigma(-beta h)] / (1 - 2 eps)
+    L = [-(1 - eps) log sigma(beta h) + eps log sigma(-beta h)] / (1 - 2 eps)
     """
     h = preference_logits(x, f_divergence, f_alpha)
     z = beta * h
-    losses = (-(1 - label_smoothing) * F.logsigmoid(z) + label_smoothing * F.logsigmoid(-z)) / (1 - 2 * label_smoothing)
+    losses = (-(1 - label_smoothing) * F.logsigmoid(z) + label_smoothing * F.logsigmoid(-z)) / (
+        1 - 2 * label_smoothing
+    )
     return LossOutput(losses, *_beta_rewards(*_ratios(x), beta))
 
 
@@ -182,7 +186,7 @@ def ipo(x: PairLogps, *, beta: float):
 def sigmoid_norm(x: PairLogps, *, beta: float, label_smoothing: float = 0.0):
     """Length-normalized DPO (Tulu 3, arXiv:2411.15124, eq. 6): DPO on per-token log-ratios.
 
-        L = -log sigma(beta (c/|y_w| - r/|y_l|))
+    L = -log sigma(beta (c/|y_w| - r/|y_l|))
     """
     c, r = _ratios(x)
     ca, ra = _per_token(c, x.chosen_lengths), _per_token(r, x.rejected_lengths)
@@ -192,7 +196,7 @@ def sigmoid_norm(x: PairLogps, *, beta: float, label_smoothing: float = 0.0):
 def nca_pair(x: PairLogps, *, beta: float):
     """NCA, pairwise (arXiv:2402.05369, eq. 11): absolute likelihoods, not only their difference.
 
-        L = -log sigma(beta c) - 0.5 log sigma(-beta c) - 0.5 log sigma(-beta r)
+    L = -log sigma(beta c) - 0.5 log sigma(-beta c) - 0.5 log sigma(-beta r)
     """
     c, r = _ratios(x)
     zc, zr = beta * c, beta * r
@@ -214,7 +218,7 @@ def bco_pair(x: PairLogps, *, beta: float, bco_delta: Tensor | float = 0.0):
 def sppo_hard(x: PairLogps, *, beta: float):
     """SPPO with hard win probabilities (arXiv:2405.00675, eq. 4.7 with P = 1 / 0):
 
-        L = (c - 1/(2 beta))^2 + (r + 1/(2 beta))^2
+    L = (c - 1/(2 beta))^2 + (r + 1/(2 beta))^2
     """
     c, r = _ratios(x)
     return LossOutput((c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2, *_beta_rewards(c, r, beta))
@@ -235,7 +239,7 @@ def aot(x: PairLogps, *, beta: float, label_smoothing: float = 0.0):
 def aot_unpaired(x: PairLogps, *, beta: float, label_smoothing: float = 0.0):
     """AOT, unpaired (arXiv:2406.05882): sort chosen and rejected log-ratios across the batch separately;
 
-        L_i = smoothed logistic(beta (sorted_c_i - sorted_r_i))
+    L_i = smoothed logistic(beta (sorted_c_i - sorted_r_i))
     """
     c, r = _ratios(x)
     cs, _ = torch.sort(c)
@@ -246,7 +250,7 @@ def aot_unpaired(x: PairLogps, *, beta: float, label_smoothing: float = 0.0):
 def apo_zero(x: PairLogps, *, beta: float):
     """APO-zero (arXiv:2408.06266, eq. 7): chosen better than the model's own outputs.
 
-        L = (1 - sigma(beta c)) + sigma(beta r)
+    L = (1 - sigma(beta c)) + sigma(beta r)
     """
     c, r = _ratios(x)
     return LossOutput(1 - torch.sigmoid(beta * c) + torch.sigmoid(beta * r), *_beta_rewards(c, r, beta))
@@ -265,7 +269,7 @@ def apo_down(x: PairLogps, *, beta: float):
 def discopop(x: PairLogps, *, beta: float, discopop_tau: float = 0.05):
     """DiscoPOP / log-ratio modulated loss (arXiv:2406.08414, eq. 5), z = beta h:
 
-        m = sigma(z / tau);  L = (1 - m) (-log sigma(z)) + m e^{-z}
+    m = sigma(z / tau);  L = (1 - m) (-log sigma(z)) + m e^{-z}
     """
     c, r = _ratios(x)
     z = beta * (c - r)
@@ -279,7 +283,7 @@ def discopop(x: PairLogps, *, beta: float, discopop_tau: float = 0.05):
 def simpo(x: PairLogps, *, beta: float, simpo_gamma: float, label_smoothing: float = 0.0):
     """SimPO (arXiv:2405.14734, eq. 6): average log-prob rewards and a target margin gamma, no reference.
 
-        L = -log sigma(beta pi_w/|y_w| - beta pi_l/|y_l| - gamma)
+    L = -log sigma(beta pi_w/|y_w| - beta pi_l/|y_l| - gamma)
     """
     ca = _per_token(x.policy_chosen, x.chosen_lengths)
     ra = _per_token(x.policy_rejected, x.rejected_lengths)
@@ -297,7 +301,9 @@ def orpo(x: PairLogps, *, orpo_lambda: float):
     ca = _per_token(x.policy_chosen, x.chosen_lengths)
     ra = _per_token(x.policy_rejected, x.rejected_lengths)
     # log(1 - e^p) for p < 0; clamp keeps it finite when p -> 0 (a certain token).
-    log_odds = (ca - ra) - (torch.log1p(-torch.exp(ca).clamp(max=1 - 1e-7)) - torch.log1p(-torch.exp(ra).clamp(max=1 - 1e-7)))
+    log_odds = (ca - ra) - (
+        torch.log1p(-torch.exp(ca).clamp(max=1 - 1e-7)) - torch.log1p(-torch.exp(ra).clamp(max=1 - 1e-7))
+    )
     losses = -ca - orpo_lambda * F.logsigmoid(log_odds)
     return LossOutput(losses, *_beta_rewards(ca, ra, orpo_lambda))
 
@@ -305,7 +311,7 @@ def orpo(x: PairLogps, *, orpo_lambda: float):
 def cpo(x: PairLogps, *, beta: float, cpo_alpha: float, label_smoothing: float = 0.0):
     """CPO (arXiv:2401.08417, eq. 6): DPO without the reference plus a behaviour-cloning NLL term.
 
-        L = -log sigma(beta (pi_w - pi_l)) + alpha * (-pi_w / |y_w|)
+    L = -log sigma(beta (pi_w - pi_l)) + alpha * (-pi_w / |y_w|)
     """
     z = beta * (x.policy_chosen - x.policy_rejected)
     nll = -_per_token(x.policy_chosen, x.chosen_lengths)
@@ -360,7 +366,9 @@ LOSSES: dict[str, LossSpec] = {
     "sigmoid": LossSpec(sigmoid, ("beta", "label_smoothing", *_F), f_divergence=True),
     "robust": LossSpec(robust, ("beta", "label_smoothing", *_F), f_divergence=True),
     "hinge": LossSpec(hinge, ("beta", *_F), f_divergence=True),
-    "exo_pair": LossSpec(exo_pair, ("beta", "label_smoothing", *_F), f_divergence=True, needs_label_smoothing=True),
+    "exo_pair": LossSpec(
+        exo_pair, ("beta", "label_smoothing", *_F), f_divergence=True, needs_label_smoothing=True
+    ),
     "ipo": LossSpec(ipo, ("beta",)),
     "sigmoid_norm": LossSpec(sigmoid_norm, ("beta", "label_smoothing")),
     "nca_pair": LossSpec(nca_pair, ("beta",)),

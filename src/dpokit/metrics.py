@@ -44,7 +44,10 @@ class PairMetrics:
         self._add("loss", out.losses)
         self._add("rewards/chosen", out.chosen_rewards)
         self._add("rewards/rejected", out.rejected_rewards)
-        if out.chosen_rewards.shape == out.rejected_rewards.shape and out.chosen_rewards.numel() == out.losses.numel():
+        if (
+            out.chosen_rewards.shape == out.rejected_rewards.shape
+            and out.chosen_rewards.numel() == out.losses.numel()
+        ):
             margins = out.chosen_rewards - out.rejected_rewards
             self._add("rewards/margins", margins)
             self._add("rewards/accuracies", (margins > 0).float())
@@ -70,7 +73,9 @@ class PairMetrics:
         device = accelerator.device if accelerator is not None else "cpu"
         zero = torch.zeros((), dtype=torch.float64, device=device)
         sums = [self.sums[k].to(device) if k in self.sums else zero for k in keys]
-        counts = torch.tensor([float(self.counts.get(k, 0)) for k in keys], dtype=torch.float64, device=device)
+        counts = torch.tensor(
+            [float(self.counts.get(k, 0)) for k in keys], dtype=torch.float64, device=device
+        )
         totals = torch.cat([torch.stack(sums), counts]) if keys else counts
         if distributed:
             totals = accelerator.reduce(totals, reduction="sum")
@@ -152,9 +157,16 @@ class StepReporter:
         self.progress.stop()
 
     def update(self, record: dict) -> None:
-        self.progress.update(self.task, advance=1, loss=_fmt(record, "loss", ".4f"), margin=_fmt(record, "rewards/margins", "+.4f"))
+        self.progress.update(
+            self.task,
+            advance=1,
+            loss=_fmt(record, "loss", ".4f"),
+            margin=_fmt(record, "rewards/margins", "+.4f"),
+        )
         if self.enabled:
-            acc = f" acc {_fmt(record, 'rewards/accuracies', '.2f')}" if "rewards/accuracies" in record else ""
+            acc = (
+                f" acc {_fmt(record, 'rewards/accuracies', '.2f')}" if "rewards/accuracies" in record else ""
+            )
             self.console.print(
                 f"step {record['step']:>4} loss {_fmt(record, 'loss', '.4f')} "
                 f"r+ {_fmt(record, 'rewards/chosen', '+.3f')} r- {_fmt(record, 'rewards/rejected', '+.3f')} "
@@ -165,7 +177,11 @@ class StepReporter:
 
     def print_eval(self, step: int, record: dict | None) -> None:
         if self.enabled and record and "eval/loss" in record:
-            acc = f"  accuracy {_fmt(record, 'eval/rewards/accuracies', '.3f')}" if "eval/rewards/accuracies" in record else ""
+            acc = (
+                f"  accuracy {_fmt(record, 'eval/rewards/accuracies', '.3f')}"
+                if "eval/rewards/accuracies" in record
+                else ""
+            )
             self.console.print(
                 f"[bold]eval @ step {step}[/bold]  loss {_fmt(record, 'eval/loss', '.4f')}  "
                 f"margin {_fmt(record, 'eval/rewards/margins', '+.4f')}{acc}",

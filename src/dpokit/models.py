@@ -74,7 +74,9 @@ def resolve_model_path(name: str, key: str = "model.name") -> str:
         if not path.is_file():
             raise ModelLoadError(f"{key}={name!r}: no such GGUF file. Fix: give an existing .gguf path.")
         stat = path.stat()
-        fingerprint = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        fingerprint = hashlib.sha256(
+            f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+        ).hexdigest()[:16]
         return str(_convert_gguf_cached(path, f"gguf-{path.stem}-{fingerprint}-{CONVERSION}"))
     if path.exists():
         if not (path / "config.json").exists():
@@ -94,14 +96,20 @@ def resolve_model_path(name: str, key: str = "model.name") -> str:
 def _resolve_hub_id(repo_id: str, key: str) -> str:
     """A hub id when the hub can be reached; else its snapshot in the local Hugging Face cache, or a clear
     error at once (transformers would retry for about a minute, then raise)."""
-    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    offline = any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
     reason = "offline (HF_HUB_OFFLINE is set)" if offline else _hub_unreachable()
     if reason is None:
         return repo_id
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    hub_cache = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+    hub_cache = (
+        os.environ.get("HF_HUB_CACHE")
+        or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+    )
     try:
         return snapshot_download(repo_id, local_files_only=True, cache_dir=hub_cache)
     except (LocalEntryNotFoundError, OSError, ValueError):
@@ -171,7 +179,9 @@ def convert_gguf(gguf: Path, out: Path, dither_ties: bool = True) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     with torch.random.fork_rng(devices=[]):  # from_config draws random initial weights
-        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # save_pretrained refuses a GGUF-loaded model ("not serializable"): rebuild from its config without
         # the quantization_config and copy the dequantized weights over.
@@ -281,7 +291,10 @@ def load_model(path: str, trust_remote_code: bool = False, attn_implementation: 
 
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
+            path,
+            dtype=torch.float32,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
         )
     except (OSError, ValueError) as err:
         raise ModelLoadError(
@@ -315,7 +328,9 @@ def lora_target_problem(model, targets: list[str]) -> str | None:
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if not missing:
         return None
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    linear = sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    )
     hints = "".join(f" {did_you_mean(t, linear).strip()}" for t in missing).rstrip()
     return (
         f"lora.target_modules={targets}: no module named {', '.join(missing)} in this model{hints}; its linear "
@@ -331,7 +346,9 @@ def add_lora(model, r: int, alpha: float, dropout: float, target_modules: list[s
     if problem:
         raise ModelLoadError(problem)
     targets = "all-linear" if "all-linear" in target_modules else target_modules
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
     with warnings.catch_warnings():
         # peft still calls transformers' deprecated `is_gradient_checkpointing`; nothing for users to act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -40,7 +40,9 @@ def ld_token_weights(batch: Batch, alpha: float) -> torch.Tensor:
     shared = torch.minimum(lengths[:P], lengths[P:])  # (P,)
     pair_of_token = batch.seq_index % P
     past = batch.completion_pos >= shared[pair_of_token]
-    return torch.where(past, torch.full_like(past, alpha, dtype=torch.float32), torch.ones_like(past, dtype=torch.float32))
+    return torch.where(
+        past, torch.full_like(past, alpha, dtype=torch.float32), torch.ones_like(past, dtype=torch.float32)
+    )
 
 
 class Objective:
@@ -68,7 +70,9 @@ class Objective:
         if self.bco is not None and state.get("bco"):
             self.bco.total, self.bco.count = state["bco"]
 
-    def __call__(self, policy, reference, batch: Batch | UnpairedBatch) -> tuple[LossOutput, dict[str, torch.Tensor]]:
+    def __call__(
+        self, policy, reference, batch: Batch | UnpairedBatch
+    ) -> tuple[LossOutput, dict[str, torch.Tensor]]:
         """`reference`: a `reference.Reference`, or None for reference-free losses."""
         if self.unpaired:
             return self.unpaired_loss(policy, reference, batch)
@@ -98,7 +102,9 @@ class Objective:
             # only training batches move the baseline: evaluation reads it (it runs under no_grad)
             delta = self.bco.value
             if torch.is_grad_enabled():
-                rewards = cfg.beta * torch.cat([x.policy_chosen - x.ref_chosen, x.policy_rejected - x.ref_rejected])
+                rewards = cfg.beta * torch.cat(
+                    [x.policy_chosen - x.ref_chosen, x.policy_rejected - x.ref_rejected]
+                )
                 delta = self.bco.update(float(self.reduce_mean(rewards.detach().mean())))
             params = {**params, "bco_delta": delta}
         out = combine(self.names, self.weights, x, params)
@@ -118,7 +124,9 @@ class Objective:
         ref = reference.sequence_logps(targets)
         pol = sum_by_sequence(policy(*targets.model_args), targets.seq_index, targets.num_seqs)
         with torch.no_grad():  # the KL baseline is a detached estimate (KTO, sec. 4.1)
-            kl_pol = sum_by_sequence(policy(*mismatched.model_args), mismatched.seq_index, mismatched.num_seqs)
+            kl_pol = sum_by_sequence(
+                policy(*mismatched.model_args), mismatched.seq_index, mismatched.num_seqs
+            )
             kl = self.reduce_mean((kl_pol - reference.sequence_logps(mismatched)).mean())
         x = UnpairedLogps(pol, ref, targets.labels, kl, targets.completion_lengths())
         out = combine(self.names, self.weights, x, self.params)

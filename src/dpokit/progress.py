@@ -15,7 +15,11 @@ INTERVAL_ENV = "DPOKIT_PROGRESS_INTERVAL"
 
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 class Progress:
@@ -40,8 +44,15 @@ class Progress:
             )
             from rich.progress import Progress as Bar
 
-            self.bar = Bar(TextColumn(self.label), BarColumn(), MofNCompleteColumn(), TextColumn(self.unit),
-                           TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+            self.bar = Bar(
+                TextColumn(self.label),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn(self.unit),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+            )
             self.task = self.bar.add_task(self.label, total=self.total)
             self.bar.start()
         return self
@@ -50,21 +61,31 @@ class Progress:
         self.done += n
         if self.bar is not None:
             self.bar.advance(self.task, n)
-        elif self.enabled and time.perf_counter() - self.last_line >= self.interval and self.done < self.total:
+        elif (
+            self.enabled and time.perf_counter() - self.last_line >= self.interval and self.done < self.total
+        ):
             self._line()
 
     def _line(self) -> None:
         now = time.perf_counter()
         elapsed = now - self.started
         rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = f", eta {_clock((self.total - self.done) / rate)}" if 0 < self.done < self.total and rate > 0 else ""
-        log.info("%s: %d/%d %s (%s elapsed%s)", self.label, self.done, self.total, self.unit, _clock(elapsed), eta)
+        eta = (
+            f", eta {_clock((self.total - self.done) / rate)}"
+            if 0 < self.done < self.total and rate > 0
+            else ""
+        )
+        log.info(
+            "%s: %d/%d %s (%s elapsed%s)", self.label, self.done, self.total, self.unit, _clock(elapsed), eta
+        )
         self.last_line = now
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.stop()
-        elif self.enabled and exc[0] is None and (
-            self.interval == 0 or time.perf_counter() - self.started >= self.interval
+        elif (
+            self.enabled
+            and exc[0] is None
+            and (self.interval == 0 or time.perf_counter() - self.started >= self.interval)
         ):
             self._line()

@@ -105,7 +105,9 @@ class CachedLogps:
             raise ValueError("a cached reference needs batches built with example ids")
         key = tuple(batch.example_ids.tolist())
         if key not in self.rows:
-            raise KeyError(f"no precomputed reference log-probs for the micro-batch of examples {list(key)[:8]}")
+            raise KeyError(
+                f"no precomputed reference log-probs for the micro-batch of examples {list(key)[:8]}"
+            )
         return self.rows[key].to(batch.input_ids.device)
 
 
@@ -134,7 +136,11 @@ def precompute(
                 values = store.get(name)
             if values is None:
                 batch = collate(list(indices))
-                values = reference.sequence_logps(batch, token_weights(batch) if token_weights else None).float().cpu()
+                values = (
+                    reference.sequence_logps(batch, token_weights(batch) if token_weights else None)
+                    .float()
+                    .cpu()
+                )
                 fresh[name] = values
                 stats["computed"] += 1
                 if len(fresh) % FLUSH_EVERY == 0:
@@ -145,5 +151,7 @@ def precompute(
             stats["batches"] += 1
             stats["pairs"] += len(indices)
             bar.advance(len(indices))
-    store.write({k: v for i, (k, v) in enumerate(fresh.items()) if i >= len(fresh) - len(fresh) % FLUSH_EVERY})
+    store.write(
+        {k: v for i, (k, v) in enumerate(fresh.items()) if i >= len(fresh) - len(fresh) % FLUSH_EVERY}
+    )
     return table, stats

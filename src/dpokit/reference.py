@@ -47,7 +47,9 @@ def unwrap(module: nn.Module) -> CompletionLogps:
 class Reference:
     """pi_ref for one run; build it with one of the constructors below."""
 
-    def __init__(self, network: nn.Module | None, *, disable_adapters: bool = False, table=None, kind: str = ""):
+    def __init__(
+        self, network: nn.Module | None, *, disable_adapters: bool = False, table=None, kind: str = ""
+    ):
         self.network = network
         """A CompletionLogps (possibly wrapped by DDP/FSDP), or None for a cached reference."""
         self.disable_adapters = disable_adapters
@@ -65,7 +67,9 @@ class Reference:
         return cls.separate(copy.deepcopy(inner.model), inner.chunk_size, inner.bf16, kind="frozen copy")
 
     @classmethod
-    def separate(cls, model: nn.Module, chunk_size: int = 1024, bf16: bool = False, kind: str = "separate model") -> Reference:
+    def separate(
+        cls, model: nn.Module, chunk_size: int = 1024, bf16: bool = False, kind: str = "separate model"
+    ) -> Reference:
         model.eval().requires_grad_(False)
         return cls(CompletionLogps(model, chunk_size, bf16), kind=kind)
 
@@ -81,7 +85,11 @@ class Reference:
     def _active(self) -> Iterator[None]:
         if self.network is None:
             raise TypeError("a cached reference holds log-probs only: it has no model to run or sample from")
-        off = unwrap(self.network).model.disable_adapter() if self.disable_adapters else contextlib.nullcontext()
+        off = (
+            unwrap(self.network).model.disable_adapter()
+            if self.disable_adapters
+            else contextlib.nullcontext()
+        )
         with torch.no_grad(), eval_mode(self.network), off:
             yield
 
@@ -91,7 +99,9 @@ class Reference:
             return self.table.lookup(batch)
         with self._active():
             tok = self.network(*batch.model_args)
-        return sum_by_sequence(tok if token_weights is None else tok * token_weights, batch.seq_index, batch.num_seqs)
+        return sum_by_sequence(
+            tok if token_weights is None else tok * token_weights, batch.seq_index, batch.num_seqs
+        )
 
     @contextlib.contextmanager
     def module(self) -> Iterator[nn.Module]:
@@ -110,14 +120,22 @@ def cache_settings(cfg, device_type: str) -> dict:
     """Everything besides the weights and the batch that changes reference log-probs by even one ulp."""
     t = cfg.train
     return {
-        "ld_alpha": cfg.loss.ld_alpha, "bf16": t.bf16, "attn": cfg.model.attn_implementation,
-        "fast_fp32_matmul": t.fast_fp32_matmul, "prefix_sharing": t.prefix_sharing, "packing": t.packing,
-        "pack_tokens": t.pack_tokens, "logps_chunk_size": t.logps_chunk_size, "device": device_type,
+        "ld_alpha": cfg.loss.ld_alpha,
+        "bf16": t.bf16,
+        "attn": cfg.model.attn_implementation,
+        "fast_fp32_matmul": t.fast_fp32_matmul,
+        "prefix_sharing": t.prefix_sharing,
+        "packing": t.packing,
+        "pack_tokens": t.pack_tokens,
+        "logps_chunk_size": t.logps_chunk_size,
+        "device": device_type,
         "torch": torch.__version__,
     }
 
 
-def precomputed(cfg, policy: nn.Module, splits: dict, token_weights=None, progress: bool = True) -> tuple[dict, dict]:
+def precomputed(
+    cfg, policy: nn.Module, splits: dict, token_weights=None, progress: bool = True
+) -> tuple[dict, dict]:
     """Cached references for each split, computed from the policy before its first update.
 
     `splits`: name -> (examples, micro-batches as example-index lists, collate(indices) -> batch). Returns
@@ -135,10 +153,13 @@ def precomputed(cfg, policy: nn.Module, splits: dict, token_weights=None, progre
     start = Reference.adapters_off(local) if cfg.lora.enabled else Reference.initial(local)
     root = Path(cfg.train.ref_cache_dir) if cfg.train.ref_cache_dir else models.cache_dir() / "ref-logps"
     device = next(unwrap(policy).parameters()).device
-    store = ShardStore(cache_folder(root, weights_fingerprint(unwrap(policy).model), cache_settings(cfg, device.type)))
+    store = ShardStore(
+        cache_folder(root, weights_fingerprint(unwrap(policy).model), cache_settings(cfg, device.type))
+    )
     refs, stats = {}, {"cache": str(store.folder)}
     for name, (examples, batches, collate) in splits.items():
-        table, stats[name] = precompute(start, batches, examples, collate, store, token_weights,
-                                        f"reference log-probs ({name})", progress)
+        table, stats[name] = precompute(
+            start, batches, examples, collate, store, token_weights, f"reference log-probs ({name})", progress
+        )
         refs[name] = Reference.cached(table)
     return refs, stats

@@ -24,15 +24,30 @@ from dpokit.metrics import read_metrics
 
 # Loss types the explorer can evaluate from (chosen, rejected) inputs; the others fall back to sigmoid.
 EXPLORER_LOSSES = (
-    "sigmoid", "robust", "hinge", "exo_pair", "ipo", "sigmoid_norm", "nca_pair", "bco_pair", "sppo_hard",
-    "apo_zero", "apo_down", "discopop", "simpo",
+    "sigmoid",
+    "robust",
+    "hinge",
+    "exo_pair",
+    "ipo",
+    "sigmoid_norm",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "simpo",
 )
 CURVES = [
     ("loss", "Loss", ["loss"]),
     ("rewards", "Rewards: chosen and rejected", ["rewards/chosen", "rewards/rejected"]),
     ("margins", "Reward margin (chosen - rejected)", ["rewards/margins"]),
     ("accuracies", "Preference accuracy", ["rewards/accuracies"]),
-    ("drift", "Drift from the reference (nats per token)", ["drift/abs_logratio_per_token", "drift/kl_chosen_per_token"]),
+    (
+        "drift",
+        "Drift from the reference (nats per token)",
+        ["drift/abs_logratio_per_token", "drift/kl_chosen_per_token"],
+    ),
     ("lr", "Learning rate", ["lr"]),
     ("grad_norm", "Gradient norm (before clipping)", ["grad_norm"]),
     ("tokens_per_s", "Throughput (tokens/s)", ["tokens_per_s"]),
@@ -73,8 +88,13 @@ def collect(run_dir: Path) -> dict:
 
 def _layout(fig: go.Figure, title: str, y: str = "", x: str = "step") -> go.Figure:
     fig.update_layout(
-        title=title, template="plotly_white", height=320, margin=dict(l=50, r=20, t=50, b=40),
-        legend=dict(orientation="h", y=-0.25), xaxis_title=x, yaxis_title=y,
+        title=title,
+        template="plotly_white",
+        height=320,
+        margin=dict(l=50, r=20, t=50, b=40),
+        legend=dict(orientation="h", y=-0.25),
+        xaxis_title=x,
+        yaxis_title=y,
     )
     return fig
 
@@ -86,13 +106,27 @@ def curve_figures(metrics: list[dict]) -> dict[str, go.Figure]:
         for key in keys:
             side = "chosen" if key.endswith("chosen") else "rejected" if key.endswith("rejected") else None
             train = [(r["step"], r[key]) for r in metrics if key in r and _finite(r[key])]
-            ev = [(r["step"], r[f"eval/{key}"]) for r in metrics if f"eval/{key}" in r and _finite(r[f"eval/{key}"])]
-            for label, pts, dash, mode in (("train", train, None, "lines"), ("eval", ev, "dot", "lines+markers")):
+            ev = [
+                (r["step"], r[f"eval/{key}"])
+                for r in metrics
+                if f"eval/{key}" in r and _finite(r[f"eval/{key}"])
+            ]
+            for label, pts, dash, mode in (
+                ("train", train, None, "lines"),
+                ("eval", ev, "dot", "lines+markers"),
+            ):
                 if not pts:
                     continue
                 color = COLORS[side] if side else COLORS[label]
-                fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode=mode, name=f"{label} {key}",
-                                         line=dict(color=color, dash=dash)))
+                fig.add_trace(
+                    go.Scatter(
+                        x=[p[0] for p in pts],
+                        y=[p[1] for p in pts],
+                        mode=mode,
+                        name=f"{label} {key}",
+                        line=dict(color=color, dash=dash),
+                    )
+                )
         if fig.data:
             figs[name] = _layout(fig, title)
     return figs
@@ -113,20 +147,47 @@ def pair_figure(pair_samples: list[dict], beta: float) -> tuple[go.Figure | None
     if not usable:
         return None, []
     moments = [usable[0], usable[-1]] if len(usable) > 1 else usable
-    fig = make_subplots(rows=1, cols=len(moments), shared_yaxes=True,
-                        subplot_titles=[f"step {m['step']}" + (" (start)" if i == 0 else " (end)") for i, m in enumerate(moments)])
+    fig = make_subplots(
+        rows=1,
+        cols=len(moments),
+        shared_yaxes=True,
+        subplot_titles=[
+            f"step {m['step']}" + (" (start)" if i == 0 else " (end)") for i, m in enumerate(moments)
+        ],
+    )
     rows = []
     for col, m in enumerate(moments, start=1):
         labels = [f"pair {p['index']}" for p in m["pairs"]]
         for side in ("chosen", "rejected"):
-            fig.add_trace(go.Bar(x=labels, y=[p[f"logratio_{side}"] for p in m["pairs"]], name=f"log pi/pi_ref {side}",
-                                 marker_color=COLORS[side], showlegend=col == 1, legendgroup=side), row=1, col=col)
+            fig.add_trace(
+                go.Bar(
+                    x=labels,
+                    y=[p[f"logratio_{side}"] for p in m["pairs"]],
+                    name=f"log pi/pi_ref {side}",
+                    marker_color=COLORS[side],
+                    showlegend=col == 1,
+                    legendgroup=side,
+                ),
+                row=1,
+                col=col,
+            )
         for p in m["pairs"]:
             margin = p["logratio_chosen"] - p["logratio_rejected"]
-            rows.append({"step": m["step"], "pair": p["index"], "log-ratio chosen": p["logratio_chosen"],
-                         "log-ratio rejected": p["logratio_rejected"], "margin": margin, "beta*margin": beta * margin,
-                         "sigma(beta*margin)": _sigmoid(beta * margin), "loss": p["loss"],
-                         "prompt": p.get("prompt", ""), "chosen": p.get("chosen", ""), "rejected": p.get("rejected", "")})
+            rows.append(
+                {
+                    "step": m["step"],
+                    "pair": p["index"],
+                    "log-ratio chosen": p["logratio_chosen"],
+                    "log-ratio rejected": p["logratio_rejected"],
+                    "margin": margin,
+                    "beta*margin": beta * margin,
+                    "sigma(beta*margin)": _sigmoid(beta * margin),
+                    "loss": p["loss"],
+                    "prompt": p.get("prompt", ""),
+                    "chosen": p.get("chosen", ""),
+                    "rejected": p.get("rejected", ""),
+                }
+            )
     fig.update_layout(barmode="group")
     return _layout(fig, "log(pi/pi_ref) of held-out pairs, start vs end", "nats", "pair"), rows
 
@@ -136,13 +197,24 @@ def frontier_figure(points: list[dict]) -> go.Figure:
     symbols = {"DPO": "circle", "Preferred-FT": "square", "Best-of-N": "diamond"}
     for method in dict.fromkeys(p["method"] for p in points):
         pts = sorted((p for p in points if p["method"] == method), key=lambda p: p["kl"])
-        fig.add_trace(go.Scatter(
-            x=[p["kl"] for p in pts], y=[p["reward"] for p in pts], mode="lines+markers+text" if len(pts) > 1 else "markers+text",
-            text=[p["label"] for p in pts], textposition="top center", name=method,
-            marker=dict(size=11, symbol=symbols.get(method, "circle")),
-            error_y=dict(type="data", array=[p.get("reward_stderr", 0) for p in pts], visible=True),
-        ))
-    fig = _layout(fig, "Reward vs KL(policy || reference) on held-out prompts", "mean reward", "KL (nats per completion)")
+        fig.add_trace(
+            go.Scatter(
+                x=[p["kl"] for p in pts],
+                y=[p["reward"] for p in pts],
+                mode="lines+markers+text" if len(pts) > 1 else "markers+text",
+                text=[p["label"] for p in pts],
+                textposition="top center",
+                name=method,
+                marker=dict(size=11, symbol=symbols.get(method, "circle")),
+                error_y=dict(type="data", array=[p.get("reward_stderr", 0) for p in pts], visible=True),
+            )
+        )
+    fig = _layout(
+        fig,
+        "Reward vs KL(policy || reference) on held-out prompts",
+        "mean reward",
+        "KL (nats per completion)",
+    )
     fig.update_layout(height=420)
     return fig
 
@@ -153,7 +225,9 @@ def reward_histogram(samples: list[dict]) -> go.Figure | None:
     if not pol:
         return None
     fig = go.Figure()
-    fig.add_trace(go.Histogram(x=ref, name="reference", opacity=0.6, marker_color=COLORS["rejected"], nbinsx=30))
+    fig.add_trace(
+        go.Histogram(x=ref, name="reference", opacity=0.6, marker_color=COLORS["rejected"], nbinsx=30)
+    )
     fig.add_trace(go.Histogram(x=pol, name="policy", opacity=0.6, marker_color=COLORS["chosen"], nbinsx=30))
     fig.update_layout(barmode="overlay")
     return _layout(fig, "Reward of sampled completions on held-out prompts", "completions", "reward")
@@ -202,23 +276,52 @@ def build_html(data: dict) -> str:
         return f"<div class='chart' id='chart-{name}'></div>"
 
     summary = data["summary"] or {}
-    overview = {"run": data["name"], "loss": " + ".join(loss_types), "beta": beta, "steps": summary.get("steps"),
-                "stopped": summary.get("stopped"), "wall time (s)": summary.get("wall_s"), "peak RSS (MiB)": summary.get("peak_rss_mib")}
+    overview = {
+        "run": data["name"],
+        "loss": " + ".join(loss_types),
+        "beta": beta,
+        "steps": summary.get("steps"),
+        "stopped": summary.get("stopped"),
+        "wall time (s)": summary.get("wall_s"),
+        "peak RSS (MiB)": summary.get("peak_rss_mib"),
+    }
     warn = "".join(f"<li>{html.escape(str(w))}</li>" for w in summary.get("warnings", []) or [])
-    sections.append("<section><h2>Run</h2>" + _table({k: v for k, v in overview.items() if v is not None})
-                    + (f"<h3>Warnings</h3><ul>{warn}</ul>" if warn else "") + "</section>")
+    sections.append(
+        "<section><h2>Run</h2>"
+        + _table({k: v for k, v in overview.items() if v is not None})
+        + (f"<h3>Warnings</h3><ul>{warn}</ul>" if warn else "")
+        + "</section>"
+    )
 
     ev = data["eval"] or {}
     if ev:
         parts = []
         gen = ev.get("generation")
         if gen:
-            rows = [{"": "policy", **{k: gen.get(f"{k}/policy") for k in ("reward", "length", "finished")}},
-                    {"": "reference", **{k: gen.get(f"{k}/reference") for k in ("reward", "length", "finished")}}]
-            headline = {k: gen[k] for k in ("reward/gain", "win_rate", "kl/sequence", "kl/sequence_stderr", "kl/token",
-                                            "length/drift", "prompts", "samples_per_prompt") if k in gen}
-            parts.append("<h3>Sampled completions on held-out prompts: policy vs reference</h3>" + _table(rows)
-                         + _table(headline) + f"<p class='muted'>sampling: {html.escape(json.dumps(gen.get('sampling', {})))}</p>")
+            rows = [
+                {"": "policy", **{k: gen.get(f"{k}/policy") for k in ("reward", "length", "finished")}},
+                {"": "reference", **{k: gen.get(f"{k}/reference") for k in ("reward", "length", "finished")}},
+            ]
+            headline = {
+                k: gen[k]
+                for k in (
+                    "reward/gain",
+                    "win_rate",
+                    "kl/sequence",
+                    "kl/sequence_stderr",
+                    "kl/token",
+                    "length/drift",
+                    "prompts",
+                    "samples_per_prompt",
+                )
+                if k in gen
+            }
+            parts.append(
+                "<h3>Sampled completions on held-out prompts: policy vs reference</h3>"
+                + _table(rows)
+                + _table(headline)
+                + f"<p class='muted'>sampling: {html.escape(json.dumps(gen.get('sampling', {})))}</p>"
+            )
         before, after = ev.get("preference_before"), ev.get("preference_after")
         if before and after:
             rows = [{"metric": k, "before": before[k], "after": after.get(k, "")} for k in before]
@@ -231,38 +334,82 @@ def build_html(data: dict) -> str:
         sections.append("<section><h2>Evaluation</h2>" + "".join(parts) + "</section>")
 
     if data["frontier"]:
-        sections.append("<section><h2>Reward vs KL frontier</h2>" + figure("frontier", frontier_figure(data["frontier"]))
-                        + _table(data["frontier"]) + "<p class='muted'>DPO and preferred-FT: sampled KL; best-of-N: the "
-                        "analytic bound log N - (N-1)/N.</p></section>")
+        sections.append(
+            "<section><h2>Reward vs KL frontier</h2>"
+            + figure("frontier", frontier_figure(data["frontier"]))
+            + _table(data["frontier"])
+            + "<p class='muted'>DPO and preferred-FT: sampled KL; best-of-N: the "
+            "analytic bound log N - (N-1)/N.</p></section>"
+        )
 
     curves = curve_figures(data["metrics"])
     if curves:
-        sections.append("<section><h2>Training curves</h2><div class='grid'>"
-                        + "".join(figure(n, f) for n, f in curves.items()) + "</div></section>")
+        sections.append(
+            "<section><h2>Training curves</h2><div class='grid'>"
+            + "".join(figure(n, f) for n, f in curves.items())
+            + "</div></section>"
+        )
 
     pair_fig, pair_rows = pair_figure(data["pair_samples"], beta)
     if pair_fig is not None:
-        table_rows = [{k: v for k, v in r.items() if k not in ("prompt", "chosen", "rejected")} for r in pair_rows]
+        table_rows = [
+            {k: v for k, v in r.items() if k not in ("prompt", "chosen", "rejected")} for r in pair_rows
+        ]
         texts = {r["pair"]: r for r in pair_rows}
-        text_rows = [{"pair": i, "prompt": r["prompt"][-300:], "chosen": r["chosen"][:300], "rejected": r["rejected"][:300]} for i, r in texts.items()]
-        sections.append("<section><h2>Log-ratios of real held-out pairs</h2>" + figure("pairs", pair_fig)
-                        + _table(table_rows) + "<details><summary>the pairs</summary>" + _table(text_rows) + "</details></section>")
+        text_rows = [
+            {
+                "pair": i,
+                "prompt": r["prompt"][-300:],
+                "chosen": r["chosen"][:300],
+                "rejected": r["rejected"][:300],
+            }
+            for i, r in texts.items()
+        ]
+        sections.append(
+            "<section><h2>Log-ratios of real held-out pairs</h2>"
+            + figure("pairs", pair_fig)
+            + _table(table_rows)
+            + "<details><summary>the pairs</summary>"
+            + _table(text_rows)
+            + "</details></section>"
+        )
 
     explorer_type = loss_types[0] if loss_types[0] in EXPLORER_LOSSES else "sigmoid"
-    note = "" if explorer_type == loss_types[0] else (
-        f"<p class='muted'>{html.escape(loss_types[0])} is not a function of two log-ratios alone; showing sigmoid.</p>")
+    note = (
+        ""
+        if explorer_type == loss_types[0]
+        else (
+            f"<p class='muted'>{html.escape(loss_types[0])} is not a function of two log-ratios alone; showing sigmoid.</p>"
+        )
+    )
     if len(loss_types) > 1:
         note += "<p class='muted'>The run combines several losses; the explorer shows the first.</p>"
-    sections.append(EXPLORER_HTML.format(note=note, options="".join(
-        f"<option value='{t}'{' selected' if t == explorer_type else ''}>{t}</option>" for t in EXPLORER_LOSSES)))
+    sections.append(
+        EXPLORER_HTML.format(
+            note=note,
+            options="".join(
+                f"<option value='{t}'{' selected' if t == explorer_type else ''}>{t}</option>"
+                for t in EXPLORER_LOSSES
+            ),
+        )
+    )
 
     if data["eval_samples"]:
         rows = []
         for r in data["eval_samples"][:12]:
-            prompt = r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"], ensure_ascii=False)
+            prompt = (
+                r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"], ensure_ascii=False)
+            )
             for k, (p, q) in enumerate(zip(r["policy"], r["reference"], strict=False)):
-                rows.append({"prompt": prompt if k == 0 else "", "policy": p, "reward (policy)": r["reward_policy"][k],
-                             "reference": q, "reward (reference)": r["reward_reference"][k]})
+                rows.append(
+                    {
+                        "prompt": prompt if k == 0 else "",
+                        "policy": p,
+                        "reward (policy)": r["reward_policy"][k],
+                        "reference": q,
+                        "reward (reference)": r["reward_reference"][k],
+                    }
+                )
         sections.append("<section><h2>Sample generations</h2>" + _table(rows) + "</section>")
     if data["data_check"] or data["data_stats"]:
         parts = []
@@ -272,15 +419,22 @@ def build_html(data: dict) -> str:
             parts.append("<h3>Loading and tokenization</h3>" + _table(_flatten(data["data_stats"])))
         sections.append("<section><h2>Data</h2>" + "".join(parts) + "</section>")
     if data["config_text"]:
-        sections.append(f"<section><h2>Resolved config</h2><pre>{html.escape(data['config_text'])}</pre></section>")
+        sections.append(
+            f"<section><h2>Resolved config</h2><pre>{html.escape(data['config_text'])}</pre></section>"
+        )
 
-    params = {k: loss_cfg.get(k) for k in ("label_smoothing", "simpo_gamma", "discopop_tau", "f_divergence", "f_alpha")}
+    params = {
+        k: loss_cfg.get(k)
+        for k in ("label_smoothing", "simpo_gamma", "discopop_tau", "f_divergence", "f_alpha")
+    }
     return PAGE.format(
         title=html.escape(f"dpokit report: {data['name']}"),
         plotly=get_plotlyjs(),
         body="\n".join(sections),
         figures=_script_json(figures),
-        explorer=_script_json({"type": explorer_type, "beta": beta, **{k: v for k, v in params.items() if v is not None}}),
+        explorer=_script_json(
+            {"type": explorer_type, "beta": beta, **{k: v for k, v in params.items() if v is not None}}
+        ),
         script=EXPLORER_JS,
     )
 

@@ -31,13 +31,17 @@ def vader(on: str = "completion") -> RewardFn:
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError as err:  # pragma: no cover - a dependency of dpokit
-        raise RewardError("reward 'vader' needs the vaderSentiment package: pip install vaderSentiment") from err
+        raise RewardError(
+            "reward 'vader' needs the vaderSentiment package: pip install vaderSentiment"
+        ) from err
     if on not in ("completion", "full"):
         raise RewardError(f"reward 'vader:{on}': the option is 'full' (score prompt + completion) or nothing")
     analyzer = SentimentIntensityAnalyzer()
 
     def score(prompts, completions):
-        texts = completions if on == "completion" else [p + c for p, c in zip(prompts, completions, strict=True)]
+        texts = (
+            completions if on == "completion" else [p + c for p, c in zip(prompts, completions, strict=True)]
+        )
         return [float(analyzer.polarity_scores(t)["compound"]) for t in texts]
 
     return score
@@ -62,7 +66,10 @@ def keywords(spec: str) -> RewardFn:
     words = [w.strip() for w in spec.split(",") if w.strip()]
     if not words:
         raise RewardError("reward 'keywords:': give a comma-separated word list, e.g. keywords:great,-awful")
-    patterns = [(re.compile(rf"\b{re.escape(w.lstrip('-'))}\b", re.IGNORECASE), -1.0 if w.startswith("-") else 1.0) for w in words]
+    patterns = [
+        (re.compile(rf"\b{re.escape(w.lstrip('-'))}\b", re.IGNORECASE), -1.0 if w.startswith("-") else 1.0)
+        for w in words
+    ]
 
     def score(prompts, completions):
         return [sum(sign * len(p.findall(c)) for p, sign in patterns) for c in completions]
@@ -88,7 +95,9 @@ def reward_model(spec: str, batch_size: int = 16, device: str | None = None) -> 
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     except OSError as err:
-        raise RewardError(f"reward 'model:{spec}': cannot load a sequence-classification model from {path!r} ({err})") from err
+        raise RewardError(
+            f"reward 'model:{spec}': cannot load a sequence-classification model from {path!r} ({err})"
+        ) from err
     if device:
         model.to(device)
     if label == "":
@@ -156,7 +165,9 @@ def _checked(spec: str, fn: RewardFn) -> RewardFn:
     def score(prompts, completions):
         values = [float(v) for v in fn(list(prompts), list(completions))]
         if len(values) != len(completions):
-            raise RewardError(f"reward {spec!r} returned {len(values)} scores for {len(completions)} completions")
+            raise RewardError(
+                f"reward {spec!r} returned {len(values)} scores for {len(completions)} completions"
+            )
         return values
 
     return score

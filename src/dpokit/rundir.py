@@ -35,7 +35,9 @@ def check_run_dir(cfg: Config) -> Path:
         if not run_dir.is_dir():
             raise TrainingError(f"train.resume=true: {str(run_dir)!r}: no such folder; check train.run_dir")
         if not (run_dir / "config.yaml").is_file():
-            raise TrainingError(f"train.resume=true: {str(run_dir)!r} holds no run (config.yaml); check train.run_dir")
+            raise TrainingError(
+                f"train.resume=true: {str(run_dir)!r} holds no run (config.yaml); check train.run_dir"
+            )
     elif (run_dir / "metrics.jsonl").exists() and not cfg.train.overwrite:
         raise TrainingError(
             f"train.run_dir={str(run_dir)!r} already holds a run (metrics.jsonl). "
@@ -58,7 +60,14 @@ def create_run_dir(cfg: Config, data_stats: dict) -> Path:
         return run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("metrics.jsonl", "pair_samples.jsonl", "eval.json", "eval_samples.jsonl", "report.html", "summary.json"):
+        for stale in (
+            "metrics.jsonl",
+            "pair_samples.jsonl",
+            "eval.json",
+            "eval_samples.jsonl",
+            "report.html",
+            "summary.json",
+        ):
             (run_dir / stale).unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
         (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=2))
@@ -83,8 +92,17 @@ def check_disk_space(cfg: Config, model) -> None:
         )
 
 
-def write_summary(run_dir: Path, history, initial_eval, final_eval, ckpt, wall_s: float, stopped: str, guards=None,
-                  reference: dict | None = None) -> None:
+def write_summary(
+    run_dir: Path,
+    history,
+    initial_eval,
+    final_eval,
+    ckpt,
+    wall_s: float,
+    stopped: str,
+    guards=None,
+    reference: dict | None = None,
+) -> None:
     summary = {
         "steps": len(history),
         "stopped": stopped,

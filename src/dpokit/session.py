@@ -59,7 +59,9 @@ def setup(cfg: Config, run_dir_hint: str | None = None, trackers: list | None = 
     sinks = [*cfg.train.report_to, *(trackers or [])]
     accelerator = Accelerator(cpu=cfg.train.device == "cpu", log_with=sinks or None, project_dir=run_dir_hint)
     objective = Objective(cfg.loss, _mean_reduce(accelerator))
-    splits = read_splits(cfg, objective.unpaired)  # bad data stops the run before a model is converted or loaded
+    splits = read_splits(
+        cfg, objective.unpaired
+    )  # bad data stops the run before a model is converted or loaded
     model_path = models.resolve_model_path(cfg.model.name)
     tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
     data = prepare_data(cfg, tokenizer, objective.unpaired, splits)

@@ -60,10 +60,14 @@ def encode_prompt(prompt, tokenizer) -> list[int]:
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
-def encode_completion(prompt, prompt_ids: list[int], completion, tokenizer, where: str, side: str) -> list[int]:
+def encode_completion(
+    prompt, prompt_ids: list[int], completion, tokenizer, where: str, side: str
+) -> list[int]:
     """Token ids of one completion after `prompt` (whose ids are `prompt_ids`)."""
     if isinstance(prompt, list):
-        full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False, add_generation_prompt=False)
+        full_text = tokenizer.apply_chat_template(
+            prompt + completion, tokenize=False, add_generation_prompt=False
+        )
         full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
         if full_ids[: len(prompt_ids)] != prompt_ids:
             raise DataError(
@@ -81,7 +85,9 @@ def encode_example(example: PreferenceExample, tokenizer) -> tuple[list[int], li
     """Untruncated (prompt_ids, chosen_ids, rejected_ids) of one pair."""
     prompt_ids = encode_prompt(example.prompt, tokenizer)
     chosen = encode_completion(example.prompt, prompt_ids, example.chosen, tokenizer, example.where, "chosen")
-    rejected = encode_completion(example.prompt, prompt_ids, example.rejected, tokenizer, example.where, "rejected")
+    rejected = encode_completion(
+        example.prompt, prompt_ids, example.rejected, tokenizer, example.where, "rejected"
+    )
     return prompt_ids, chosen, rejected
 
 
@@ -122,7 +128,11 @@ def _tokenize_all(examples, encode, build, max_length: int, max_prompt_length: i
 
 
 def tokenize_pairs(
-    examples: list[PreferenceExample], tokenizer, max_length: int, max_prompt_length: int, skip_invalid: bool = False
+    examples: list[PreferenceExample],
+    tokenizer,
+    max_length: int,
+    max_prompt_length: int,
+    skip_invalid: bool = False,
 ) -> tuple[list[TokenizedPair], TokenizeStats]:
     def encode(ex):
         prompt, chosen, rejected = encode_example(ex, tokenizer)
@@ -135,11 +145,17 @@ def tokenize_pairs(
 
 
 def tokenize_unpaired(
-    examples: list[UnpairedExample], tokenizer, max_length: int, max_prompt_length: int, skip_invalid: bool = False
+    examples: list[UnpairedExample],
+    tokenizer,
+    max_length: int,
+    max_prompt_length: int,
+    skip_invalid: bool = False,
 ) -> tuple[list[TokenizedUnpaired], TokenizeStats]:
     def encode(ex):
         prompt = encode_prompt(ex.prompt, tokenizer)
-        return prompt, [encode_completion(ex.prompt, prompt, ex.completion, tokenizer, ex.where, "completion")]
+        return prompt, [
+            encode_completion(ex.prompt, prompt, ex.completion, tokenizer, ex.where, "completion")
+        ]
 
     def build(ex, prompt, completions):
         return TokenizedUnpaired(prompt, completions[0], ex.label, ex.weight, ex.where)

@@ -85,8 +85,17 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
         history, initial_eval = restore(resume["folder"], run_dir, s, policy, optimizer, scheduler, guards)
 
     def run_eval(step: int) -> dict:
-        metrics, samples = evaluate_pairs(policy, eval_ref, s.objective, s.data.eval, lambda ids: s.batch(s.data.eval, ids),
-                                          batch_size=e.batch_size, accelerator=acc, sample_pairs=e.sample_pairs, progress=t.progress)
+        metrics, samples = evaluate_pairs(
+            policy,
+            eval_ref,
+            s.objective,
+            s.data.eval,
+            lambda ids: s.batch(s.data.eval, ids),
+            batch_size=e.batch_size,
+            accelerator=acc,
+            sample_pairs=e.sample_pairs,
+            progress=t.progress,
+        )
         if samples and acc.is_main_process:
             log_pair_samples(run_dir, step, samples, s)
         return {f"eval/{k}": v for k, v in metrics.items()}
@@ -96,9 +105,15 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
             return None
         state = None
         if name is None:  # step checkpoints are resumable
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+            }
         extra = {"guards": guards.state_dict(), "objective": s.objective.state_dict()}
-        return save_checkpoint(unwrap(policy).model, s.tokenizer, run_dir, step, extra=extra, name=name, training_state=state)
+        return save_checkpoint(
+            unwrap(policy).model, s.tokenizer, run_dir, step, extra=extra, name=name, training_state=state
+        )
 
     live = bool(t.report_to or trackers)
     if live:
@@ -123,8 +138,17 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
                 # the update is not applied: the weights are still those of the last good step
                 last_good = save(step - 1, name=f"step-{step - 1}-last-good")
                 reason = non_finite_message(record["loss"], grad_norm, step, cfg, last_good)
-                write_summary(run_dir, history, initial_eval, None, last_good, time.perf_counter() - started, reason,
-                              guards, ref_stats)
+                write_summary(
+                    run_dir,
+                    history,
+                    initial_eval,
+                    None,
+                    last_good,
+                    time.perf_counter() - started,
+                    reason,
+                    guards,
+                    ref_stats,
+                )
                 raise TrainingError(reason)
             optimizer.step()
             scheduler.step()
@@ -152,12 +176,23 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
         ckpt = save(len(history))
     stopped = guards.stop_reason or "completed all steps"
     if acc.is_main_process:
-        write_summary(run_dir, history, initial_eval, final_eval, ckpt, time.perf_counter() - started, stopped,
-                      guards, ref_stats)
+        write_summary(
+            run_dir,
+            history,
+            initial_eval,
+            final_eval,
+            ckpt,
+            time.perf_counter() - started,
+            stopped,
+            guards,
+            ref_stats,
+        )
     return RunResult(run_dir, history, initial_eval, final_eval, ckpt, unwrap(policy).model, stopped)
 
 
-def accumulate_gradients(s: Session, policy, reference, micro_batches: list[list[int]]) -> tuple[PairMetrics, int]:
+def accumulate_gradients(
+    s: Session, policy, reference, micro_batches: list[list[int]]
+) -> tuple[PairMetrics, int]:
     """Forward + backward over this process's micro-batches of one optimizer step; returns their metric
     sums and tokens. The loss is the sum over the step's pairs divided by the step's pairs (all processes),
     times the process count because DDP averages gradients: batch 4 x accum 1 == batch 1 x accum 4 ==
@@ -195,7 +230,9 @@ def make_references(s: Session, policy, schedule: list, start_step: int):
         "eval": (s.data.eval, eval_ids, lambda ids: s.batch(s.data.eval, ids)),
     }
     weights = (lambda b: ld_token_weights(b, cfg.loss.ld_alpha)) if cfg.loss.ld_alpha != 1.0 else None
-    refs, stats = references.precomputed(cfg, policy, splits, weights, progress=cfg.train.progress and rank == 0)
+    refs, stats = references.precomputed(
+        cfg, policy, splits, weights, progress=cfg.train.progress and rank == 0
+    )
     log.info("reference log-probs: %s", {k: v for k, v in stats.items() if k != "cache"})
     return refs["train"], refs["eval"], stats
 
@@ -222,15 +259,22 @@ def resume_point(run_dir: Path, total_steps: int) -> dict:
         )
     info = json.loads((folder / "dpokit_state.json").read_text())
     stopped = info.get("guards", {}).get("stop_reason")
-    return {"folder": folder, "step": info["step"], "complete": info["step"] >= total_steps or bool(stopped),
-            "stopped": stopped or "completed all steps", "total": total_steps}
+    return {
+        "folder": folder,
+        "step": info["step"],
+        "complete": info["step"] >= total_steps or bool(stopped),
+        "stopped": stopped or "completed all steps",
+        "total": total_steps,
+    }
 
 
 def finished_run(run_dir: Path, resume: dict) -> RunResult:
     records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
     history = [r for r in records if r["step"] > 0]
     log.info("%s is complete (step %d of %d); nothing to resume", run_dir, resume["step"], resume["total"])
-    return RunResult(run_dir, history, None, None, resume["folder"], None, resume["stopped"], already_complete=True)
+    return RunResult(
+        run_dir, history, None, None, resume["folder"], None, resume["stopped"], already_complete=True
+    )
 
 
 def restore(folder: Path, run_dir: Path, s: Session, policy, optimizer, scheduler, guards: Guards):
@@ -245,25 +289,37 @@ def restore(folder: Path, run_dir: Path, s: Session, policy, optimizer, schedule
     step = info["step"]
     if s.accelerator.is_main_process:
         for name in ("metrics.jsonl", "pair_samples.jsonl"):  # forget what was logged after the checkpoint
-            kept = [r for r in read_metrics(run_dir / name) if r["step"] <= step] if (run_dir / name).exists() else []
+            kept = (
+                [r for r in read_metrics(run_dir / name) if r["step"] <= step]
+                if (run_dir / name).exists()
+                else []
+            )
             write_jsonl(run_dir / name, kept)
     records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
     initial = next((r for r in records if r["step"] == 0), None)
     log.info("resumed from %s (step %d)", folder, step)
-    return [r for r in records if r["step"] > 0], ({k: v for k, v in initial.items() if k.startswith("eval/")} if initial else None)
+    return [r for r in records if r["step"] > 0], (
+        {k: v for k, v in initial.items() if k.startswith("eval/")} if initial else None
+    )
 
 
 def log_pair_samples(run_dir: Path, step: int, samples: list[dict], s: Session) -> None:
     """Append the held-out pairs' per-pair values, with their text, to pair_samples.jsonl."""
     for row in samples:
         pair = s.data.eval[row["index"]]
-        row.update({k: s.tokenizer.decode(getattr(pair, f"{k}_ids")) for k in ("prompt", "chosen", "rejected")})
+        row.update(
+            {k: s.tokenizer.decode(getattr(pair, f"{k}_ids")) for k in ("prompt", "chosen", "rejected")}
+        )
     with open(run_dir / "pair_samples.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"step": step, "pairs": samples}) + "\n")
 
 
 def non_finite_message(loss: float, grad_norm: float, step: int, cfg: Config, last_good: Path | None) -> str:
-    kept = f"the last good weights (after step {step - 1}) are in {last_good}" if last_good else "nothing was saved"
+    kept = (
+        f"the last good weights (after step {step - 1}) are in {last_good}"
+        if last_good
+        else "nothing was saved"
+    )
     return (
         f"stopped at step {step}: loss={loss}, grad_norm={grad_norm} is not finite, so the update was not applied; "
         f"{kept}. Likely causes: train.lr={cfg.train.lr} too high, loss.beta={cfg.loss.beta} too high for the "
@@ -274,4 +330,8 @@ def non_finite_message(loss: float, grad_norm: float, step: int, cfg: Config, la
 
 def flat_config(cfg: Config) -> dict:
     """The config as `section.key: value` scalars (lists as strings), which every tracker accepts."""
-    return {f"{sec}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v)) for sec, d in asdict(cfg).items() for k, v in d.items()}
+    return {
+        f"{sec}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+        for sec, d in asdict(cfg).items()
+        for k, v in d.items()
+    }

@@ -27,8 +27,14 @@ TRACKERS = {
 
 def validate(cfg: Config) -> list[str]:
     """Every problem found in `cfg` (empty = valid)."""
-    return [*_data_problems(cfg), *validate_loss(cfg.loss, cfg.train.batch_size), *_train_problems(cfg),
-            *_eval_problems(cfg), *_lora_problems(cfg), *_environment_problems(cfg)]
+    return [
+        *_data_problems(cfg),
+        *validate_loss(cfg.loss, cfg.train.batch_size),
+        *_train_problems(cfg),
+        *_eval_problems(cfg),
+        *_lora_problems(cfg),
+        *_environment_problems(cfg),
+    ]
 
 
 def _data_problems(cfg: Config) -> list[str]:
@@ -66,8 +72,10 @@ def _train_problems(cfg: Config) -> list[str]:
         (t.max_steps > 0 or t.epochs > 0, "train.max_steps=0 and train.epochs<=0: nothing to train"),
         (t.lr > 0, f"train.lr={t.lr}: must be > 0 (DPO with LoRA: ~5e-5; full: ~5e-7)"),
         (t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0"),
-        (len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
-         f"train.adam_betas={t.adam_betas}: two numbers in [0, 1)"),
+        (
+            len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
+            f"train.adam_betas={t.adam_betas}: two numbers in [0, 1)",
+        ),
         (t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps}: must be >= 0"),
         (t.scheduler in SCHEDULERS, f"train.scheduler={t.scheduler!r}: choose one of {list(SCHEDULERS)}"),
         (t.max_grad_norm >= 0, f"train.max_grad_norm={t.max_grad_norm}: must be >= 0 (0 = no clipping)"),
@@ -80,7 +88,9 @@ def _train_problems(cfg: Config) -> list[str]:
     ]
     p += [msg for ok, msg in checks if not ok]
     if cfg.model.attn_implementation not in ATTENTION:
-        p.append(f"model.attn_implementation={cfg.model.attn_implementation!r}: choose one of {list(ATTENTION)}")
+        p.append(
+            f"model.attn_implementation={cfg.model.attn_implementation!r}: choose one of {list(ATTENTION)}"
+        )
     if t.precompute_ref and _specs(cfg.loss) and any(s.unpaired for s in _specs(cfg.loss)):
         p.append(
             "train.precompute_ref=true with an unpaired loss: KTO's KL baseline pairs each prompt with another "
@@ -124,7 +134,9 @@ def _environment_problems(cfg: Config) -> list[str]:
     t, p = cfg.train, []
     unknown = [x for x in t.report_to if x != "all" and x not in TRACKERS]
     if unknown:
-        p.append(f"train.report_to={t.report_to}: unknown tracker(s) {unknown}; choose from {['all', *TRACKERS]}")
+        p.append(
+            f"train.report_to={t.report_to}: unknown tracker(s) {unknown}; choose from {['all', *TRACKERS]}"
+        )
     missing = [TRACKERS[x][1] for x in t.report_to if x in TRACKERS and not _tracker_available(x)]
     if missing:
         p.append(
@@ -162,7 +174,9 @@ def validate_loss(lo: LossConfig, batch_size: int) -> list[str]:
     p = []
     for name in lo.type:
         if name not in LOSSES:
-            p.append(f"loss.type: unknown loss {name!r}{did_you_mean(name, LOSSES)}; choose from {sorted(LOSSES)}")
+            p.append(
+                f"loss.type: unknown loss {name!r}{did_you_mean(name, LOSSES)}; choose from {sorted(LOSSES)}"
+            )
     if not lo.type:
         p.append(f"loss.type is empty; choose from {sorted(LOSSES)}")
     if len(set(lo.type)) != len(lo.type):
@@ -174,14 +188,18 @@ def validate_loss(lo: LossConfig, batch_size: int) -> list[str]:
     named = {n: LOSSES[n] for n in lo.type if n in LOSSES}
     unpaired = sorted(n for n, s in named.items() if s.unpaired)
     if unpaired and len(unpaired) < len(named):
-        p.append(f"loss.type={lo.type}: unpaired losses ({', '.join(unpaired)}) cannot be combined with paired "
-                 "ones; they read different data")
+        p.append(
+            f"loss.type={lo.type}: unpaired losses ({', '.join(unpaired)}) cannot be combined with paired "
+            "ones; they read different data"
+        )
     if lo.beta <= 0:
         p.append(f"loss.beta={lo.beta}: must be > 0 (typical 0.01 to 0.5; SimPO 2 to 10)")
     if not 0.0 <= lo.label_smoothing < 0.5:
         p.append(f"loss.label_smoothing={lo.label_smoothing}: must be in [0, 0.5)")
     for n in (n for n, s in named.items() if s.needs_label_smoothing and lo.label_smoothing <= 0):
-        p.append(f"loss.type={n} needs loss.label_smoothing > 0 (e.g. 1e-3): its label distribution must not be 0/1")
+        p.append(
+            f"loss.type={n} needs loss.label_smoothing > 0 (e.g. 1e-3): its label distribution must not be 0/1"
+        )
     if not 0.0 <= lo.ld_alpha <= 1.0:
         p.append(f"loss.ld_alpha={lo.ld_alpha}: must be in [0, 1] (1 = off; LD-DPO uses 0.3 to 0.7)")
     if lo.f_divergence not in F_DIVERGENCES:
@@ -190,8 +208,10 @@ def validate_loss(lo: LossConfig, batch_size: int) -> list[str]:
         plain = [n for n, s in named.items() if not s.f_divergence]
         if plain:
             with_f = sorted(n for n, s in LOSSES.items() if s.f_divergence)
-            p.append(f"loss.f_divergence={lo.f_divergence} applies only to {', '.join(with_f)}; not to {plain}. "
-                     "Fix: set loss.f_divergence=reverse_kl or change loss.type")
+            p.append(
+                f"loss.f_divergence={lo.f_divergence} applies only to {', '.join(with_f)}; not to {plain}. "
+                "Fix: set loss.f_divergence=reverse_kl or change loss.type"
+            )
     if lo.f_alpha <= 0:
         p.append(f"loss.f_alpha={lo.f_alpha}: must be > 0")
     if lo.discopop_tau <= 0:
@@ -201,9 +221,13 @@ def validate_loss(lo: LossConfig, batch_size: int) -> list[str]:
     if lo.desirable_weight <= 0 or lo.undesirable_weight <= 0:
         p.append("loss.desirable_weight and loss.undesirable_weight must be > 0")
     if unpaired and (lo.use_weighting or lo.ld_alpha != 1.0):
-        p.append(f"loss.use_weighting and loss.ld_alpha apply to paired losses only; unset them for {unpaired[0]}")
+        p.append(
+            f"loss.use_weighting and loss.ld_alpha apply to paired losses only; unset them for {unpaired[0]}"
+        )
     for n, s in named.items():
         if batch_size < s.min_batch_size:
-            p.append(f"loss.type={n} with train.batch_size={batch_size}: its KL baseline pairs each prompt with "
-                     f"another example's completion in the batch; use train.batch_size >= {s.min_batch_size}")
+            p.append(
+                f"loss.type={n} with train.batch_size={batch_size}: its KL baseline pairs each prompt with "
+                f"another example's completion in the batch; use train.batch_size >= {s.min_batch_size}"
+            )
     return p

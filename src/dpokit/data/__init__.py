@@ -64,7 +64,9 @@ def resolve_data_path(spec: str, kind: str = "prefs") -> Path:
         assets = Path(str(resources.files("dpokit") / "assets"))
         path = assets / f"{name}_{kind}.jsonl"
         if not path.exists():
-            known = sorted("builtin:" + p.name.removesuffix(f"_{kind}.jsonl") for p in assets.glob(f"*_{kind}.jsonl"))
+            known = sorted(
+                "builtin:" + p.name.removesuffix(f"_{kind}.jsonl") for p in assets.glob(f"*_{kind}.jsonl")
+            )
             raise DataError(spec, f"unknown builtin {kind} file; available: {', '.join(known)}")
         return path
     return Path(spec)
@@ -80,7 +82,11 @@ FORMATS = {
 
 
 def load_examples(
-    spec: str, skip_invalid: bool = False, unpaired: bool = False, key: str = "", skip_hint: str = "data.skip_invalid=true"
+    spec: str,
+    skip_invalid: bool = False,
+    unpaired: bool = False,
+    key: str = "",
+    skip_hint: str = "data.skip_invalid=true",
 ) -> tuple[list[PreferenceExample] | list[UnpairedExample], LoadStats]:
     """Read and normalize every record of a preference file (`unpaired`: prompt/completion/label records).
 
@@ -101,7 +107,9 @@ def load_examples(
             raise DataError(str(path), hint)
     if errors and not skip_invalid:
         listed = "\n".join(f"  {e}" for e in errors[:MAX_LISTED_ERRORS])
-        more = f"\n  ... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
+        more = (
+            f"\n  ... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
+        )
         raise DataError(
             str(path),
             f"{len(errors)} invalid record(s) of {stats.records}:\n{listed}{more}\n"
@@ -114,13 +122,27 @@ def load_examples(
     return examples, stats
 
 
-KNOWN_FIELDS = {"prompt", "chosen", "rejected", "conversations", "chosen_messages", "rejected_messages", "response1",
-                "response2", "instruction", "completion", "label", "messages"}
+KNOWN_FIELDS = {
+    "prompt",
+    "chosen",
+    "rejected",
+    "conversations",
+    "chosen_messages",
+    "rejected_messages",
+    "response1",
+    "response2",
+    "instruction",
+    "completion",
+    "label",
+    "messages",
+}
 
 
 def foreign_format_hint(records: list, errors: list[DataError], unpaired: bool) -> str | None:
     """When no record holds any field of a known format: the fields found and the formats expected."""
-    found = sorted({k for r in records if isinstance(r, RawRecord) and isinstance(r.value, dict) for k in r.value})
+    found = sorted(
+        {k for r in records if isinstance(r, RawRecord) and isinstance(r.value, dict) for k in r.value}
+    )
     if not found or KNOWN_FIELDS & set(found):
         return None
     return (
@@ -169,11 +191,15 @@ def split_by_prompt(examples: list, fraction: float, seed: int) -> tuple[list, l
     if fraction <= 0:
         return examples, []
     # Rank prompts by a seeded hash: deterministic across runs and machines, independent of file order.
-    keys = sorted({prompt_key(e) for e in examples}, key=lambda k: hashlib.sha1(f"{seed}:{k}".encode()).digest())
+    keys = sorted(
+        {prompt_key(e) for e in examples}, key=lambda k: hashlib.sha1(f"{seed}:{k}".encode()).digest()
+    )
     n_eval = max(1, round(fraction * len(keys)))
     held = set(keys[:n_eval])
     train = [e for e in examples if prompt_key(e) not in held]
     evals = [e for e in examples if prompt_key(e) in held]
     if not train:
-        raise DataError("data.eval_fraction", f"holding out {fraction} of the prompts leaves no training pairs")
+        raise DataError(
+            "data.eval_fraction", f"holding out {fraction} of the prompts leaves no training pairs"
+        )
     return train, evals

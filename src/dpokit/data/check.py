@@ -55,7 +55,15 @@ def _quantiles(values: list[float]) -> dict:
     if not values:
         return {}
     q = statistics.quantiles(values, n=20, method="inclusive") if len(values) > 1 else [values[0]] * 19
-    return {"min": min(values), "p05": q[0], "p25": q[4], "median": q[9], "p75": q[14], "p95": q[18], "max": max(values)}
+    return {
+        "min": min(values),
+        "p05": q[0],
+        "p25": q[4],
+        "median": q[9],
+        "p75": q[14],
+        "p95": q[18],
+        "max": max(values),
+    }
 
 
 def _histogram(values: list[float], edges=SIMILARITY_BINS) -> dict:
@@ -74,10 +82,17 @@ def _read(path: Path):
     """Normalized examples (paired, or unpaired when most records are completion/label ones), stats, and
     the fields-vs-formats hint when no record is usable."""
     records = list(read_records(path))
-    unpaired = sum(
-        1 for r in records if not isinstance(r, DataError) and isinstance(r.value, dict)
-        and "label" in r.value and "chosen" not in r.value
-    ) > len(records) / 2
+    unpaired = (
+        sum(
+            1
+            for r in records
+            if not isinstance(r, DataError)
+            and isinstance(r.value, dict)
+            and "label" in r.value
+            and "chosen" not in r.value
+        )
+        > len(records) / 2
+    )
     examples, errors, stats = normalize_records(records, unpaired)
     hint = foreign_format_hint(records, errors, unpaired) if errors and not examples else None
     return examples, stats, unpaired, hint
@@ -108,8 +123,10 @@ def check_file(
         "empty_completions": sum(n for r, n in stats.skip_reasons.items() if "empty completion" in r),
     }
     prompts = Counter(json.dumps(e.prompt, ensure_ascii=False) for e in examples)
-    report["repeated_prompts"] = {"prompts": sum(1 for c in prompts.values() if c > 1),
-                                  "examples": sum(c for c in prompts.values() if c > 1)}
+    report["repeated_prompts"] = {
+        "prompts": sum(1 for c in prompts.values() if c > 1),
+        "examples": sum(c for c in prompts.values() if c > 1),
+    }
     if unpaired:
         report.update(_unpaired_stats(examples, tokenizer))
     else:
@@ -153,8 +170,11 @@ def _length_bias(examples, diffs: list[int]) -> dict:
     n = len(diffs)
     if n == 0:
         return {}
-    gaps = [e.meta["score_chosen"] - e.meta["score_rejected"] for e in examples
-            if "score_chosen" in e.meta and "score_rejected" in e.meta]
+    gaps = [
+        e.meta["score_chosen"] - e.meta["score_rejected"]
+        for e in examples
+        if "score_chosen" in e.meta and "score_rejected" in e.meta
+    ]
     if len(gaps) == n and n > 2 and statistics.pstdev(gaps) > 0 and statistics.pstdev(diffs) > 0:
         r, basis = statistics.correlation(diffs, gaps), "Pearson r(length difference, score gap)"
     else:
@@ -175,10 +195,15 @@ def _quality(examples) -> dict:
     out = {}
     agreement = [e.meta["agreement"] for e in examples if "agreement" in e.meta]
     if agreement:
-        out["agreement"] = {"distribution": {f"{a:.3f}": c for a, c in sorted(Counter(agreement).items())},
-                            "mean": sum(agreement) / len(agreement)}
-    gaps = [e.meta["score_chosen"] - e.meta["score_rejected"] for e in examples
-            if "score_chosen" in e.meta and "score_rejected" in e.meta]
+        out["agreement"] = {
+            "distribution": {f"{a:.3f}": c for a, c in sorted(Counter(agreement).items())},
+            "mean": sum(agreement) / len(agreement),
+        }
+    gaps = [
+        e.meta["score_chosen"] - e.meta["score_rejected"]
+        for e in examples
+        if "score_chosen" in e.meta and "score_rejected" in e.meta
+    ]
     if gaps:
         out["score_gap"] = {"quantiles": _quantiles(gaps), "non_positive": sum(1 for g in gaps if g <= 0)}
     conf = [e.meta["confidence"] for e in examples if "confidence" in e.meta]
@@ -218,31 +243,47 @@ def advice(report: dict, threshold: float) -> list[str]:
     if report.get("format_hint"):
         tips.append(report["format_hint"])
     elif report["invalid"]["count"]:
-        tips.append(f"{report['invalid']['count']} invalid records: fix them, or skip and count them "
-                    "(data.skip_invalid=true in training, --skip-invalid in dpokit data filter)")
+        tips.append(
+            f"{report['invalid']['count']} invalid records: fix them, or skip and count them "
+            "(data.skip_invalid=true in training, --skip-invalid in dpokit data filter)"
+        )
     if report.get("ties"):
-        tips.append(f"{report['ties']} annotator ties carry no preference: training drops them (counted in "
-                    "data_stats.json), and so does dpokit data filter")
+        tips.append(
+            f"{report['ties']} annotator ties carry no preference: training drops them (counted in "
+            "data_stats.json), and so does dpokit data filter"
+        )
     if report.get("identical_pairs"):
-        tips.append(f"{report['identical_pairs']} pairs have chosen == rejected (no signal): data.drop_identical=true "
-                    "(the default) drops them")
+        tips.append(
+            f"{report['identical_pairs']} pairs have chosen == rejected (no signal): data.drop_identical=true "
+            "(the default) drops them"
+        )
     if report.get("duplicate_pairs"):
-        tips.append(f"{report['duplicate_pairs']} exact duplicate pairs: data.deduplicate=pairs (the default) drops "
-                    "them in training; dpokit data filter writes a file without them")
+        tips.append(
+            f"{report['duplicate_pairs']} exact duplicate pairs: data.deduplicate=pairs (the default) drops "
+            "them in training; dpokit data filter writes a file without them"
+        )
     sim = report.get("similarity", {})
     if sim.get("above_threshold"):
-        tips.append(f"{sim['above_threshold']} pairs are more than {threshold} similar: data.max_similarity={threshold} "
-                    "drops them")
+        tips.append(
+            f"{sim['above_threshold']} pairs are more than {threshold} similar: data.max_similarity={threshold} "
+            "drops them"
+        )
     tips += _length_advice(report.get("length", {}))
     if "agreement" in report and report["agreement"]["mean"] < 1:
-        tips.append("annotators disagree on some pairs: data.min_agreement=0.67 (or 1.0) keeps the confident ones")
+        tips.append(
+            "annotators disagree on some pairs: data.min_agreement=0.67 (or 1.0) keeps the confident ones"
+        )
     if "score_gap" in report and report["score_gap"]["non_positive"]:
-        tips.append(f"{report['score_gap']['non_positive']} pairs have score_chosen <= score_rejected: data.min_score_gap")
+        tips.append(
+            f"{report['score_gap']['non_positive']} pairs have score_chosen <= score_rejected: data.min_score_gap"
+        )
     trunc = report.get("truncation")
     if trunc and (trunc["prompts_truncated"] or trunc["completions_truncated"] or trunc["dropped"]):
-        tips.append(f"truncation: {trunc['prompts_truncated']} prompts and {trunc['completions_truncated']} completions "
-                    f"are cut, {sum(trunc['dropped'].values())} pairs lose their whole completion; raise "
-                    "data.max_length / data.max_prompt_length")
+        tips.append(
+            f"truncation: {trunc['prompts_truncated']} prompts and {trunc['completions_truncated']} completions "
+            f"are cut, {sum(trunc['dropped'].values())} pairs lose their whole completion; raise "
+            "data.max_length / data.max_prompt_length"
+        )
     return tips
 
 
@@ -253,10 +294,14 @@ def _length_advice(length: dict) -> list[str]:
     share, r = length["chosen_longer_share"], length["correlation"]
     fixes = "Use loss.type=sigmoid_norm, or loss.ld_alpha=0.5 (LD-DPO), or data.rebalance_length=true"
     if share > LENGTH_BIAS_SHARE or r > LENGTH_BIAS_R:
-        return [f"length bias: chosen is longer in {share:.0%} of pairs (r = {r:+.2f}); DPO will learn to write "
-                f"longer. {fixes}"]
+        return [
+            f"length bias: chosen is longer in {share:.0%} of pairs (r = {r:+.2f}); DPO will learn to write "
+            f"longer. {fixes}"
+        ]
     shorter = 1 - share - length["equal_length_share"]
     if shorter > LENGTH_BIAS_SHARE or r < -LENGTH_BIAS_R:
-        return [f"length bias: rejected is longer in {shorter:.0%} of pairs (r = {r:+.2f}); DPO will learn to write "
-                f"shorter. {fixes}"]
+        return [
+            f"length bias: rejected is longer in {shorter:.0%} of pairs (r = {r:+.2f}); DPO will learn to write "
+            f"shorter. {fixes}"
+        ]
     return []

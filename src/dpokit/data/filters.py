@@ -59,8 +59,10 @@ def drop_reason(e: PreferenceExample, s: FilterSettings, seen: set, similarity: 
         return f"similarity > {s.max_similarity}"
     if s.min_agreement is not None and e.meta.get("agreement", 1.0) < s.min_agreement:
         return f"agreement < {s.min_agreement}"
-    if s.min_score_gap is not None and "score_chosen" in e.meta and (
-        e.meta["score_chosen"] - e.meta.get("score_rejected", 0.0) < s.min_score_gap
+    if (
+        s.min_score_gap is not None
+        and "score_chosen" in e.meta
+        and (e.meta["score_chosen"] - e.meta.get("score_rejected", 0.0) < s.min_score_gap)
     ):
         return f"score gap < {s.min_score_gap}"
     if s.min_confidence is not None and e.meta.get("confidence", 1.0) < s.min_confidence:
@@ -109,7 +111,9 @@ class FilterResult:
     """Every record not written, by reason: invalid records (skipped) and filtered pairs."""
 
 
-def filter_file(spec: str, out: Path, settings: FilterSettings, skip_invalid: bool, tokenizer=None, seed: int = 0) -> FilterResult:
+def filter_file(
+    spec: str, out: Path, settings: FilterSettings, skip_invalid: bool, tokenizer=None, seed: int = 0
+) -> FilterResult:
     """`dpokit data filter`: write the kept pairs of `spec` to `out` (JSONL, standard or message format,
     with their weight, scores and votes); every record of the file is kept or counted by reason."""
     from dpokit.data import load_examples
@@ -119,8 +123,23 @@ def filter_file(spec: str, out: Path, settings: FilterSettings, skip_invalid: bo
     kept, dropped = filter_pairs(examples, settings, tokenizer, seed)
     rows = []
     for e in kept:
-        row = {"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected, **({"weight": e.weight} if e.weight != 1 else {})}
-        row.update({k: v for k, v in e.meta.items() if k in ("score_chosen", "score_rejected", "confidence", "agreement")})
+        row = {
+            "prompt": e.prompt,
+            "chosen": e.chosen,
+            "rejected": e.rejected,
+            **({"weight": e.weight} if e.weight != 1 else {}),
+        }
+        row.update(
+            {
+                k: v
+                for k, v in e.meta.items()
+                if k in ("score_chosen", "score_rejected", "confidence", "agreement")
+            }
+        )
         rows.append(row)
     write_jsonl(out, rows)
-    return FilterResult(stats.records, len(kept), Counter({**{f"invalid: {r}": n for r, n in stats.skip_reasons.items()}, **dropped}))
+    return FilterResult(
+        stats.records,
+        len(kept),
+        Counter({**{f"invalid: {r}": n for r, n in stats.skip_reasons.items()}, **dropped}),
+    )

@@ -75,7 +75,9 @@ def normalize(where: str, record: Any) -> PreferenceExample:
 
 def _normalize(where: str, record: Any) -> PreferenceExample:
     if not isinstance(record, dict):
-        raise DataError(where, f"expected an object with prompt/chosen/rejected fields, got {type(record).__name__}")
+        raise DataError(
+            where, f"expected an object with prompt/chosen/rejected fields, got {type(record).__name__}"
+        )
     if "label" in record and "chosen" not in record:
         raise DataError(
             where,
@@ -100,7 +102,11 @@ def _normalize(where: str, record: Any) -> PreferenceExample:
     if prompt is None:
         if isinstance(chosen, list) and isinstance(rejected, list):
             return _split_conversations(
-                where, _messages(where, record, "chosen"), _messages(where, record, "rejected"), weight, "conversational"
+                where,
+                _messages(where, record, "chosen"),
+                _messages(where, record, "rejected"),
+                weight,
+                "conversational",
             )
         _need_str(where, record, "chosen")
         _need_str(where, record, "rejected")
@@ -109,9 +115,7 @@ def _normalize(where: str, record: Any) -> PreferenceExample:
         prompt_msgs = _messages(where, record, "prompt")
         if not prompt_msgs:
             raise DataError(where, "empty message list", "prompt")
-        completions = [
-            _completion_messages(where, record, key) for key in ("chosen", "rejected")
-        ]
+        completions = [_completion_messages(where, record, key) for key in ("chosen", "rejected")]
         return PreferenceExample(prompt_msgs, completions[0], completions[1], weight, where, "conversational")
     _need_str(where, record, "prompt")
     for key in ("chosen", "rejected"):
@@ -146,7 +150,9 @@ def _votes(where: str, record: dict, weight: float) -> PreferenceExample:
         raise DataError(where, "expected a string", "instruction")
     vote_keys = sorted(k for k in record if k.startswith("annotator"))
     if not vote_keys:
-        raise DataError(where, "response1/response2 records need annotator votes (annotator1, ...)", "annotator1")
+        raise DataError(
+            where, "response1/response2 records need annotator votes (annotator1, ...)", "annotator1"
+        )
     votes = []
     for key in vote_keys:
         if record[key] not in (0, 1, 2) or isinstance(record[key], bool):
@@ -307,7 +313,9 @@ def split_implicit_prompt(chosen: str, rejected: str) -> int:
 def _split_implicit(where: str, chosen: str, rejected: str, weight: float) -> PreferenceExample:
     cut = split_implicit_prompt(chosen, rejected)
     if cut == 0:
-        raise DataError(where, "no 'prompt' field and chosen/rejected share no prefix to use as one", "prompt")
+        raise DataError(
+            where, "no 'prompt' field and chosen/rejected share no prefix to use as one", "prompt"
+        )
     c, r = chosen[cut:], rejected[cut:]
     _need_nonempty(where, c, "chosen")
     _need_nonempty(where, r, "rejected")
@@ -317,7 +325,9 @@ def _split_implicit(where: str, chosen: str, rejected: str, weight: float) -> Pr
 def normalize_unpaired(where: str, record: Any) -> UnpairedExample:
     """`prompt`/`completion`/`label`, or `messages` (the last assistant turn is the completion) + `label`."""
     if not isinstance(record, dict):
-        raise DataError(where, f"expected an object with prompt/completion/label, got {type(record).__name__}")
+        raise DataError(
+            where, f"expected an object with prompt/completion/label, got {type(record).__name__}"
+        )
     if "chosen" in record or "rejected" in record or "conversations" in record:
         raise DataError(
             where,
@@ -336,7 +346,9 @@ def normalize_unpaired(where: str, record: Any) -> UnpairedExample:
     if "messages" in record:
         msgs = _messages(where, record, "messages")
         if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
-            raise DataError(where, "needs a prompt and a final assistant message (the completion)", "messages")
+            raise DataError(
+                where, "needs a prompt and a final assistant message (the completion)", "messages"
+            )
         _need_nonempty(where, msgs[-1]["content"], "messages")
         return UnpairedExample(msgs[:-1], msgs[-1:], bool(label), weight, where, "unpaired")
     for key in ("prompt", "completion"):
@@ -344,7 +356,9 @@ def normalize_unpaired(where: str, record: Any) -> UnpairedExample:
             raise DataError(where, f"missing field (found: {sorted(record)})", key)
     if isinstance(record["prompt"], list):
         prompt = _messages(where, record, "prompt")
-        return UnpairedExample(prompt, _completion_messages(where, record, "completion"), bool(label), weight, where)
+        return UnpairedExample(
+            prompt, _completion_messages(where, record, "completion"), bool(label), weight, where
+        )
     _need_str(where, record, "prompt")
     _need_str(where, record, "completion")
     _need_nonempty(where, record["completion"], "completion")

@@ -51,7 +51,9 @@ def read_splits(cfg: Config, unpaired: bool = False) -> Splits:
     return Splits(examples, eval_examples, stats)
 
 
-def prepare_data(cfg: Config, tokenizer, unpaired: bool = False, splits: Splits | None = None) -> PreparedData:
+def prepare_data(
+    cfg: Config, tokenizer, unpaired: bool = False, splits: Splits | None = None
+) -> PreparedData:
     """Filter (pairs) and tokenize the splits (read here unless given)."""
     d = cfg.data
     splits = splits or read_splits(cfg, unpaired)
@@ -61,7 +63,9 @@ def prepare_data(cfg: Config, tokenizer, unpaired: bool = False, splits: Splits 
         filtered = {}
         examples, filtered["train"] = filter_pairs(examples, settings, tokenizer, cfg.train.seed)
         # length rebalancing shapes what is learned; held-out pairs stay as they are
-        eval_examples, filtered["eval"] = filter_pairs(eval_examples, settings, tokenizer, rebalance_length=False)
+        eval_examples, filtered["eval"] = filter_pairs(
+            eval_examples, settings, tokenizer, rebalance_length=False
+        )
         for name, dropped in filtered.items():
             if dropped:
                 log.warning("%s: filtered out %d pairs (%s)", name, sum(dropped.values()), dict(dropped))
@@ -78,7 +82,9 @@ def prepare_data(cfg: Config, tokenizer, unpaired: bool = False, splits: Splits 
             log.warning(notice)
     if not train:
         lost = {**stats.get("filtered", {}).get("train", {}), **dict(tstats.dropped)}
-        raise DataError(d.train, f"no training pairs left after filtering, tokenization and truncation (dropped: {lost})")
+        raise DataError(
+            d.train, f"no training pairs left after filtering, tokenization and truncation (dropped: {lost})"
+        )
     log.info("data: %d train pairs, %d eval pairs", len(train), len(evals))
     return PreparedData(train, evals, stats)
 
@@ -89,12 +95,18 @@ def truncation_notice(split: str, s: TokenizeStats, cfg: Config) -> str | None:
         return None
     parts = []
     if s.prompts_truncated / s.pairs > TRUNCATION_NOTICE:
-        parts.append(f"{s.prompts_truncated} of {s.pairs} prompts were cut to data.max_prompt_length="
-                     f"{cfg.data.max_prompt_length} tokens (their start is dropped)")
+        parts.append(
+            f"{s.prompts_truncated} of {s.pairs} prompts were cut to data.max_prompt_length="
+            f"{cfg.data.max_prompt_length} tokens (their start is dropped)"
+        )
     if s.completions_truncated / s.pairs > TRUNCATION_NOTICE:
-        parts.append(f"{s.completions_truncated} of {s.pairs} pairs had a completion cut to fit data.max_length="
-                     f"{cfg.data.max_length}")
+        parts.append(
+            f"{s.completions_truncated} of {s.pairs} pairs had a completion cut to fit data.max_length="
+            f"{cfg.data.max_length}"
+        )
     if not parts:
         return None
-    return f"{split}: {'; '.join(parts)}. Raise the limits if the cut text matters (dpokit data check --model " \
-           f"{cfg.model.name} counts it per file)"
+    return (
+        f"{split}: {'; '.join(parts)}. Raise the limits if the cut text matters (dpokit data check --model "
+        f"{cfg.model.name} counts it per file)"
+    )

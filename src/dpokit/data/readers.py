@@ -55,7 +55,8 @@ def read_records(path: str | Path) -> Iterator[RawRecord | DataError]:
         yield from _read_csv(path)
     else:
         raise DataError(
-            str(path), "unknown file type; use .json, .jsonl, .parquet, .csv (optionally .gz) or a saved dataset"
+            str(path),
+            "unknown file type; use .json, .jsonl, .parquet, .csv (optionally .gz) or a saved dataset",
         )
 
 
@@ -69,7 +70,9 @@ def _read_text(path: Path) -> str:
         with _open_text(path) as fh:
             return fh.read()
     except UnicodeDecodeError as err:
-        raise DataError(str(path), f"not valid UTF-8 (byte offset {err.start}); re-encode the file as UTF-8") from err
+        raise DataError(
+            str(path), f"not valid UTF-8 (byte offset {err.start}); re-encode the file as UTF-8"
+        ) from err
     except (OSError, EOFError, zlib.error) as err:  # zlib.error: a corrupted .gz stream (not an OSError)
         raise DataError(str(path), f"cannot read file: {err}") from err
 
@@ -118,7 +121,9 @@ def _read_json_array(path: Path, text: str) -> Iterator[RawRecord | DataError]:
         if pos < len(text) and text[pos] == ",":
             pos += 1
         elif pos < len(text) and text[pos] != "]":
-            yield DataError(f"{path}:line {text.count(chr(10), 0, pos) + 1}", "expected ',' or ']' between records")
+            yield DataError(
+                f"{path}:line {text.count(chr(10), 0, pos) + 1}", "expected ',' or ']' between records"
+            )
             return
 
 

@@ -14,7 +14,11 @@ def render(report: dict, console) -> None:
     t.add_row("records / valid", f"{report['records']} / {report['valid']}")
     t.add_row("formats", ", ".join(f"{k}: {v}" for k, v in report["formats"].items()) or "-")
     inv = report["invalid"]
-    t.add_row("invalid", f"{inv['count']}" + (f"  ({'; '.join(f'{k}: {v}' for k, v in inv['reasons'].items())})" if inv["count"] else ""))
+    t.add_row(
+        "invalid",
+        f"{inv['count']}"
+        + (f"  ({'; '.join(f'{k}: {v}' for k, v in inv['reasons'].items())})" if inv["count"] else ""),
+    )
     t.add_row("empty completions", str(report["empty_completions"]))
     rp = report["repeated_prompts"]
     t.add_row("repeated prompts", f"{rp['prompts']} prompts in {rp['examples']} examples")
@@ -26,7 +30,9 @@ def render(report: dict, console) -> None:
         sim = report["similarity"]
         q = sim["quantiles"]
         if q:
-            t.add_row("similarity (Dice)", f"median {q['median']:.3f}, p95 {q['p95']:.3f}, max {q['max']:.3f}")
+            t.add_row(
+                "similarity (Dice)", f"median {q['median']:.3f}, p95 {q['p95']:.3f}, max {q['max']:.3f}"
+            )
             t.add_row(f"  > {sim['threshold']}", str(sim["above_threshold"]))
             t.add_row("  histogram", "  ".join(f"{k} {v}" for k, v in sim["histogram"].items()))
         ln = report["length"]
@@ -45,10 +51,15 @@ def render(report: dict, console) -> None:
             )
         if "agreement" in report:
             ag = report["agreement"]
-            t.add_row("annotator agreement", ", ".join(f"{k}: {v}" for k, v in ag["distribution"].items()) + f" (mean {ag['mean']:.3f})")
+            t.add_row(
+                "annotator agreement",
+                ", ".join(f"{k}: {v}" for k, v in ag["distribution"].items()) + f" (mean {ag['mean']:.3f})",
+            )
         if "score_gap" in report:
             sg = report["score_gap"]
-            t.add_row("score gap", f"median {sg['quantiles']['median']:.3f}, non-positive {sg['non_positive']}")
+            t.add_row(
+                "score gap", f"median {sg['quantiles']['median']:.3f}, non-positive {sg['non_positive']}"
+            )
         if "confidence" in report:
             t.add_row("confidence", f"median {report['confidence']['quantiles']['median']:.3f}")
     else:
@@ -58,7 +69,10 @@ def render(report: dict, console) -> None:
     console.print(t)
     first = report["invalid"]["first"]
     if first:
-        console.print(f"invalid records (first {min(len(first), MAX_SHOWN)} of {report['invalid']['count']}):", highlight=False)
+        console.print(
+            f"invalid records (first {min(len(first), MAX_SHOWN)} of {report['invalid']['count']}):",
+            highlight=False,
+        )
         for line in first[:MAX_SHOWN]:
             console.print(f"  {line}", highlight=False, soft_wrap=True)
     for tip in report["advice"]:
