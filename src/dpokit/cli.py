@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -346,10 +347,10 @@ def cmd_data(args, flags) -> None:
             for report in reports:
                 render(report, Console())
         return
-    from dpokit.data.filters import FilterSettings, filter_file
+    from dpokit.data.filters import filter_file
 
-    settings = FilterSettings(**{k: getattr(args, k) for k in FilterSettings.__dataclass_fields__})
-    result = filter_file(args.data, Path(args.out), settings, args.skip_invalid, tokenizer, args.seed)
+    settings = dataclasses.replace(DataConfig(), **{k: getattr(args, k) for k in FILTER_FLAGS})
+    result = filter_file(args.data, Path(args.out), settings, tokenizer, args.seed)
     print(f"kept {result.kept} of {result.records} records -> {args.out}")
     for reason, n in result.dropped.items():
         print(f"  dropped {n}: {reason}")

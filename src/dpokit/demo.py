@@ -186,11 +186,10 @@ def run_demo(
         f"data.train={root / 'data' / 'train_pairs.jsonl'}",
         f"data.eval={root / 'data' / 'eval_pairs.jsonl'}",
     ]
-    cfg = _train_config(root, data_args, overrides)
-    result = train(cfg)
-    gen, records = _generation_eval(
-        result.model, reference, tokenizer, cfg, eval_prompts, eval_samples, reward, ds, sampling
+    bench = Bench(
+        data_args, overrides, tokenizer, reference, eval_prompts, eval_samples, reward, ds, sampling
     )
+    cfg, result, gen, records = train_and_compare(bench, root, [])
     results = {
         "reward": ds.reward,
         "demo": {k: v for k, v in ds.__dict__.items()},
@@ -203,20 +202,7 @@ def run_demo(
     frontier = None
     if sweep:
         del result
-        frontier = run_sweep(
-            root,
-            cfg,
-            data_args,
-            overrides,
-            tokenizer,
-            reference,
-            eval_prompts,
-            eval_samples,
-            reward,
-            ds,
-            sampling,
-            gen,
-        )
+        frontier = run_sweep(bench, root, cfg, gen)
         (root / "frontier.json").write_text(json.dumps(frontier, indent=2))
     results["wall_s"] = time.perf_counter() - started
     write_results(root, results, records)
@@ -247,55 +233,58 @@ def _write_data_check(root: Path, tokenizer, cfg) -> None:
     (root / "data_check.json").write_text(json.dumps(report, indent=2, default=str))
 
 
-def _generation_eval(
-    policy, reference: Reference, tokenizer, cfg, prompts, ref_samples, reward, ds: DemoSettings, sampling
-):
-    """(metrics, records) of the trained policy against its reference: adapters off for LoRA, else the
-    starting model the demo sampled from."""
-    policy.eval()
-    if cfg.lora.enabled:
-        compared = Compared.lora_run(policy, tokenizer, cfg)
+@dataclass
+class Bench:
+    """What every policy of a demo run is trained with and compared on."""
+
+    data_args: list[str]
+    overrides: list[str]
+    tokenizer: object
+    reference: Reference
+    """The starting model, which sampled the pairs and the held-out reference completions."""
+    eval_prompts: list
+    eval_samples: list[list[Sample]]
+    reward: object
+    ds: DemoSettings
+    sampling: SamplingSettings
+
+
+def train_and_compare(bench: Bench, run_dir: Path, extra: list[str]):
+    """Train on the demo pairs (with `extra` overrides) and compare the policy with its reference on the
+    held-out prompts: (config, run result, generation metrics, per-prompt records)."""
+    cfg = _train_config(run_dir, bench.data_args, bench.overrides + extra)
+    result = train(cfg)
+    result.model.eval()
+    if cfg.lora.enabled:  # the reference of its training: adapters off
+        compared = Compared.lora_run(result.model, bench.tokenizer, cfg)
     else:
-        compared = Compared(policy, reference, tokenizer, cfg.loss, bf16=cfg.train.bf16)
-    return generation_metrics(
-        compared, prompts, reward, ds.eval_samples, sampling, reference_samples=ref_samples
+        compared = Compared(result.model, bench.reference, bench.tokenizer, cfg.loss, bf16=cfg.train.bf16)
+    gen, records = generation_metrics(
+        compared,
+        bench.eval_prompts,
+        bench.reward,
+        bench.ds.eval_samples,
+        bench.sampling,
+        reference_samples=bench.eval_samples,
     )
+    return cfg, result, gen, records
 
 
-def run_sweep(
-    root,
-    cfg,
-    data_args,
-    overrides,
-    tokenizer,
-    reference,
-    eval_prompts,
-    eval_samples,
-    reward,
-    ds,
-    sampling,
-    main_gen,
-) -> list[dict]:
+def run_sweep(bench: Bench, root: Path, cfg, main_gen: dict) -> list[dict]:
     """One (KL, reward) point per method: DPO at each beta, preferred-FT, best-of-N from the reference."""
     points = [_point("DPO", f"beta={cfg.loss.beta:g}", main_gen, beta=cfg.loss.beta)]
     runs = [
         (f"beta-{b:g}", [f"loss.beta={b}"], "DPO", f"beta={b:g}")
-        for b in ds.sweep_betas
+        for b in bench.ds.sweep_betas
         if b != cfg.loss.beta
     ]
     runs.append(("preferred-ft", ["loss.type=[sft]", "lora.enabled=true"], "Preferred-FT", "SFT on chosen"))
     for name, extra, method, label in runs:
-        run_dir = root / "sweep" / name
-        sweep_cfg = _train_config(run_dir, data_args, overrides + extra)
-        result = train(sweep_cfg)
-        gen, records = _generation_eval(
-            result.model, reference, tokenizer, sweep_cfg, eval_prompts, eval_samples, reward, ds, sampling
-        )
-        write_results(run_dir, {"reward": ds.reward, "generation": gen}, records)
+        sweep_cfg, result, gen, records = train_and_compare(bench, root / "sweep" / name, extra)
+        write_results(root / "sweep" / name, {"reward": bench.ds.reward, "generation": gen}, records)
         points.append(_point(method, label, gen, beta=sweep_cfg.loss.beta if method == "DPO" else None))
         del result
-    points += best_of_n(reference, tokenizer, eval_prompts, reward, ds, sampling)
-    return points
+    return points + best_of_n(bench)
 
 
 def _point(method: str, label: str, gen: dict, beta: float | None = None) -> dict:
@@ -311,13 +300,16 @@ def _point(method: str, label: str, gen: dict, beta: float | None = None) -> dic
     }
 
 
-def best_of_n(reference: Reference, tokenizer, prompts, reward, ds: DemoSettings, sampling) -> list[dict]:
+def best_of_n(bench: Bench) -> list[dict]:
     """Best-of-N from the reference: for each prompt keep the highest-reward of N samples. Its KL from the
     reference is at most log N - (N - 1) / N (the standard analytic bound), reported as such."""
+    ds, prompts, reward = bench.ds, bench.eval_prompts, bench.reward
     n_max = max(ds.best_of)
-    settings = dataclasses.replace(sampling, seed=sampling.seed + 1)  # samples independent of the others
-    with reference.module() as ref_model:
-        samples = sample(ref_model, tokenizer, prompts, n_max, settings, label=f"best-of-{n_max} samples")
+    settings = dataclasses.replace(bench.sampling, seed=bench.sampling.seed + 1)  # independent of the others
+    with bench.reference.module() as ref_model:
+        samples = sample(
+            ref_model, bench.tokenizer, prompts, n_max, settings, label=f"best-of-{n_max} samples"
+        )
     flat = [p for p in prompts for _ in range(n_max)]
     scores = torch.tensor(reward(flat, [s.completion for row in samples for s in row])).view(
         len(prompts), n_max

@@ -9,40 +9,25 @@ defaults drop ties, exact duplicate pairs and identical pairs only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpokit.config import DataConfig
 from dpokit.data.check import dice, text_of, tokenize_texts
 from dpokit.data.formats import PreferenceExample
 
 TIE = "annotator tie (no preference)"
 
 
-@dataclass(frozen=True)
-class FilterSettings:
-    """The filters of DataConfig (`data.*`), also the flags of `dpokit data filter`."""
-
-    deduplicate: str = "pairs"
-    drop_identical: bool = True
-    max_similarity: float = 1.0
-    min_agreement: float | None = None
-    min_score_gap: float | None = None
-    min_confidence: float | None = None
-    rebalance_length: bool = False
-
-    @classmethod
-    def of(cls, data_cfg) -> FilterSettings:
-        return cls(**{k: getattr(data_cfg, k) for k in cls.__dataclass_fields__})
-
-
 def _key(e: PreferenceExample, fields: tuple[str, ...]) -> str:
     return json.dumps([getattr(e, f) for f in fields], ensure_ascii=False)
 
 
-def drop_reason(e: PreferenceExample, s: FilterSettings, seen: set, similarity: float | None) -> str | None:
+def drop_reason(e: PreferenceExample, s: DataConfig, seen: set, similarity: float | None) -> str | None:
     """Why the pair is dropped, or None to keep it. `seen` collects the repeat keys of kept pairs."""
     if e.meta.get("tie"):
         return TIE
@@ -72,14 +57,15 @@ def drop_reason(e: PreferenceExample, s: FilterSettings, seen: set, similarity: 
 
 def filter_pairs(
     examples: list[PreferenceExample],
-    settings: FilterSettings | None = None,
+    settings: DataConfig | None = None,
     tokenizer=None,
     seed: int = 0,
     **overrides,
 ) -> tuple[list[PreferenceExample], Counter]:
-    """Return (kept examples in their original order, drop counts by reason). Keyword `overrides` replace
-    fields of `settings` (e.g. `filter_pairs(examples, min_score_gap=1.0)`)."""
-    s = FilterSettings(**{**(settings or FilterSettings()).__dict__, **overrides})
+    """Return (kept examples in their original order, drop counts by reason). The filters are the `data.*`
+    keys of `settings` (defaults: DataConfig's); keyword `overrides` replace some of them
+    (`filter_pairs(examples, min_score_gap=1.0)`)."""
+    s = dataclasses.replace(settings or DataConfig(), **overrides)
     need_tokens = s.max_similarity < 1.0 or s.rebalance_length
     chosen = tokenize_texts([text_of(e.chosen) for e in examples], tokenizer) if need_tokens else None
     rejected = tokenize_texts([text_of(e.rejected) for e in examples], tokenizer) if need_tokens else None
@@ -111,15 +97,13 @@ class FilterResult:
     """Every record not written, by reason: invalid records (skipped) and filtered pairs."""
 
 
-def filter_file(
-    spec: str, out: Path, settings: FilterSettings, skip_invalid: bool, tokenizer=None, seed: int = 0
-) -> FilterResult:
+def filter_file(spec: str, out: Path, settings: DataConfig, tokenizer=None, seed: int = 0) -> FilterResult:
     """`dpokit data filter`: write the kept pairs of `spec` to `out` (JSONL, standard or message format,
     with their weight, scores and votes); every record of the file is kept or counted by reason."""
     from dpokit.data import load_examples
     from dpokit.metrics import write_jsonl
 
-    examples, stats = load_examples(spec, skip_invalid, skip_hint="--skip-invalid")
+    examples, stats = load_examples(spec, settings.skip_invalid, skip_hint="--skip-invalid")
     kept, dropped = filter_pairs(examples, settings, tokenizer, seed)
     rows = []
     for e in kept:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from dpokit.config import Config
 from dpokit.data import DataError, load_examples, split_by_prompt
-from dpokit.data.filters import FilterSettings, filter_pairs
+from dpokit.data.filters import filter_pairs
 from dpokit.tokenize import TokenizeStats, tokenize_pairs, tokenize_unpaired
 
 log = logging.getLogger(__name__)
@@ -59,13 +59,10 @@ def prepare_data(
     splits = splits or read_splits(cfg, unpaired)
     examples, eval_examples, stats = splits.train, splits.eval, dict(splits.stats)
     if not unpaired:
-        settings = FilterSettings.of(d)
         filtered = {}
-        examples, filtered["train"] = filter_pairs(examples, settings, tokenizer, cfg.train.seed)
+        examples, filtered["train"] = filter_pairs(examples, d, tokenizer, cfg.train.seed)
         # length rebalancing shapes what is learned; held-out pairs stay as they are
-        eval_examples, filtered["eval"] = filter_pairs(
-            eval_examples, settings, tokenizer, rebalance_length=False
-        )
+        eval_examples, filtered["eval"] = filter_pairs(eval_examples, d, tokenizer, rebalance_length=False)
         for name, dropped in filtered.items():
             if dropped:
                 log.warning("%s: filtered out %d pairs (%s)", name, sum(dropped.values()), dict(dropped))
