@@ -261,20 +261,57 @@ def _script_json(obj) -> str:
     return json.dumps(obj, default=str).replace("</", "<\\/")
 
 
-def build_html(data: dict) -> str:
-    from plotly.offline import get_plotlyjs
+class Figures:
+    """The page's plotly figures, by name: each section places a div, the page script draws them."""
 
-    cfg = data["config"] or {}
-    loss_cfg = cfg.get("loss", {}) or {}
-    loss_types = loss_cfg.get("type", ["sigmoid"]) or ["sigmoid"]
-    beta = float(loss_cfg.get("beta", 0.1))
-    sections: list[str] = []
-    figures: dict[str, dict] = {}
+    def __init__(self):
+        self.specs: dict[str, dict] = {}
 
-    def figure(name: str, fig: go.Figure) -> str:
-        figures[name] = json.loads(fig.to_json())
+    def __call__(self, name: str, fig: go.Figure) -> str:
+        self.specs[name] = json.loads(fig.to_json())
         return f"<div class='chart' id='chart-{name}'></div>"
 
+
+def build_html(data: dict) -> str:
+    """The page: one section per kind of evidence the run dir holds."""
+    from plotly.offline import get_plotlyjs
+
+    loss_cfg = (data["config"] or {}).get("loss", {}) or {}
+    loss_types = loss_cfg.get("type", ["sigmoid"]) or ["sigmoid"]
+    beta = float(loss_cfg.get("beta", 0.1))
+    figure = Figures()
+    sections = [
+        _run_section(data, loss_types, beta),
+        _eval_section(data["eval"] or {}, data["eval_samples"], figure),
+        _frontier_section(data["frontier"], figure),
+        _curves_section(data["metrics"], figure),
+        _pairs_section(data["pair_samples"], beta, figure),
+        _explorer_section(loss_types),
+        _samples_section(data["eval_samples"]),
+        _data_section(data["data_check"], data["data_stats"]),
+    ]
+    if data["config_text"]:
+        sections.append(
+            f"<section><h2>Resolved config</h2><pre>{html.escape(data['config_text'])}</pre></section>"
+        )
+    explorer_type = loss_types[0] if loss_types[0] in EXPLORER_LOSSES else "sigmoid"
+    params = {
+        k: loss_cfg.get(k)
+        for k in ("label_smoothing", "simpo_gamma", "discopop_tau", "f_divergence", "f_alpha")
+    }
+    return PAGE.format(
+        title=html.escape(f"dpokit report: {data['name']}"),
+        plotly=get_plotlyjs(),
+        body="\n".join(x for x in sections if x),
+        figures=_script_json(figure.specs),
+        explorer=_script_json(
+            {"type": explorer_type, "beta": beta, **{k: v for k, v in params.items() if v is not None}}
+        ),
+        script=EXPLORER_JS,
+    )
+
+
+def _run_section(data: dict, loss_types: list[str], beta: float) -> str:
     summary = data["summary"] or {}
     overview = {
         "run": data["name"],
@@ -286,157 +323,144 @@ def build_html(data: dict) -> str:
         "peak RSS (MiB)": summary.get("peak_rss_mib"),
     }
     warn = "".join(f"<li>{html.escape(str(w))}</li>" for w in summary.get("warnings", []) or [])
-    sections.append(
+    return (
         "<section><h2>Run</h2>"
         + _table({k: v for k, v in overview.items() if v is not None})
         + (f"<h3>Warnings</h3><ul>{warn}</ul>" if warn else "")
         + "</section>"
     )
 
-    ev = data["eval"] or {}
-    if ev:
-        parts = []
-        gen = ev.get("generation")
-        if gen:
-            rows = [
-                {"": "policy", **{k: gen.get(f"{k}/policy") for k in ("reward", "length", "finished")}},
-                {"": "reference", **{k: gen.get(f"{k}/reference") for k in ("reward", "length", "finished")}},
-            ]
-            headline = {
-                k: gen[k]
-                for k in (
-                    "reward/gain",
-                    "win_rate",
-                    "kl/sequence",
-                    "kl/sequence_stderr",
-                    "kl/token",
-                    "length/drift",
-                    "prompts",
-                    "samples_per_prompt",
-                )
-                if k in gen
-            }
-            parts.append(
-                "<h3>Sampled completions on held-out prompts: policy vs reference</h3>"
-                + _table(rows)
-                + _table(headline)
-                + f"<p class='muted'>sampling: {html.escape(json.dumps(gen.get('sampling', {})))}</p>"
-            )
-        before, after = ev.get("preference_before"), ev.get("preference_after")
-        if before and after:
-            rows = [{"metric": k, "before": before[k], "after": after.get(k, "")} for k in before]
-            parts.append("<h3>Held-out pairs, before and after training</h3>" + _table(rows))
-        elif ev.get("preference"):
-            parts.append("<h3>Held-out pairs</h3>" + _table(ev["preference"]))
-        hist = reward_histogram(data["eval_samples"])
-        if hist is not None:
-            parts.append(figure("reward_hist", hist))
-        sections.append("<section><h2>Evaluation</h2>" + "".join(parts) + "</section>")
 
-    if data["frontier"]:
-        sections.append(
-            "<section><h2>Reward vs KL frontier</h2>"
-            + figure("frontier", frontier_figure(data["frontier"]))
-            + _table(data["frontier"])
-            + "<p class='muted'>DPO and preferred-FT: sampled KL; best-of-N: the "
-            "analytic bound log N - (N-1)/N.</p></section>"
-        )
+HEADLINE = (
+    "reward/gain",
+    "win_rate",
+    "kl/sequence",
+    "kl/sequence_stderr",
+    "kl/token",
+    "length/drift",
+    "prompts",
+    "samples_per_prompt",
+)
 
-    curves = curve_figures(data["metrics"])
-    if curves:
-        sections.append(
-            "<section><h2>Training curves</h2><div class='grid'>"
-            + "".join(figure(n, f) for n, f in curves.items())
-            + "</div></section>"
-        )
 
-    pair_fig, pair_rows = pair_figure(data["pair_samples"], beta)
-    if pair_fig is not None:
-        table_rows = [
-            {k: v for k, v in r.items() if k not in ("prompt", "chosen", "rejected")} for r in pair_rows
+def _eval_section(ev: dict, eval_samples, figure: Figures) -> str:
+    if not ev:
+        return ""
+    parts = []
+    gen = ev.get("generation")
+    if gen:
+        rows = [
+            {"": "policy", **{k: gen.get(f"{k}/policy") for k in ("reward", "length", "finished")}},
+            {"": "reference", **{k: gen.get(f"{k}/reference") for k in ("reward", "length", "finished")}},
         ]
-        texts = {r["pair"]: r for r in pair_rows}
-        text_rows = [
-            {
-                "pair": i,
-                "prompt": r["prompt"][-300:],
-                "chosen": r["chosen"][:300],
-                "rejected": r["rejected"][:300],
-            }
-            for i, r in texts.items()
-        ]
-        sections.append(
-            "<section><h2>Log-ratios of real held-out pairs</h2>"
-            + figure("pairs", pair_fig)
-            + _table(table_rows)
-            + "<details><summary>the pairs</summary>"
-            + _table(text_rows)
-            + "</details></section>"
+        parts.append(
+            "<h3>Sampled completions on held-out prompts: policy vs reference</h3>"
+            + _table(rows)
+            + _table({k: gen[k] for k in HEADLINE if k in gen})
+            + f"<p class='muted'>sampling: {html.escape(json.dumps(gen.get('sampling', {})))}</p>"
         )
+    before, after = ev.get("preference_before"), ev.get("preference_after")
+    if before and after:
+        rows = [{"metric": k, "before": before[k], "after": after.get(k, "")} for k in before]
+        parts.append("<h3>Held-out pairs, before and after training</h3>" + _table(rows))
+    elif ev.get("preference"):
+        parts.append("<h3>Held-out pairs</h3>" + _table(ev["preference"]))
+    hist = reward_histogram(eval_samples)
+    if hist is not None:
+        parts.append(figure("reward_hist", hist))
+    return "<section><h2>Evaluation</h2>" + "".join(parts) + "</section>"
 
-    explorer_type = loss_types[0] if loss_types[0] in EXPLORER_LOSSES else "sigmoid"
-    note = (
-        ""
-        if explorer_type == loss_types[0]
-        else (
-            f"<p class='muted'>{html.escape(loss_types[0])} is not a function of two log-ratios alone; showing sigmoid.</p>"
-        )
+
+def _frontier_section(frontier, figure: Figures) -> str:
+    if not frontier:
+        return ""
+    return (
+        "<section><h2>Reward vs KL frontier</h2>"
+        + figure("frontier", frontier_figure(frontier))
+        + _table(frontier)
+        + "<p class='muted'>DPO and preferred-FT: sampled KL; best-of-N: the "
+        "analytic bound log N - (N-1)/N.</p></section>"
     )
+
+
+def _curves_section(metrics, figure: Figures) -> str:
+    curves = curve_figures(metrics)
+    if not curves:
+        return ""
+    return (
+        "<section><h2>Training curves</h2><div class='grid'>"
+        + "".join(figure(n, f) for n, f in curves.items())
+        + "</div></section>"
+    )
+
+
+def _pairs_section(pair_samples, beta: float, figure: Figures) -> str:
+    pair_fig, pair_rows = pair_figure(pair_samples, beta)
+    if pair_fig is None:
+        return ""
+    table_rows = [
+        {k: v for k, v in r.items() if k not in ("prompt", "chosen", "rejected")} for r in pair_rows
+    ]
+    texts = {r["pair"]: r for r in pair_rows}
+    text_rows = [
+        {
+            "pair": i,
+            "prompt": r["prompt"][-300:],
+            "chosen": r["chosen"][:300],
+            "rejected": r["rejected"][:300],
+        }
+        for i, r in texts.items()
+    ]
+    return (
+        "<section><h2>Log-ratios of real held-out pairs</h2>"
+        + figure("pairs", pair_fig)
+        + _table(table_rows)
+        + "<details><summary>the pairs</summary>"
+        + _table(text_rows)
+        + "</details></section>"
+    )
+
+
+def _explorer_section(loss_types: list[str]) -> str:
+    explorer_type = loss_types[0] if loss_types[0] in EXPLORER_LOSSES else "sigmoid"
+    note = ""
+    if explorer_type != loss_types[0]:
+        note = f"<p class='muted'>{html.escape(loss_types[0])} is not a function of two log-ratios alone; showing sigmoid.</p>"
     if len(loss_types) > 1:
         note += "<p class='muted'>The run combines several losses; the explorer shows the first.</p>"
-    sections.append(
-        EXPLORER_HTML.format(
-            note=note,
-            options="".join(
-                f"<option value='{t}'{' selected' if t == explorer_type else ''}>{t}</option>"
-                for t in EXPLORER_LOSSES
-            ),
-        )
+    options = "".join(
+        f"<option value='{t}'{' selected' if t == explorer_type else ''}>{t}</option>"
+        for t in EXPLORER_LOSSES
     )
+    return EXPLORER_HTML.format(note=note, options=options)
 
-    if data["eval_samples"]:
-        rows = []
-        for r in data["eval_samples"][:12]:
-            prompt = (
-                r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"], ensure_ascii=False)
+
+def _samples_section(eval_samples) -> str:
+    if not eval_samples:
+        return ""
+    rows = []
+    for r in eval_samples[:12]:
+        prompt = r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"], ensure_ascii=False)
+        for k, (p, q) in enumerate(zip(r["policy"], r["reference"], strict=False)):
+            rows.append(
+                {
+                    "prompt": prompt if k == 0 else "",
+                    "policy": p,
+                    "reward (policy)": r["reward_policy"][k],
+                    "reference": q,
+                    "reward (reference)": r["reward_reference"][k],
+                }
             )
-            for k, (p, q) in enumerate(zip(r["policy"], r["reference"], strict=False)):
-                rows.append(
-                    {
-                        "prompt": prompt if k == 0 else "",
-                        "policy": p,
-                        "reward (policy)": r["reward_policy"][k],
-                        "reference": q,
-                        "reward (reference)": r["reward_reference"][k],
-                    }
-                )
-        sections.append("<section><h2>Sample generations</h2>" + _table(rows) + "</section>")
-    if data["data_check"] or data["data_stats"]:
-        parts = []
-        if data["data_check"]:
-            parts.append("<h3>Data check</h3>" + _table(_flatten(data["data_check"])))
-        if data["data_stats"]:
-            parts.append("<h3>Loading and tokenization</h3>" + _table(_flatten(data["data_stats"])))
-        sections.append("<section><h2>Data</h2>" + "".join(parts) + "</section>")
-    if data["config_text"]:
-        sections.append(
-            f"<section><h2>Resolved config</h2><pre>{html.escape(data['config_text'])}</pre></section>"
-        )
+    return "<section><h2>Sample generations</h2>" + _table(rows) + "</section>"
 
-    params = {
-        k: loss_cfg.get(k)
-        for k in ("label_smoothing", "simpo_gamma", "discopop_tau", "f_divergence", "f_alpha")
-    }
-    return PAGE.format(
-        title=html.escape(f"dpokit report: {data['name']}"),
-        plotly=get_plotlyjs(),
-        body="\n".join(sections),
-        figures=_script_json(figures),
-        explorer=_script_json(
-            {"type": explorer_type, "beta": beta, **{k: v for k, v in params.items() if v is not None}}
-        ),
-        script=EXPLORER_JS,
-    )
+
+def _data_section(data_check, data_stats) -> str:
+    parts = []
+    if data_check:
+        parts.append("<h3>Data check</h3>" + _table(_flatten(data_check)))
+    if data_stats:
+        parts.append("<h3>Loading and tokenization</h3>" + _table(_flatten(data_stats)))
+    return "<section><h2>Data</h2>" + "".join(parts) + "</section>" if parts else ""
 
 
 def _flatten(d, prefix: str = "") -> dict:

@@ -115,6 +115,11 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
             unwrap(policy).model, s.tokenizer, run_dir, step, extra=extra, name=name, training_state=state
         )
 
+    def summarize(stopped: str, final_eval: dict | None, ckpt: Path | None) -> None:
+        if acc.is_main_process:
+            wall = time.perf_counter() - started
+            write_summary(run_dir, history, initial_eval, final_eval, ckpt, wall, stopped, guards, ref_stats)
+
     live = bool(t.report_to or trackers)
     if live:
         acc.init_trackers(run_dir.name, config=flat_config(cfg))
@@ -138,17 +143,7 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
                 # the update is not applied: the weights are still those of the last good step
                 last_good = save(step - 1, name=f"step-{step - 1}-last-good")
                 reason = non_finite_message(record["loss"], grad_norm, step, cfg, last_good)
-                write_summary(
-                    run_dir,
-                    history,
-                    initial_eval,
-                    None,
-                    last_good,
-                    time.perf_counter() - started,
-                    reason,
-                    guards,
-                    ref_stats,
-                )
+                summarize(reason, None, last_good)
                 raise TrainingError(reason)
             optimizer.step()
             scheduler.step()
@@ -175,18 +170,7 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
     if t.save_final:
         ckpt = save(len(history))
     stopped = guards.stop_reason or "completed all steps"
-    if acc.is_main_process:
-        write_summary(
-            run_dir,
-            history,
-            initial_eval,
-            final_eval,
-            ckpt,
-            time.perf_counter() - started,
-            stopped,
-            guards,
-            ref_stats,
-        )
+    summarize(stopped, final_eval, ckpt)
     return RunResult(run_dir, history, initial_eval, final_eval, ckpt, unwrap(policy).model, stopped)
 
 
