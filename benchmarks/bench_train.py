@@ -26,7 +26,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-HH = HERE.parents[1] / "shared" / "data" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
+sys.path.insert(0, str(HERE.parent / "tests"))
+from helpers import HH_HELPFUL as HH  # noqa: E402
+from helpers import load_cfg  # noqa: E402
 
 # name -> (tool, options); WORK says what a step of each computes: (reference forward in the step,
 # prompt computed once per pair)
@@ -73,13 +75,13 @@ def select_pairs(n: int, max_length: int, max_prompt_length: int, out: Path) -> 
 
 
 def child_dpokit(args, extra: list[str]) -> dict:
-    from dpokit.config import load_config
     from dpokit.train import train
 
     run_dir = tempfile.mkdtemp(prefix="bench-dpokit-")
     overrides = [
-        "model.name=smollm2-135m-instruct",
         f"data.train={args.data}",
+        "data.limit=0",
+        "data.eval_fraction=0",
         f"data.max_length={args.max_length}",
         f"data.max_prompt_length={args.max_prompt_length}",
         f"lora.enabled={args.mode == 'lora'}",
@@ -93,16 +95,12 @@ def child_dpokit(args, extra: list[str]) -> dict:
         "train.max_grad_norm=1.0",
         f"train.bf16={args.precision == 'bf16'}",
         f"train.fast_fp32_matmul={args.fast_fp32_matmul}",
-        "train.device=cpu",
-        "train.progress=false",
-        "train.save_final=false",
-        f"train.run_dir={run_dir}",
         f"train.ref_cache_dir={run_dir}/ref",
         "eval.at_start=false",
         *extra,
     ]
     t0 = time.perf_counter()
-    result = train(load_config(None, overrides))
+    result = train(load_cfg("smollm2-135m-instruct", run_dir, *overrides))
     wall = time.perf_counter() - t0
     times = [r["step_time_s"] for r in result.history]
     return {

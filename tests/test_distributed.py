@@ -9,6 +9,8 @@ from dpokit.metrics import read_metrics
 from dpokit.train import train
 from helpers import cli_args, load_cfg
 
+pytestmark = pytest.mark.slow  # several processes per test
+
 KEYS = (
     "loss",
     "grad_norm",

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from dpokit.guards import Guards
 from dpokit.train import TrainingError, train
@@ -131,3 +132,27 @@ def test_guard_unit_logic():
     assert not g.on_eval({"step": 3, "eval/rewards/margins": 0.5})
     assert g.stop_reason and "best +1.0000 at step 1" in g.stop_reason
     assert math.isfinite(g.best)
+
+
+def test_bf16_full_finetuning_of_grid_weights_warns(tmp_path, tiny_model_dir):
+    """Weights that are exactly bf16 values (a bf16-published or dequantized checkpoint) get the bf16 warning
+    with the fix; random fp32 weights, fp32 training and LoRA do not."""
+    from dpokit.models import load_model
+
+    grid = tmp_path / "grid-model"
+    model = load_model(str(tiny_model_dir))
+    model.to(torch.bfloat16).to(torch.float32).save_pretrained(grid)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_model_dir / name).exists():
+            (grid / name).write_bytes((tiny_model_dir / name).read_bytes())
+
+    def warnings_of(model_dir, *extra):
+        result = train(cfg(tmp_path / str(len(list(tmp_path.iterdir()))), model_dir, "train.max_steps=1", *extra))
+        return json.loads((result.run_dir / "summary.json").read_text())["warnings"]
+
+    full_bf16 = ("lora.enabled=false", "train.bf16=true", "train.lr=1e-5")
+    said = warnings_of(grid, *full_bf16)
+    assert any("100.0% of the weights are exactly bf16 values" in w and "train.bf16=false" in w for w in said), said
+    assert not warnings_of(tiny_model_dir, *full_bf16)
+    assert not any("bf16" in w for w in warnings_of(grid, "lora.enabled=false"))
+    assert not any("bf16" in w for w in warnings_of(grid, "train.bf16=true"))

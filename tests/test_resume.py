@@ -43,6 +43,7 @@ def strip(records):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["loss.type=bco_pair"]], ids=["sigmoid", "bco_pair"])
 def test_sigkill_then_resume_gives_the_same_result(tmp_path, tiny_model_dir, extra):
     reference = train(load_config(None, overrides(tiny_model_dir, tmp_path / "straight", *extra)))

@@ -59,7 +59,8 @@ class Objective:
         self.params = asdict(cfg)
         self.unpaired = LOSSES[self.names[0]].unpaired
         self.needs_reference = any(LOSSES[n].needs_reference for n in self.names)
-        self.bco = RunningMean() if "bco_pair" in self.names else None
+        # a loss that takes `bco_delta` needs the running mean reward (BCO's baseline), kept here
+        self.bco = RunningMean() if any("bco_delta" in LOSSES[n].params for n in self.names) else None
         self.reduce_mean = reduce_mean or (lambda t: t)  # averages a tensor over ranks
 
     def state_dict(self) -> dict:
