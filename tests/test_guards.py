@@ -147,12 +147,16 @@ def test_bf16_full_finetuning_of_grid_weights_warns(tmp_path, tiny_model_dir):
             (grid / name).write_bytes((tiny_model_dir / name).read_bytes())
 
     def warnings_of(model_dir, *extra):
-        result = train(cfg(tmp_path / str(len(list(tmp_path.iterdir()))), model_dir, "train.max_steps=1", *extra))
+        result = train(
+            cfg(tmp_path / str(len(list(tmp_path.iterdir()))), model_dir, "train.max_steps=1", *extra)
+        )
         return json.loads((result.run_dir / "summary.json").read_text())["warnings"]
 
     full_bf16 = ("lora.enabled=false", "train.bf16=true", "train.lr=1e-5")
     said = warnings_of(grid, *full_bf16)
-    assert any("100.0% of the weights are exactly bf16 values" in w and "train.bf16=false" in w for w in said), said
+    assert any(
+        "100.0% of the weights are exactly bf16 values" in w and "train.bf16=false" in w for w in said
+    ), said
     assert not warnings_of(tiny_model_dir, *full_bf16)
     assert not any("bf16" in w for w in warnings_of(grid, "lora.enabled=false"))
     assert not any("bf16" in w for w in warnings_of(grid, "train.bf16=true"))
