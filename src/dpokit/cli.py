@@ -243,10 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args, flags)
     except USER_ERRORS as err:
+        end_process_group(in_step=False)
         print(f"dpokit {args.command}: error: {err}", file=sys.stderr)
         return 2
-    finally:
-        end_process_group()
+    end_process_group(in_step=True)
     return 0
 
 
@@ -261,11 +261,15 @@ def configure_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def end_process_group() -> None:
-    """Tear the process group down before exit: gloo aborts a process that exits with it still alive."""
+def end_process_group(in_step: bool) -> None:
+    """Tear the process group down before exit: gloo aborts a process (`terminate called without an active
+    exception`) that exits while another still talks to it. `in_step`: every process got here together (a
+    finished command), so they first wait for each other; after an error one may never come."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if in_step:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -457,4 +461,13 @@ def launch_data_parallel(n: int, argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "RANK" in os.environ:  # a process of a data-parallel launch
+        # gloo's worker threads can abort interpreter finalization at random (SIGABRT: `terminate called without
+        # an active exception`), destroyed process group or not (seen 1 run in 4 here). Everything is written
+        # and flushed by now, so such a process leaves without finalizing.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
