@@ -45,7 +45,7 @@ LEAN = [*FAST, "train.gradient_checkpointing=true", "train.logps_chunk_size=128"
 CONTENDERS = {
     "trl_default": ("trl", {"gradient_checkpointing": True, "precompute": False}),
     "trl_fast": ("trl", {"gradient_checkpointing": False, "precompute": True}),
-    "dpokit_padded": ("dpokit", []),
+    "dpokit_padded": ("dpokit", ["train.prefix_sharing=false", "train.packing=false"]),
     "dpokit_fast": ("dpokit", FAST),
     "dpokit_lean": ("dpokit", LEAN),
     "dpokit_lean_lowmem": ("dpokit", [*LEAN, "train.low_memory_allocator=true"]),

@@ -1,5 +1,6 @@
-"""Invariance: padded == prefix-shared == packed == packed + prefix-shared, for log-probs, gradients and
-the loss trajectory of a short run (fp32)."""
+"""Invariance: padded == prefix-shared == packed == packed + prefix-shared, each with block attention and
+with the dense reference masks, for log-probs, gradients and the loss trajectory of a short run (fp32);
+and one prompt with N branches equals N separate sequences."""
 
 import random
 
@@ -18,6 +19,10 @@ LAYOUTS = {
     "prefix_shared": Layout(prefix_share=True),
     "packed": Layout(pack=True, pack_tokens=64),
     "packed_prefix_shared": Layout(prefix_share=True, pack=True, pack_tokens=64),
+    "prefix_shared_blocks": Layout(prefix_share=True, attention="blocks"),
+    "packed_blocks": Layout(pack=True, pack_tokens=64, attention="blocks"),
+    "packed_prefix_shared_blocks": Layout(prefix_share=True, pack=True, pack_tokens=64, attention="blocks"),
+    "one_row_blocks": Layout(prefix_share=True, pack=True, pack_tokens=10**6, attention="blocks"),
 }
 
 
@@ -32,8 +37,11 @@ def random_pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    torch.manual_seed(0)
-    return load_model(str(tiny_model_dir)).eval()
+    from dpokit.attention import enable_blocks
+
+    model = load_model(str(tiny_model_dir)).eval()
+    assert enable_blocks(model)  # block batches run per document; every other call is plain sdpa
+    return model
 
 
 def seq_logps_and_grads(model, batch):
@@ -63,15 +71,42 @@ def test_packing_removes_padding_and_prefix_sharing_the_second_prompt():
     assert tokens["prefix_shared"].num_tokens == real - sum(len(p.prompt_ids) for p in pairs)
     assert tokens["packed"].input_ids.numel() < tokens["padded"].input_ids.numel()
     assert tokens["packed_prefix_shared"].num_tokens == tokens["prefix_shared"].num_tokens
+    assert (
+        tokens["one_row_blocks"].input_ids.numel() == tokens["prefix_shared"].num_tokens
+    )  # no padding at all
+
+
+def test_one_prompt_with_n_branches_equals_n_separate_sequences(model):
+    """The tree of the on-policy rounds: a prompt and 3 sampled completions in one document (blocks and
+    dense), packed with a second document, against each completion in a row of its own."""
+    from dpokit.batching import Doc, build_batch
+
+    rng = random.Random(3)
+    ids = lambda k: [rng.randrange(3, 250) for _ in range(k)]  # noqa: E731
+    docs = [Doc(ids(6), ((ids(4), 0), (ids(7), 1), (ids(2), 2))), Doc(ids(3), ((ids(5), 3), (ids(1), 4)))]
+    single = [Doc(d.prompt, (branch,)) for d in docs for branch in d.completions]
+    plain = build_batch(single, [[i] for i in range(len(single))], 0, [1.0] * 5, "padding")
+    want, _ = seq_logps_and_grads(model, plain)
+    for mask in ("blocks", "dense"):
+        got, _ = seq_logps_and_grads(model, build_batch(docs, [[0, 1]], 0, [1.0, 1.0], mask))
+        assert torch.allclose(got, want, atol=1e-5, rtol=0), mask
 
 
 def test_training_trajectory_is_the_same_in_every_layout(tmp_path, tiny_model_dir):
     histories = {}
+    dense = "train.attention=dense"
     for name, flags in {
         "padded": [],
         "prefix_shared": ["train.prefix_sharing=true"],
         "packed": ["train.packing=true", "train.pack_tokens=400"],
         "packed_prefix_shared": ["train.packing=true", "train.prefix_sharing=true", "train.pack_tokens=400"],
+        "packed_prefix_shared_dense": ["train.packing=true", "train.prefix_sharing=true", dense],
+        "prefix_shared_dense_checkpointed": [
+            "train.prefix_sharing=true",
+            dense,
+            "train.gradient_checkpointing=true",
+        ],
+        "packed_blocks_checkpointed": ["train.packing=true", "train.gradient_checkpointing=true"],
     }.items():
         cfg = load_cfg(tiny_model_dir, tmp_path / name, *flags)
         histories[name] = train(cfg).history

@@ -82,6 +82,8 @@ def test_precomputed_reference_covers_only_the_scheduled_pairs(tmp_path, tiny_mo
             tiny_model_dir,
             tmp_path / "r",
             "data.limit=200",
+            "train.prefix_sharing=false",
+            "train.packing=false",
             "data.eval_fraction=0",
             "train.max_steps=2",
             "train.precompute_ref=true",
@@ -181,7 +183,7 @@ def test_precompute_command_fills_what_training_reuses_and_settings_key_the_cach
     stats = json.loads((run.run_dir / "summary.json").read_text())["reference"]
     assert stats["train"]["computed"] == 0 and stats["eval"]["computed"] == 0
     for i, changed in enumerate(
-        ("data.max_prompt_length=32", "loss.ld_alpha=0.5", "train.bf16=true", "train.packing=true")
+        ("data.max_prompt_length=32", "loss.ld_alpha=0.5", "train.bf16=true", "train.packing=false")
     ):
         run = train(
             load_cfg(tiny_model_dir, tmp_path / f"r{i + 2}", *common, changed, "train.precompute_ref=true")

@@ -17,11 +17,18 @@ rejected is sequence P + p.
 
 from __future__ import annotations
 
+import heapq
+import logging
+import math
 from dataclasses import dataclass
 
 import torch
 
 from dpokit.tokenize import TokenizedPair, TokenizedUnpaired
+
+log = logging.getLogger(__name__)
+Block = tuple[int, int, int, "torch.Tensor | None"]
+"""(row, first position, length, (length, length) bool mask or None for plain causal) of one document."""
 
 
 @dataclass
@@ -30,8 +37,9 @@ class Batch:
     """(R, T) token ids; padding holds pad_id."""
     position_ids: torch.Tensor
     """(R, T) positions fed to the rotary/absolute embeddings."""
-    attention_mask: torch.Tensor
-    """(R, T) 1/0 padding mask (causal attention implied), or (R, 1, T, T) bool, True = may attend."""
+    attention_mask: torch.Tensor | None
+    """(R, T) 1/0 padding mask (causal attention implied), (R, 1, T, T) bool (True = may attend), or None
+    with `blocks`."""
     pred_index: torch.Tensor
     """(N,) flat index (row * T + position) of the hidden state that predicts each completion token."""
     target_ids: torch.Tensor
@@ -49,6 +57,8 @@ class Batch:
     """(P,) or (B,) index of each pair/example in its data split (keys the precomputed reference cache)."""
     labels: torch.Tensor | None = None
     """(B,) bool desirability of unpaired examples (KTO); None for pairs."""
+    blocks: list[Block] | None = None
+    """Per-document attention (attention.py): (row, start, length, mask or None) of every document."""
 
     @property
     def num_pairs(self) -> int:
@@ -64,12 +74,21 @@ class Batch:
         return torch.bincount(self.seq_index, minlength=self.num_seqs)
 
     @property
-    def model_args(self) -> tuple[torch.Tensor, ...]:
+    def model_args(self) -> tuple:
         """The positional inputs of `CompletionLogps.forward`."""
-        return self.input_ids, self.position_ids, self.attention_mask, self.pred_index, self.target_ids
+        return (
+            self.input_ids,
+            self.position_ids,
+            self.attention_mask,
+            self.pred_index,
+            self.target_ids,
+            self.blocks,
+        )
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        if self.blocks is not None:
+            moved["blocks"] = [(r, s, n, None if m is None else m.to(device)) for r, s, n, m in self.blocks]
         return Batch(**moved)
 
 
@@ -95,28 +114,58 @@ def pair_docs(pairs: list[TokenizedPair], prefix_share: bool) -> list[Doc]:
 
 
 def pack_rows(docs: list[Doc], budget: int) -> list[list[int]]:
-    """First-fit decreasing: document indices per row, each row holding at most `budget` tokens
-    (a document longer than the budget gets a row of its own)."""
-    order = sorted(range(len(docs)), key=lambda i: (-len(docs[i]), i))
-    rows: list[list[int]] = []
-    space: list[int] = []
-    for i in order:
-        n = len(docs[i])
-        for r, free in enumerate(space):
-            if free >= n:
-                rows[r].append(i)
-                space[r] -= n
-                break
-        else:
-            rows.append([i])
-            space.append(budget - n)
-    return [sorted(row) for row in rows]
+    """Document indices per row: as many rows as `budget` tokens a row asks for (ceil(total / budget)), filled
+    to nearly equal lengths, longest document first into the shortest row, so that padding to the longest
+    row costs little. A row exceeds the budget by less than one document."""
+    total = sum(len(d) for d in docs)
+    n_rows = max(1, min(len(docs), math.ceil(total / budget)))
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    loads = [(0, r) for r in range(n_rows)]  # (tokens so far, row): a min-heap
+    for i in sorted(range(len(docs)), key=lambda i: (-len(docs[i]), i)):
+        load, r = heapq.heappop(loads)
+        rows[r].append(i)
+        heapq.heappush(loads, (load + len(docs[i]), r))
+    return [sorted(row) for row in rows if row]
+
+
+def doc_blocks(docs: list[Doc], rows: list[list[int]]) -> list[Block]:
+    """Where each document lies in its row, and its attention mask: plain causal (None) with one branch,
+    else the rule of the module docstring on its own (length x length) square."""
+    blocks = []
+    for r, row in enumerate(rows):
+        start = 0
+        for d in row:
+            doc, n = docs[d], len(docs[d])
+            mask = None
+            if len(doc.completions) > 1:
+                branch = torch.cat(
+                    [torch.zeros(len(doc.prompt), dtype=torch.long)]
+                    + [
+                        torch.full((len(c),), b, dtype=torch.long)
+                        for b, (c, _) in enumerate(doc.completions, start=1)
+                    ]
+                )
+                visible = (branch.unsqueeze(0) == 0) | (branch.unsqueeze(1) == branch.unsqueeze(0))
+                mask = torch.ones(n, n, dtype=torch.bool).tril() & visible
+            blocks.append((r, start, n, mask))
+            start += n
+    return blocks
+
+
+MASKS = ("padding", "dense", "blocks")
+DENSE_ROW_WARN = 4.0
+"""Warn when a densely masked packed row is this many times longer than its documents on average."""
+_warned_dense = False
 
 
 def build_batch(
-    docs: list[Doc], rows: list[list[int]], pad_id: int, weights: list[float], dense_mask: bool
+    docs: list[Doc], rows: list[list[int]], pad_id: int, weights: list[float], mask: str
 ) -> Batch:
-    """Lay documents into rows and index every completion token (see the module docstring)."""
+    """Lay documents into rows and index every completion token (see the module docstring).
+
+    `mask`: padding (one document per row, a 2D padding mask: SDPA's fast causal path), dense (the rule as
+    one (R, 1, T, T) mask: the reference implementation) or blocks (per-document attention, attention.py).
+    """
     R, T = len(rows), max(sum(len(docs[i]) for i in row) for row in rows)
     input_ids = torch.full((R, T), pad_id, dtype=torch.long)
     position_ids = torch.zeros((R, T), dtype=torch.long)
@@ -149,17 +198,14 @@ def build_batch(
                 cpos += range(n)
                 t += n
     real = doc_of >= 0
-    if dense_mask:
-        same_doc = (doc_of.unsqueeze(2) == doc_of.unsqueeze(1)) & real.unsqueeze(2)
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        visible = (branch.unsqueeze(1) == 0) | (branch.unsqueeze(2) == branch.unsqueeze(1))
-        mask = same_doc & causal & visible
-        mask |= torch.eye(T, dtype=torch.bool) & ~real.unsqueeze(
-            2
-        )  # padding sees itself: no empty softmax rows
-        attention_mask = mask.unsqueeze(1)  # (R, 1, T, T)
-    else:
+    attention_mask, blocks = None, None
+    if mask == "padding":
         attention_mask = real.long()
+    elif mask == "dense":
+        attention_mask = dense_mask(doc_of, branch)
+        _warn_long_dense_rows(docs, rows, T)
+    else:
+        blocks = doc_blocks(docs, rows)
     return Batch(
         input_ids=input_ids,
         position_ids=position_ids,
@@ -171,26 +217,60 @@ def build_batch(
         num_seqs=sum(len(doc.completions) for doc in docs),
         weights=torch.tensor(weights, dtype=torch.float32),
         num_tokens=int(real.sum()),
+        blocks=blocks,
+    )
+
+
+def dense_mask(doc_of: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """(R, 1, T, T) bool: the attention rule over whole rows (True = may attend)."""
+    T = doc_of.shape[1]
+    real = doc_of >= 0
+    same_doc = (doc_of.unsqueeze(2) == doc_of.unsqueeze(1)) & real.unsqueeze(2)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    visible = (branch.unsqueeze(1) == 0) | (branch.unsqueeze(2) == branch.unsqueeze(1))
+    mask = same_doc & causal & visible
+    mask |= torch.eye(T, dtype=torch.bool) & ~real.unsqueeze(2)  # padding sees itself: no empty softmax rows
+    return mask.unsqueeze(1)
+
+
+def _warn_long_dense_rows(docs: list[Doc], rows: list[list[int]], T: int) -> None:
+    """Dense attention costs the row length squared: say so once when rows dwarf their documents."""
+    global _warned_dense
+    mean_doc = sum(len(d) for d in docs) / max(len(docs), 1)
+    if _warned_dense or max(len(r) for r in rows) < 2 or T < DENSE_ROW_WARN * mean_doc:
+        return
+    _warned_dense = True
+    log.warning(
+        "packed rows of %d tokens hold documents of %.0f tokens on average: dense attention costs the row length "
+        "squared, about %.0fx what the documents need. Use train.attention=blocks, or lower train.pack_tokens.",
+        T,
+        mean_doc,
+        T / mean_doc,
     )
 
 
 @dataclass(frozen=True)
 class Layout:
-    """How a micro-batch is laid out: prefix sharing and/or packing (both off = padded)."""
+    """How a micro-batch is laid out: prefix sharing and/or packing (both off = padded), and how the rows
+    of those two attend (`attention`: blocks, or dense as the reference implementation)."""
 
     prefix_share: bool = False
     pack: bool = False
     pack_tokens: int = 4096
-    """Token budget of a packed row."""
+    """Target tokens of a packed row (see pack_rows)."""
+    attention: str = "dense"
+    """blocks or dense; the model must run block attention for blocks (attention.enable_blocks)."""
 
     def rows(self, docs: list[Doc]) -> list[list[int]]:
         return pack_rows(docs, self.pack_tokens) if self.pack else [[i] for i in range(len(docs))]
 
+    def mask(self, prefix_share: bool) -> str:
+        return "padding" if not (prefix_share or self.pack) else self.attention
+
     def pairs(self, pairs: list[TokenizedPair], pad_id: int, ids: list[int] | None = None) -> Batch:
         docs = pair_docs(pairs, self.prefix_share)
-        # a plain padded layout keeps the 2D padding mask (causal attention implied: SDPA's fast path)
         batch = build_batch(
-            docs, self.rows(docs), pad_id, [p.weight for p in pairs], self.prefix_share or self.pack
+            docs, self.rows(docs), pad_id, [p.weight for p in pairs], self.mask(self.prefix_share)
         )
         batch.example_ids = None if ids is None else torch.tensor(ids, dtype=torch.long)
         return batch
@@ -206,7 +286,7 @@ class Layout:
         B = len(examples)
         weights = [e.weight for e in examples]
         docs = [Doc(e.prompt_ids, ((e.completion_ids, i),)) for i, e in enumerate(examples)]
-        targets = build_batch(docs, self.rows(docs), pad_id, weights, self.pack)
+        targets = build_batch(docs, self.rows(docs), pad_id, weights, self.mask(False))
         targets.labels = torch.tensor([e.label for e in examples], dtype=torch.bool)
         targets.example_ids = None if ids is None else torch.tensor(ids, dtype=torch.long)
         shifted = [
@@ -216,7 +296,9 @@ class Layout:
             )
             for i, e in enumerate(examples)
         ]
-        return UnpairedBatch(targets, build_batch(shifted, self.rows(shifted), pad_id, [1.0] * B, self.pack))
+        return UnpairedBatch(
+            targets, build_batch(shifted, self.rows(shifted), pad_id, [1.0] * B, self.mask(False))
+        )
 
 
 @dataclass

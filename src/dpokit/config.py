@@ -154,12 +154,20 @@ class TrainConfig:
     """auto (cuda if present, else cpu), cpu or cuda."""
     logps_chunk_size: int = 256
     """Completion tokens per chunk of the LM head + log-softmax (bounds the [tokens, vocab] buffer)."""
-    prefix_sharing: bool = False
-    """Prompt + chosen + rejected in one sequence: the prompt is computed once per pair (exact)."""
-    packing: bool = False
-    """Pack several sequences per row up to `pack_tokens`, with block-diagonal masks: no padding compute."""
-    pack_tokens: int = 4096
-    """Token budget of a packed row."""
+    prefix_sharing: bool = True
+    """Prompt + chosen + rejected in one sequence: the prompt is computed once per pair (exact; false = one
+    padded row per sequence, the plain layout)."""
+    packing: bool = True
+    """Pack several documents per row (`pack_tokens`), each attending only within itself: no padding compute
+    (exact; false = one document per row)."""
+    pack_tokens: int = 0
+    """Target tokens of a packed row: a micro-batch's documents spread over ceil(total / pack_tokens) rows
+    of nearly equal length. 0 = twice data.max_length (measured in docs/performance.md: with block attention
+    the row length barely matters; with dense masks longer rows cost their length squared)."""
+    attention: str = "blocks"
+    """How prefix-shared and packed rows attend: blocks (each document on its own: attention costs what the
+    documents cost) or dense (one masked attention over the whole row: the reference implementation, and the
+    fallback for models that attend otherwise, e.g. eager or sliding-window attention)."""
     precompute_ref: bool = False
     """Compute reference log-probs once before training and cache them on disk (no reference passes in
     training; full fine-tuning then holds no frozen copy)."""

@@ -117,12 +117,21 @@ class Compared:
         """A LoRA policy against itself with its adapters off (the reference of its training)."""
         clp = CompletionLogps(policy, cfg.train.logps_chunk_size, cfg.train.bf16)
         return cls(
-            policy, Reference.adapters_off(clp), tokenizer, cfg.loss, layout_of(cfg), cfg.train.bf16, source
+            policy,
+            Reference.adapters_off(clp),
+            tokenizer,
+            cfg.loss,
+            layout_of(cfg, policy),
+            cfg.train.bf16,
+            source,
         )
 
 
-def layout_of(cfg) -> Layout:
-    return Layout(cfg.train.prefix_sharing, cfg.train.packing, cfg.train.pack_tokens)
+def layout_of(cfg, model, *more) -> Layout:
+    """The run's layout for these models (block attention where they can run it)."""
+    from dpokit.session import layout_for
+
+    return layout_for(cfg, model, *more)
 
 
 def run_checkpoint(run_dir: Path) -> Path:
@@ -190,7 +199,9 @@ def load_for_eval(
                 models.resolve_model_path(cfg.model.name), cfg.model.trust_remote_code
             )
     reference = Reference.separate(ref_model.to(device), cfg.train.logps_chunk_size, cfg.train.bf16)
-    return Compared(policy, reference, tokenizer, cfg.loss, layout_of(cfg), cfg.train.bf16, source)
+    return Compared(
+        policy, reference, tokenizer, cfg.loss, layout_of(cfg, policy, ref_model), cfg.train.bf16, source
+    )
 
 
 def load_prompts(spec: str, split: str | None = None, limit: int = 0, key: str = "--prompts") -> list:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dpokit.attention import enable_blocks
 from dpokit.batching import Doc, build_batch
 from dpokit.logps import CompletionLogps, sum_by_sequence
 from dpokit.progress import Progress
@@ -136,8 +137,9 @@ def sequence_logps(
 ) -> torch.Tensor:
     """(num_prompts, n) log-probs of each sampled completion (summed over its tokens) under `model`
     (temperature 1, no top-p: the model's own distribution). The n samples of a prompt share one
-    prompt forward (prefix sharing)."""
+    prompt forward (prefix sharing), with per-document attention where the model allows it."""
     clp = CompletionLogps(model, chunk_size, bf16)
+    mask = "blocks" if enable_blocks(model) else "dense"
     device = next(model.parameters()).device
     n = len(samples[0]) if samples else 0
     rows = []
@@ -148,9 +150,9 @@ def sequence_logps(
                 Doc(g[0].prompt_ids, tuple((s.completion_ids, j * n + k) for k, s in enumerate(g)))
                 for j, g in enumerate(group)
             ]
-            batch = build_batch(
-                docs, [[d] for d in range(len(docs))], pad_id, [1.0] * len(docs), dense_mask=True
-            ).to(device)
+            batch = build_batch(docs, [[d] for d in range(len(docs))], pad_id, [1.0] * len(docs), mask).to(
+                device
+            )
             tok = clp(*batch.model_args)
             rows.append(
                 sum_by_sequence(tok.float(), batch.seq_index, batch.num_seqs).view(len(group), n).cpu()

@@ -95,14 +95,34 @@ class CompletionLogps(nn.Module):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         pred_index: torch.Tensor,
         target_ids: torch.Tensor,
+        blocks: list | None = None,
         with_sq: bool = False,
     ):
+        """Batch.model_args -> (N,) log-probs of the completion tokens. `blocks` (per-document attention)
+        needs a model switched to block attention (attention.enable_blocks)."""
         decoder, head = self._parts()
+        extra = {}
+        if blocks is not None:
+            if decoder.config._attn_implementation != "dpokit_blocks":
+                raise ValueError(
+                    "this batch attends per document (blocks), but the model runs "
+                    f"{decoder.config._attn_implementation!r} attention: call dpokit.attention.enable_blocks(model) "
+                    "first, or build the batch with dense masks"
+                )
+            # Block attention ignores the mask; any 4D mask stops transformers from building a (T x T) one.
+            attention_mask = torch.ones(
+                input_ids.shape[0], 1, 1, 1, dtype=torch.bool, device=input_ids.device
+            )
+            extra["doc_blocks"] = blocks
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             hidden = decoder(
-                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                use_cache=False,
+                **extra,
             ).last_hidden_state  # (R, T, H)
             return token_logps(hidden, head, pred_index, target_ids, self.chunk_size, self.softcap, with_sq)

@@ -116,7 +116,7 @@ def for_training(cfg, policy: nn.Module) -> Reference:
     return Reference.adapters_off(policy) if cfg.lora.enabled else Reference.frozen_copy(policy)
 
 
-def cache_settings(cfg, device_type: str) -> dict:
+def cache_settings(cfg, device_type: str, attention: str) -> dict:
     """Everything besides the weights and the batch that changes reference log-probs by even one ulp."""
     t = cfg.train
     return {
@@ -127,6 +127,7 @@ def cache_settings(cfg, device_type: str) -> dict:
         "prefix_sharing": t.prefix_sharing,
         "packing": t.packing,
         "pack_tokens": t.pack_tokens,
+        "attention": attention,
         "logps_chunk_size": t.logps_chunk_size,
         "device": device_type,
         "torch": torch.__version__,
@@ -134,7 +135,7 @@ def cache_settings(cfg, device_type: str) -> dict:
 
 
 def precomputed(
-    cfg, policy: nn.Module, splits: dict, token_weights=None, progress: bool = True
+    cfg, policy: nn.Module, splits: dict, attention: str, token_weights=None, progress: bool = True
 ) -> tuple[dict, dict]:
     """Cached references for each split, computed from the policy before its first update.
 
@@ -154,7 +155,9 @@ def precomputed(
     root = Path(cfg.train.ref_cache_dir) if cfg.train.ref_cache_dir else models.cache_dir() / "ref-logps"
     device = next(unwrap(policy).parameters()).device
     store = ShardStore(
-        cache_folder(root, weights_fingerprint(unwrap(policy).model), cache_settings(cfg, device.type))
+        cache_folder(
+            root, weights_fingerprint(unwrap(policy).model), cache_settings(cfg, device.type, attention)
+        )
     )
     refs, stats = {}, {"cache": str(store.folder)}
     for name, (examples, batches, collate) in splits.items():

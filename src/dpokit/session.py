@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dpokit import models
+from dpokit.attention import enable_blocks
 from dpokit.backends import apply_matmul_backend, use_low_memory_allocator
 from dpokit.batching import Batch, Layout, UnpairedBatch
 from dpokit.config import Config
@@ -75,6 +76,7 @@ def setup(cfg: Config, run_dir_hint: str | None = None, trackers: list | None = 
     if cfg.train.gradient_checkpointing:
         models.enable_activation_checkpointing(model)
     notes = [bf16_grid_warning(model)] if cfg.train.bf16 and not cfg.lora.enabled else []
+    layout = layout_for(cfg, model)
     # The run's random draws start here, whatever ran before (a model conversion, another run in this
     # process): LoRA's initial A matrices, then dropout.
     set_seed(cfg.train.seed)
@@ -82,10 +84,25 @@ def setup(cfg: Config, run_dir_hint: str | None = None, trackers: list | None = 
         lc = cfg.lora
         model = models.add_lora(model, lc.r, lc.alpha, lc.dropout, lc.target_modules)
     policy = CompletionLogps(model, cfg.train.logps_chunk_size, bf16=cfg.train.bf16)
-    layout = Layout(cfg.train.prefix_sharing, cfg.train.packing, cfg.train.pack_tokens)
     for note in filter(None, notes):
         log.warning(note)
     return Session(cfg, accelerator, tokenizer, objective, policy, data, layout, [n for n in notes if n])
+
+
+def layout_for(cfg: Config, model, *more) -> Layout:
+    """The run's layout for these models; block attention when asked for and every one can run it (they are
+    switched to it), else dense masks."""
+    models_ = (model, *more)
+    t = cfg.train
+    attention = t.attention
+    if attention == "blocks" and (t.prefix_sharing or t.packing):
+        if not all(enable_blocks(m, cfg.data.max_length) for m in models_):
+            log.info(
+                "train.attention=blocks: this model attends otherwise (%s); using dense masks",
+                cfg.model.attn_implementation,
+            )
+            attention = "dense"
+    return Layout(t.prefix_sharing, t.packing, t.pack_tokens or 2 * cfg.data.max_length, attention)
 
 
 def bf16_grid_warning(model) -> str | None:

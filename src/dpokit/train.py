@@ -214,9 +214,8 @@ def make_references(s: Session, policy, schedule: list, start_step: int):
         "eval": (s.data.eval, eval_ids, lambda ids: s.batch(s.data.eval, ids)),
     }
     weights = (lambda b: ld_token_weights(b, cfg.loss.ld_alpha)) if cfg.loss.ld_alpha != 1.0 else None
-    refs, stats = references.precomputed(
-        cfg, policy, splits, weights, progress=cfg.train.progress and rank == 0
-    )
+    progress = cfg.train.progress and rank == 0
+    refs, stats = references.precomputed(cfg, policy, splits, s.layout.attention, weights, progress)
     log.info("reference log-probs: %s", {k: v for k, v in stats.items() if k != "cache"})
     return refs["train"], refs["eval"], stats
 

@@ -11,6 +11,7 @@ SCHEDULERS = ("linear", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION = ("sdpa", "eager")
 DEDUPLICATE = ("pairs", "prompt_chosen", "off")
+ATTENTION_LAYOUTS = ("blocks", "dense")
 TRACKERS = {
     # name -> (accelerate's availability check, what to install)
     "tensorboard": ("is_tensorboard_available", "tensorboard"),
@@ -81,7 +82,14 @@ def _train_problems(cfg: Config) -> list[str]:
         (t.max_grad_norm >= 0, f"train.max_grad_norm={t.max_grad_norm}: must be >= 0 (0 = no clipping)"),
         (t.device in DEVICES, f"train.device={t.device!r}: choose one of {list(DEVICES)}"),
         (t.logps_chunk_size >= 1, f"train.logps_chunk_size={t.logps_chunk_size}: must be >= 1"),
-        (t.pack_tokens >= 2, f"train.pack_tokens={t.pack_tokens}: must be >= 2"),
+        (
+            t.pack_tokens == 0 or t.pack_tokens >= 2,
+            f"train.pack_tokens={t.pack_tokens}: must be >= 2 (0 = twice data.max_length)",
+        ),
+        (
+            t.attention in ATTENTION_LAYOUTS,
+            f"train.attention={t.attention!r}: choose one of {list(ATTENTION_LAYOUTS)}",
+        ),
         (t.checkpoint_every >= 0, f"train.checkpoint_every={t.checkpoint_every}: must be >= 0"),
         (t.flat_window >= 0, f"train.flat_window={t.flat_window}: must be >= 0"),
         (t.drift_warn > 0, f"train.drift_warn={t.drift_warn}: must be > 0"),
