@@ -29,7 +29,7 @@ import torch
 
 from dpokit import models
 from dpokit.batching import Layout
-from dpokit.config import LossConfig, load_config
+from dpokit.config import Config, LossConfig, load_config
 from dpokit.data import DataError, load_examples, resolve_data_path
 from dpokit.data.readers import read_records
 from dpokit.errors import UsageError
@@ -172,6 +172,7 @@ def load_for_eval(
             policy,
             Reference.separate(ref_model.to(device), bf16=bool(bf16)),
             models.load_tokenizer(resolved),
+            layout=layout_of(Config(), policy, ref_model),  # the default (fast, exact) layout
             bf16=bool(bf16),
             source=target,
         )
