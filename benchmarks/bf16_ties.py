@@ -31,15 +31,6 @@ from dpokit import models  # noqa: E402
 from helpers import SHARED_DATA, load_cfg  # noqa: E402
 
 
-def tie_share(model) -> float:
-    ties = total = 0
-    for p in model.parameters():
-        bits = p.detach().float().contiguous().view(torch.int32) & 0xFFFF
-        ties += int((bits == 0x8000).sum())
-        total += p.numel()
-    return ties / total
-
-
 @torch.no_grad()
 def token_logps(model, tokenizer, n_texts: int) -> torch.Tensor:
     from dpokit.data import load_examples
@@ -93,7 +84,7 @@ def main() -> None:
     for name, folder in (("raw conversion", str(raw)), ("shipped (ties dithered)", shipped)):
         model = models.load_model(folder).eval()
         lp = token_logps(model, tokenizer, args.texts)
-        row = {"tie_share": tie_share(model)}
+        row = {"tie_share": models.bf16_grid_shares(model.parameters())[1]}
         if lp_raw is None:
             lp_raw = lp
         else:

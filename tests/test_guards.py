@@ -160,3 +160,11 @@ def test_bf16_full_finetuning_of_grid_weights_warns(tmp_path, tiny_model_dir):
     assert not warnings_of(tiny_model_dir, *full_bf16)
     assert not any("bf16" in w for w in warnings_of(grid, "lora.enabled=false"))
     assert not any("bf16" in w for w in warnings_of(grid, "train.bf16=true"))
+
+
+def test_bf16_grid_shares_literal():
+    from dpokit.models import bf16_grid_shares
+
+    # 1.0 is a bf16 value; 1 + 2^-8 lies halfway between 1 and the next bf16 value 1 + 2^-7; 1.1 is neither
+    t = torch.tensor([1.0, 1.0 + 2**-8, 1.1, -1.0 - 2**-8])
+    assert bf16_grid_shares([t, torch.zeros(2, dtype=torch.int64)]) == (0.25, 0.5)

@@ -34,16 +34,14 @@ def block_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     rows, heads, length, dim = query.shape
-    repeat = heads // key.shape[1]  # grouped-query attention: each key/value head serves `repeat` query heads
+    gqa = key.shape[1] != heads  # grouped-query attention: SDPA shares each key/value head, no copies
     out = query.new_zeros(rows, length, heads, dim)  # padding positions stay 0: no real token attends to them
     for r, start, n, mask in doc_blocks:
         q = query[r : r + 1, :, start : start + n]
         k = key[r : r + 1, :, start : start + n]
         v = value[r : r + 1, :, start : start + n]
-        if repeat > 1:
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling, enable_gqa=gqa
         )
         out[r, start : start + n] = o[0].transpose(0, 1)
     return out, None

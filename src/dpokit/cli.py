@@ -16,6 +16,7 @@ from dpokit.errors import TrainingError, UsageError
 from dpokit.generate import SamplingError
 from dpokit.models import ModelLoadError
 from dpokit.rewards import RewardError
+from dpokit.validation import DEDUPLICATE
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrainingError, UsageError, RewardError, SamplingError)
 FILTER_FLAGS = (
@@ -152,7 +153,7 @@ def add_data_parsers(sub) -> None:
         if hints[name] is bool:
             f.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=doc)
         elif name == "deduplicate":
-            f.add_argument(flag, choices=["pairs", "prompt_chosen", "off"], default=default, help=doc)
+            f.add_argument(flag, choices=DEDUPLICATE, default=default, help=doc)
         else:
             f.add_argument(flag, type=float, default=default, help=doc)
 

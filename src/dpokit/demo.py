@@ -142,9 +142,7 @@ def run_demo(
 
     path = models.resolve_model_path(base_cfg.model.name)
     tokenizer = models.load_tokenizer(path)
-    reference = Reference.separate(
-        models.load_model(path), bf16=base_cfg.train.bf16, kind="the starting model"
-    )
+    reference = Reference.separate(models.load_model(path), bf16=base_cfg.train.bf16)
     t0 = time.perf_counter()
     with reference.module() as ref_model:
         train_samples = sample(

@@ -40,6 +40,7 @@ from dpokit.objective import Objective
 from dpokit.progress import Progress
 from dpokit.reference import Reference, eval_mode
 from dpokit.schedule import eval_batches
+from dpokit.session import layout_for
 
 
 @torch.no_grad()
@@ -121,17 +122,10 @@ class Compared:
             Reference.adapters_off(clp),
             tokenizer,
             cfg.loss,
-            layout_of(cfg, policy),
+            layout_for(cfg, policy),
             cfg.train.bf16,
             source,
         )
-
-
-def layout_of(cfg, model, *more) -> Layout:
-    """The run's layout for these models (block attention where they can run it)."""
-    from dpokit.session import layout_for
-
-    return layout_for(cfg, model, *more)
 
 
 def run_checkpoint(run_dir: Path) -> Path:
@@ -172,7 +166,7 @@ def load_for_eval(
             policy,
             Reference.separate(ref_model.to(device), bf16=bool(bf16)),
             models.load_tokenizer(resolved),
-            layout=layout_of(Config(), policy, ref_model),  # the default (fast, exact) layout
+            layout=layout_for(Config(), policy, ref_model),  # the default (fast, exact) layout
             bf16=bool(bf16),
             source=target,
         )
@@ -201,7 +195,7 @@ def load_for_eval(
             )
     reference = Reference.separate(ref_model.to(device), cfg.train.logps_chunk_size, cfg.train.bf16)
     return Compared(
-        policy, reference, tokenizer, cfg.loss, layout_of(cfg, policy, ref_model), cfg.train.bf16, source
+        policy, reference, tokenizer, cfg.loss, layout_for(cfg, policy, ref_model), cfg.train.bf16, source
     )
 
 

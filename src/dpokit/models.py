@@ -224,6 +224,21 @@ def dither_bf16_ties(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def bf16_grid_shares(tensors) -> tuple[float, float]:
+    """(share exactly on a bf16 value, share exactly halfway between two) of the fp32 values in `tensors`:
+    the low 16 bits of the fp32 pattern are 0, or 0x8000 (see dither_bf16_ties)."""
+    exact = ties = total = 0
+    for t in tensors:
+        if t.dtype == torch.float32:
+            low = t.detach().contiguous().view(torch.int32) & 0xFFFF
+            exact, ties, total = (
+                exact + int((low == 0).sum()),
+                ties + int((low == 0x8000).sum()),
+                total + t.numel(),
+            )
+    return (exact / total, ties / total) if total else (0.0, 0.0)
+
+
 def _tied_keys(model) -> set[str]:
     if getattr(model.config, "tie_word_embeddings", False):
         return {"lm_head.weight"}

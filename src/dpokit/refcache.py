@@ -123,7 +123,7 @@ def precompute(
 ) -> tuple[CachedLogps, dict]:
     """Reference log-probs of each micro-batch (lists of example indices), from `store` or computed and
     stored. Returns the table and counts: batches, pairs, computed and reused (batches)."""
-    table, fresh = CachedLogps(), {}
+    table, pending = CachedLogps(), {}  # pending: computed, not yet on disk
     stats = {"batches": 0, "pairs": 0, "computed": 0, "reused": 0}
     with Progress(label, total=sum(len(b) for b in batches), unit="pairs", enabled=progress) as bar:
         for indices in batches:
@@ -131,27 +131,20 @@ def precompute(
             if ids in table.rows:
                 continue
             name = batch_key([examples[i] for i in indices])
-            values = fresh.get(name)
-            if values is None:
-                values = store.get(name)
+            values = pending[name] if name in pending else store.get(name)
             if values is None:
                 batch = collate(list(indices))
-                values = (
-                    reference.sequence_logps(batch, token_weights(batch) if token_weights else None)
-                    .float()
-                    .cpu()
-                )
-                fresh[name] = values
+                weights = token_weights(batch) if token_weights else None
+                values = pending[name] = reference.sequence_logps(batch, weights).float().cpu()
                 stats["computed"] += 1
-                if len(fresh) % FLUSH_EVERY == 0:
-                    store.write({k: fresh[k] for k in list(fresh)[-FLUSH_EVERY:]})
+                if len(pending) == FLUSH_EVERY:
+                    store.write(pending)
+                    pending = {}
             else:
                 stats["reused"] += 1
             table.rows[ids] = values
             stats["batches"] += 1
             stats["pairs"] += len(indices)
             bar.advance(len(indices))
-    store.write(
-        {k: v for i, (k, v) in enumerate(fresh.items()) if i >= len(fresh) - len(fresh) % FLUSH_EVERY}
-    )
+    store.write(pending)
     return table, stats

@@ -47,39 +47,34 @@ def unwrap(module: nn.Module) -> CompletionLogps:
 class Reference:
     """pi_ref for one run; build it with one of the constructors below."""
 
-    def __init__(
-        self, network: nn.Module | None, *, disable_adapters: bool = False, table=None, kind: str = ""
-    ):
+    def __init__(self, network: nn.Module | None, *, disable_adapters: bool = False, table=None):
         self.network = network
         """A CompletionLogps (possibly wrapped by DDP/FSDP), or None for a cached reference."""
         self.disable_adapters = disable_adapters
         self.table = table
         """A refcache.CachedLogps for a cached reference."""
-        self.kind = kind
 
     @classmethod
     def adapters_off(cls, policy: nn.Module) -> Reference:
-        return cls(policy, disable_adapters=True, kind="policy with adapters off")
+        return cls(policy, disable_adapters=True)
 
     @classmethod
     def frozen_copy(cls, policy: nn.Module) -> Reference:
         inner = unwrap(policy)
-        return cls.separate(copy.deepcopy(inner.model), inner.chunk_size, inner.bf16, kind="frozen copy")
+        return cls.separate(copy.deepcopy(inner.model), inner.chunk_size, inner.bf16)
 
     @classmethod
-    def separate(
-        cls, model: nn.Module, chunk_size: int = 1024, bf16: bool = False, kind: str = "separate model"
-    ) -> Reference:
+    def separate(cls, model: nn.Module, chunk_size: int = 1024, bf16: bool = False) -> Reference:
         model.eval().requires_grad_(False)
-        return cls(CompletionLogps(model, chunk_size, bf16), kind=kind)
+        return cls(CompletionLogps(model, chunk_size, bf16))
 
     @classmethod
     def initial(cls, policy: nn.Module) -> Reference:
-        return cls(policy, kind="the policy before its first update")
+        return cls(policy)
 
     @classmethod
     def cached(cls, table) -> Reference:
-        return cls(None, table=table, kind="precomputed log-probs")
+        return cls(None, table=table)
 
     @contextlib.contextmanager
     def _active(self) -> Iterator[None]:

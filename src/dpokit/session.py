@@ -60,9 +60,8 @@ def setup(cfg: Config, run_dir_hint: str | None = None, trackers: list | None = 
     sinks = [*cfg.train.report_to, *(trackers or [])]
     accelerator = Accelerator(cpu=cfg.train.device == "cpu", log_with=sinks or None, project_dir=run_dir_hint)
     objective = Objective(cfg.loss, _mean_reduce(accelerator))
-    splits = read_splits(
-        cfg, objective.unpaired
-    )  # bad data stops the run before a model is converted or loaded
+    # bad data stops the run before a model is converted or loaded
+    splits = read_splits(cfg, objective.unpaired)
     model_path = models.resolve_model_path(cfg.model.name)
     tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
     data = prepare_data(cfg, tokenizer, objective.unpaired, splits)
@@ -75,7 +74,7 @@ def setup(cfg: Config, run_dir_hint: str | None = None, trackers: list | None = 
         )
     if cfg.train.gradient_checkpointing:
         models.enable_activation_checkpointing(model)
-    notes = [bf16_grid_warning(model)] if cfg.train.bf16 and not cfg.lora.enabled else []
+    grid = bf16_grid_warning(model) if cfg.train.bf16 and not cfg.lora.enabled else None
     layout = layout_for(cfg, model)
     # The run's random draws start here, whatever ran before (a model conversion, another run in this
     # process): LoRA's initial A matrices, then dropout.
@@ -84,9 +83,9 @@ def setup(cfg: Config, run_dir_hint: str | None = None, trackers: list | None = 
         lc = cfg.lora
         model = models.add_lora(model, lc.r, lc.alpha, lc.dropout, lc.target_modules)
     policy = CompletionLogps(model, cfg.train.logps_chunk_size, bf16=cfg.train.bf16)
-    for note in filter(None, notes):
-        log.warning(note)
-    return Session(cfg, accelerator, tokenizer, objective, policy, data, layout, [n for n in notes if n])
+    if grid:
+        log.warning(grid)
+    return Session(cfg, accelerator, tokenizer, objective, policy, data, layout, [grid] if grid else [])
 
 
 def layout_for(cfg: Config, model, *more) -> Layout:
@@ -109,18 +108,12 @@ def bf16_grid_warning(model) -> str | None:
     """bf16 autocast sees a weight only as its bf16 rounding. Weights exactly on a bf16 value keep it until
     updates add up to half a bf16 step; weights halfway between two (ties) flip a whole step at any update.
     Dequantized and bf16-published checkpoints are full of both; random fp32 weights have almost none."""
-    exact = ties = total = 0
-    for p in model.parameters():
-        if p.dtype == torch.float32:
-            low = p.detach().view(torch.int32) & 0xFFFF
-            exact += int((low == 0).sum())
-            ties += int((low == 0x8000).sum())
-            total += p.numel()
-    if not total or (exact + ties) / total <= GRID_WARN_SHARE:
+    exact, ties = models.bf16_grid_shares(model.parameters())
+    if exact + ties <= GRID_WARN_SHARE:
         return None
     return (
-        f"train.bf16=true with full fine-tuning: {exact / total:.1%} of the weights are exactly bf16 values and "
-        f"{ties / total:.1%} sit halfway between two (random fp32 weights: ~0.004%). The bf16 forward sees an "
+        f"train.bf16=true with full fine-tuning: {exact:.1%} of the weights are exactly bf16 values and "
+        f"{ties:.1%} sit halfway between two (random fp32 weights: ~0.004%). The bf16 forward sees an "
         "update only when it crosses a rounding boundary: small updates are lost on exact values and blown up "
         "to a whole bf16 step on halfway ones. Measured on SmolLM2-135M, 4 HH pairs, lr 1e-6: the margin after "
         "one update is 0.28x fp32's (18x before dpokit dithered the halfway weights at conversion; "
