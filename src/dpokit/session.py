@@ -113,7 +113,7 @@ def bf16_grid_warning(model) -> str | None:
         return None
     return (
         f"train.bf16=true with full fine-tuning: {exact:.1%} of the weights are exactly bf16 values and "
-        f"{ties:.1%} sit halfway between two (random fp32 weights: ~0.004%). The bf16 forward sees an "
+        f"{ties:.1%} sit halfway between two (random fp32 weights: about 0.002% each). The bf16 forward sees an "
         "update only when it crosses a rounding boundary: small updates are lost on exact values and blown up "
         "to a whole bf16 step on halfway ones. Measured on SmolLM2-135M, 4 HH pairs, lr 1e-6: the margin after "
         "one update is 0.28x fp32's (18x before dpokit dithered the halfway weights at conversion; "
