@@ -153,8 +153,10 @@ def doc_blocks(docs: list[Doc], rows: list[list[int]]) -> list[Block]:
 
 
 MASKS = ("padding", "dense", "blocks")
-DENSE_ROW_WARN = 4.0
-"""Warn when a densely masked packed row is this many times longer than its documents on average."""
+DENSE_ROW_WARN = 8.0
+"""Warn when a densely masked packed row is this many times longer than its documents on average. Measured
+(docs/performance.md, HH pairs, reference pass): rows 5.5x their documents (pack_tokens 1024) cost no more
+than shorter ones, rows 12x and 24x (2048, 4096) cost 1.3x and 2x: linear layers dominate until then."""
 _warned_dense = False
 
 
