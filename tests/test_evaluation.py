@@ -52,6 +52,48 @@ def test_samples_are_deterministic_and_end_at_eos(tiny):
     ]
 
 
+def test_greedy_samples_equal_transformers_generate(tiny):
+    """The sampler's own decoding loop (one prefill shared by a prompt's samples, a preallocated cache,
+    one-query attention, ended rows leaving the batch) against transformers' generate, token for token."""
+    model, tok = tiny
+    prompts = ["hello there", "a b c d e f g h i j", "x", "the quick brown fox jumps"]
+    if tok.chat_template:
+        prompts.append([{"role": "user", "content": "hi"}])
+    ours = sample(model, tok, prompts, 3, SamplingSettings(max_new_tokens=12, batch_size=6, temperature=0))
+    stop = eos_ids(model, tok)
+    for prompt, row in zip(prompts, ours, strict=True):
+        ids = torch.tensor([row[0].prompt_ids])
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=12,
+                eos_token_id=stop,
+                pad_token_id=tok.pad_token_id,
+            )[0, ids.shape[1] :].tolist()
+        end = next((t for t, x in enumerate(out) if x in stop), None)
+        want = out if end is None else out[: end + 1]
+        assert [s.completion_ids for s in row] == [want] * 3, prompt
+
+
+def test_draws_follow_the_softmax_and_the_nucleus():
+    from dpokit.generate import _draw
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]]).repeat(20000, 1)
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.bincount(_draw(logits, SamplingSettings(), gen), minlength=5).double()
+    want = torch.softmax(logits[0].double(), -1) * 20000
+    assert counts[4] == 0  # probability 3e-14
+    assert ((counts - want).abs() < 4 * want.sqrt() + 1).all(), (counts, want)
+    hot = torch.bincount(_draw(logits, SamplingSettings(temperature=2.0), gen), minlength=5).double()
+    assert ((hot - torch.softmax(logits[0].double() / 2, -1) * 20000).abs() < 4 * hot.sqrt() + 1).all()
+    # top_p=0.8: the nucleus is tokens 0 and 1 (0.644 + 0.237 reaches 0.8), renormalized
+    nucleus = torch.bincount(_draw(logits, SamplingSettings(top_p=0.8), gen), minlength=5)
+    assert nucleus[2:].sum() == 0 and abs(nucleus[0] / 20000 - 0.644 / 0.881) < 0.015
+    assert (_draw(logits[:3], SamplingSettings(temperature=0), gen) == 0).all()
+
+
 def test_eos_is_kept_in_ids_and_dropped_from_text(tiny):
     model, tok = tiny
     eos = eos_ids(model, tok)[0]

@@ -22,13 +22,25 @@ BLOCKS = "dpokit_blocks"
 
 
 def block_attention(
-    module, query, key, value, attention_mask, dropout=0.0, scaling=None, doc_blocks=None, **kwargs
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout=0.0,
+    scaling=None,
+    doc_blocks=None,
+    decode_step=False,
+    **kwargs,
 ):
     """query (R, H, T, D), key/value (R, Hkv, T, D) -> ((R, T, H, D), None), like transformers' sdpa.
 
-    `doc_blocks`: batching.Block per document: (row, start, length, (length, length) mask or None)."""
+    `doc_blocks`: batching.Block per document: (row, start, length, (length, length) mask or None).
+    `decode_step`: one new token per row against the cache (generate.py's sampler)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if decode_step and query.shape[2] == 1:
+        return decode_attention(query, key, value, attention_mask, scaling), None
     if doc_blocks is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -45,6 +57,22 @@ def block_attention(
         )
         out[r, start : start + n] = o[0].transpose(0, 1)
     return out, None
+
+
+def decode_attention(query, key, value, attention_mask, scaling):
+    """One query per row: (B, H, 1, D) against (B, Hkv, T, D) -> (B, 1, H, D) as two small matmuls per
+    key/value head (grouped-query heads share it, no copies). CPU SDPA kernels are built for long queries
+    and cost several times more here (benchmarks/bench_sampling.py)."""
+    import torch
+
+    rows, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.reshape(rows, kv_heads, heads // kv_heads, dim)  # (B, Hkv, G, D)
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * (scaling if scaling is not None else dim**-0.5)
+    if attention_mask is not None:  # sdpa's mask: (B, 1, 1, T), True = may attend
+        scores = scores.masked_fill(~attention_mask.view(rows, 1, 1, -1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    return torch.matmul(probs, value).reshape(rows, 1, heads, dim)  # (B, Hkv, G, D) -> (B, 1, H, D)
 
 
 def _register() -> None:

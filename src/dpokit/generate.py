@@ -8,9 +8,11 @@ KL) and dropped from its text.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from dpokit.attention import enable_blocks
 from dpokit.batching import Doc, build_batch
@@ -78,52 +80,164 @@ def sample(
 ) -> list[list[Sample]]:
     """`n` completions for each prompt: result[i][k] is the k-th sample of prompts[i].
 
-    Sequences are grouped by prompt length (less left padding) and generated `settings.batch_size` at a
-    time with the model's KV cache; each batch draws from its own generator state (seed + batch number),
-    so the result does not depend on what ran before.
+    The n samples of a prompt share one prefill: the prompt's keys and values are computed once and
+    repeated n times in the cache, so a prompt costs one forward however many samples it gets. Prompts of
+    similar length go together (little left padding), settings.batch_size sequences at a time; sequences
+    that ended leave the batch. Each batch draws from its own generator (seed + batch number), so the
+    result does not depend on what ran before, nor on the global RNG.
     """
     encoded = [encode_prompt(p, tokenizer) for p in prompts]
-    jobs = sorted(
-        ((i, k) for i in range(len(prompts)) for k in range(n)), key=lambda j: (len(encoded[j[0]]), j)
-    )
+    order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
+    per_batch = max(1, settings.batch_size // n)
     stop = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    device = next(model.parameters()).device
     out: list[list[Sample | None]] = [[None] * n for _ in prompts]
-    with eval_mode(model):
-        with Progress(label, len(jobs), "sequences", progress) as bar:
-            for b, start in enumerate(range(0, len(jobs), settings.batch_size)):
-                chunk = jobs[start : start + settings.batch_size]
-                width = max(len(encoded[i]) for i, _ in chunk)
-                input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                attention = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, (i, _) in enumerate(chunk):  # left padding: every prompt ends at the last column
-                    ids = encoded[i]
-                    input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                    attention[row, width - len(ids) :] = 1
-                torch.manual_seed(settings.seed * 1_000_003 + b)
-                sampling = settings.temperature > 0
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
-                    generated = model.generate(
-                        input_ids=input_ids.to(device),
-                        attention_mask=attention.to(device),
-                        do_sample=sampling,
-                        temperature=settings.temperature if sampling else None,
-                        top_p=settings.top_p if sampling else None,
-                        top_k=0 if sampling else None,
-                        max_new_tokens=settings.max_new_tokens,
-                        eos_token_id=stop,
-                        pad_token_id=pad,
-                    )[:, width:].cpu()
-                for row, (i, k) in enumerate(chunk):
-                    ids = generated[row].tolist()
-                    end = next((t for t, tok in enumerate(ids) if tok in stop), None)
-                    ids = ids if end is None else ids[: end + 1]
-                    text_ids = ids if end is None else ids[:-1]
-                    text = tokenizer.decode(text_ids, skip_special_tokens=True)
-                    out[i][k] = Sample(prompts[i], text, encoded[i], ids, end is not None)
-                bar.advance(len(chunk))
+    with eval_mode(model), Progress(label, len(prompts) * n, "sequences", progress) as bar:
+        for b, start in enumerate(range(0, len(order), per_batch)):
+            chunk = order[start : start + per_batch]
+            generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + b)
+            rows = _decode(model, [encoded[i] for i in chunk], n, settings, stop, pad, generator)
+            for c, i in enumerate(chunk):
+                for k in range(n):
+                    ids = rows[c * n + k]
+                    finished = bool(ids) and ids[-1] in stop
+                    text = tokenizer.decode(ids[:-1] if finished else ids, skip_special_tokens=True)
+                    out[i][k] = Sample(prompts[i], text, encoded[i], ids, finished)
+            bar.advance(len(chunk) * n)
     return out  # type: ignore[return-value]
+
+
+def _decode(model, prompts: list[list[int]], n: int, settings: SamplingSettings, stop, pad, generator):
+    """Token ids sampled after each prompt, n per prompt (prompt-major), each ending at its first stop
+    token (kept) or at max_new_tokens."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):  # left padding: every prompt ends at the last column
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        mask[row, width - len(ids) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    input_ids, mask, positions = input_ids.to(device), mask.to(device), positions.to(device)
+    stop_ids = torch.tensor(stop, device=device)
+    step_kwargs = {"decode_step": True} if enable_blocks(model) else {}
+    tokens: list[list[int]] = [[] for _ in range(len(prompts) * n)]
+    # One autocast region for the whole batch, with the weights' casts cached (see cast_once).
+    with cast_once(model, settings.bf16), torch.autocast(device.type, torch.bfloat16, enabled=settings.bf16):
+        prefill = model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        cache = preallocated(prefill.cache, width + settings.max_new_tokens)
+        cache.batch_repeat_interleave(
+            n
+        )  # (P, ...) -> (P * n, ...): the samples of a prompt share its prefill
+        logits = prefill.logits[:, -1].float().repeat_interleave(n, dim=0)
+        mask, next_pos = mask.repeat_interleave(n, dim=0), positions[:, -1].repeat_interleave(n, dim=0) + 1
+        live = torch.arange(len(prompts) * n, device=device)  # the sequence of each batch row
+        for _ in range(settings.max_new_tokens):
+            chosen = _draw(logits, settings, generator).to(device)
+            for seq, tok in zip(live.tolist(), chosen.tolist(), strict=True):
+                tokens[seq].append(tok)
+            going = ~torch.isin(chosen, stop_ids)
+            if not bool(going.any()):
+                break
+            if not bool(going.all()):  # ended sequences leave the batch
+                keep = going.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                live, chosen, mask, next_pos = live[keep], chosen[keep], mask[keep], next_pos[keep]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            step = model(
+                input_ids=chosen.unsqueeze(1),
+                attention_mask=mask,
+                position_ids=next_pos.unsqueeze(1),
+                cache=cache,
+                use_cache=True,
+                **step_kwargs,
+            )
+            logits, next_pos = step.logits[:, -1].float(), next_pos + 1
+    return tokens
+
+
+@contextlib.contextmanager
+def cast_once(model, enabled: bool):
+    """Autocast keeps the bf16 copy of a weight for the rest of its region only when the weight requires
+    grad; frozen weights would be cast again at every decoding step (a third of a step's time on CPU).
+    Marked as requiring grad for the duration (under no_grad nothing is recorded), then restored."""
+    frozen = (
+        [p for p in model.parameters() if not p.requires_grad and p.dtype == torch.float32] if enabled else []
+    )
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+class _Preallocated(DynamicLayer):
+    """A cache layer that writes new keys/values into a buffer of the final length instead of
+    concatenating (which copies the whole cache at every step)."""
+
+    def __init__(self, layer: DynamicLayer, capacity: int):
+        super().__init__()
+        rows, heads, length, dim = layer.keys.shape
+        self.k_buf = layer.keys.new_empty(rows, heads, capacity, dim)
+        self.v_buf = layer.values.new_empty(rows, heads, capacity, layer.values.shape[-1])
+        self.k_buf[:, :, :length], self.v_buf[:, :, :length] = layer.keys, layer.values
+        self.length, self.device, self.is_initialized = length, layer.keys.device, True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = key_states.shape[-2]
+        self.k_buf[:, :, self.length : self.length + n] = key_states
+        self.v_buf[:, :, self.length : self.length + n] = value_states
+        self.length += n
+        self._views()
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.k_buf = self.k_buf.repeat_interleave(repeats, dim=0)
+        self.v_buf = self.v_buf.repeat_interleave(repeats, dim=0)
+        self._views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.k_buf, self.v_buf = self.k_buf[indices], self.v_buf[indices]
+        self._views()
+
+
+def preallocated(cache, capacity: int):
+    """`cache` (a DynamicCache of full-attention layers) with buffers of `capacity` positions; any other
+    cache is returned as it is."""
+    if not all(
+        type(layer) is DynamicLayer and layer.is_initialized for layer in getattr(cache, "layers", [])
+    ):
+        return cache
+    cache.layers = [_Preallocated(layer, capacity) for layer in cache.layers]
+    return cache
+
+
+def _draw(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator) -> torch.Tensor:
+    """(B,) one token per row: greedy at temperature 0, else from softmax(logits / T) cut to the top-p
+    nucleus (the smallest set of tokens whose probability reaches top_p)."""
+    logits = logits.cpu()
+    if settings.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / settings.temperature, dim=-1)
+    if settings.top_p < 1.0:
+        sorted_probs, index = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above each one
+        sorted_probs[before >= settings.top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, index, sorted_probs)
+    # Inverse-CDF draw: one uniform per row against the cumulative distribution (float64, so the rounding
+    # of 50k partial sums moves no token's mass noticeably). torch.multinomial draws one exponential per
+    # vocabulary entry instead: on CPU it took 40% of a decoding step (benchmarks/bench_sampling.py).
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
 @torch.no_grad()
