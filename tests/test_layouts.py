@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpokit.batching import Layout
-from dpokit.logps import CompletionLogps, sum_by_sequence
+from dpokit.logps import CompletionLogps
 from dpokit.models import load_model
 from dpokit.tokenize import TokenizedPair
 from dpokit.train import train
@@ -47,7 +47,7 @@ def model(tiny_model_dir):
 def seq_logps_and_grads(model, batch):
     model.zero_grad()
     tok = CompletionLogps(model)(*batch.model_args)
-    seq = sum_by_sequence(tok, batch.seq_index, batch.num_seqs)
+    seq = batch.sequence_sums(tok)
     (seq * torch.linspace(0.5, 1.5, seq.numel())).sum().backward()
     return seq.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -90,6 +90,74 @@ def test_one_prompt_with_n_branches_equals_n_separate_sequences(model):
     for mask in ("blocks", "dense"):
         got, _ = seq_logps_and_grads(model, build_batch(docs, [[0, 1]], 0, [1.0, 1.0], mask))
         assert torch.allclose(got, want, atol=1e-5, rtol=0), mask
+
+
+def sampled_pairs(rule: str, prompts: int = 3, k: int = 4, seed: int = 5) -> list[TokenizedPair]:
+    """Pairs drawn as a round of `dpokit iterate` draws them: k samples per prompt (a repeated one among
+    them), paired best against worst or every pair, with random scores."""
+    from dpokit.iterate import pair_indices
+
+    rng = random.Random(seed)
+    ids = lambda n: [rng.randrange(3, 250) for _ in range(n)]  # noqa: E731
+    pairs = []
+    for _ in range(prompts):
+        prompt = ids(rng.randint(4, 10))
+        samples = [ids(rng.randint(1, 8)) for _ in range(k - 1)]
+        samples.append(list(samples[0]))  # the same completion sampled twice
+        scores = [rng.random() for _ in range(k)]
+        found, _ = pair_indices(scores, rule, 0.0)
+        pairs += [TokenizedPair(prompt, samples[i], samples[j]) for i, j in found]
+    return pairs
+
+
+@pytest.mark.parametrize("rule", ["best_worst", "all_pairs"])
+def test_pairs_of_one_prompt_share_its_document_exactly(model, rule):
+    """1 prompt + N branches: the prompt and each distinct completion computed once, the same log-probs
+    and gradients as the padded layout (every pair in rows of its own)."""
+    pairs = sampled_pairs(rule)
+    want, want_grads = seq_logps_and_grads(model, Layout().pairs(pairs, pad_id=0))
+    for name, layout in LAYOUTS.items():
+        batch = layout.pairs(pairs, pad_id=0)
+        # best against worst is one pair per prompt: the two-branch layout of before
+        assert (batch.seq_map is not None) == (layout.prefix_share and rule == "all_pairs"), name
+        got, grads = seq_logps_and_grads(model, batch)
+        assert got.shape == (2 * len(pairs),)
+        assert torch.allclose(got, want, atol=1e-4, rtol=0), name
+        for key, g in grads.items():
+            assert torch.allclose(g, want_grads[key], atol=1e-4, rtol=1e-4), (name, key)
+
+
+def test_shared_branches_compute_each_prompt_and_distinct_completion_once():
+    pairs = sampled_pairs("all_pairs", prompts=2, k=4)  # 6 pairs per prompt
+    batch = Layout(prefix_share=True).pairs(pairs, pad_id=0)
+    prompts = {tuple(p.prompt_ids): len(p.prompt_ids) for p in pairs}
+    distinct = {(tuple(p.prompt_ids), tuple(c)) for p in pairs for c in (p.chosen_ids, p.rejected_ids)}
+    assert len(pairs) == 12 and batch.num_pairs == 12
+    assert batch.num_seqs == len(distinct) == 6  # 4 samples per prompt, one of them twice
+    assert batch.num_tokens == sum(prompts.values()) + sum(len(c) for _, c in distinct)
+    padded = Layout().pairs(pairs, pad_id=0).num_tokens
+    assert batch.num_tokens < padded / 3
+    lengths = batch.completion_lengths()
+    assert lengths.tolist() == [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
+    # unique prompts: exactly the two-branch layout of before, no map
+    assert Layout(prefix_share=True).pairs(random_pairs(5), pad_id=0).seq_map is None
+
+
+def test_group_by_prompt_keeps_a_prompts_pairs_together_and_changes_nothing_for_unique_prompts():
+    from dpokit.config import TrainConfig
+    from dpokit.schedule import prompt_groups, step_schedule
+
+    tc = TrainConfig(batch_size=4, epochs=2)
+    unique = random_pairs(10)
+    plain = list(step_schedule(10, tc))
+    assert list(step_schedule(10, tc, groups=prompt_groups(unique))) == plain
+    pairs = sampled_pairs("all_pairs", prompts=2, k=4)  # two prompts, 6 pairs each
+    grouped = list(step_schedule(12, tc, groups=prompt_groups(pairs)))
+    for step in grouped:
+        for micro in step:
+            assert len({tuple(pairs[i].prompt_ids) for i in micro}) <= 2
+    first_epoch = [i for step in grouped[:3] for micro in step for i in micro]
+    assert sorted(first_epoch) == list(range(12))
 
 
 def test_training_trajectory_is_the_same_in_every_layout(tmp_path, tiny_model_dir):

@@ -12,7 +12,9 @@ packed rows).
 The result is a `Batch` whose completion index says, for every completion token, which hidden state
 predicts it (`pred_index`, a flat index into rows x positions), which token it is (`target_ids`) and which
 sequence it belongs to (`seq_index`). Sequence numbering for P pairs: chosen of pair p is sequence p,
-rejected is sequence P + p.
+rejected is sequence P + p; when pairs share a prompt (K samples of one prompt paired several ways), the
+prompt and each distinct completion are computed once and `seq_map` says which computed sequence each of
+those 2P is.
 """
 
 from __future__ import annotations
@@ -59,19 +61,31 @@ class Batch:
     """(B,) bool desirability of unpaired examples (KTO); None for pairs."""
     blocks: list[Block] | None = None
     """Per-document attention (attention.py): (row, start, length, mask or None) of every document."""
+    seq_map: torch.Tensor | None = None
+    """(2P,) the computed sequence that is chosen of pair p (entry p) and rejected of pair p (entry P + p),
+    when pairs share completions (several pairs of one prompt: each distinct completion is computed once);
+    None when sequence p / P + p are those themselves."""
 
     @property
     def num_pairs(self) -> int:
-        return self.num_seqs // 2
+        return (self.seq_map.numel() if self.seq_map is not None else self.num_seqs) // 2
 
     @property
     def num_examples(self) -> int:
         """Pairs: what a batch's losses, weights and metrics count."""
         return self.num_pairs
 
+    def sequence_sums(self, values: torch.Tensor) -> torch.Tensor:
+        """(N,) per-token values -> (2P,) sums per chosen / rejected sequence (or (S,) for other batches)."""
+        sums = torch.zeros(self.num_seqs, dtype=values.dtype, device=values.device).index_add(
+            0, self.seq_index, values
+        )
+        return sums if self.seq_map is None else sums[self.seq_map]
+
     def completion_lengths(self) -> torch.Tensor:
-        """(S,) completion tokens per sequence."""
-        return torch.bincount(self.seq_index, minlength=self.num_seqs)
+        """(2P,) completion tokens per chosen / rejected sequence (or (S,) for other batches)."""
+        lengths = torch.bincount(self.seq_index, minlength=self.num_seqs)
+        return lengths if self.seq_map is None else lengths[self.seq_map]
 
     @property
     def model_args(self) -> tuple:
@@ -111,6 +125,28 @@ def pair_docs(pairs: list[TokenizedPair], prefix_share: bool) -> list[Doc]:
     return [Doc(p.prompt_ids, ((p.chosen_ids, i),)) for i, p in enumerate(pairs)] + [
         Doc(p.prompt_ids, ((p.rejected_ids, P + i),)) for i, p in enumerate(pairs)
     ]
+
+
+def branch_docs(pairs: list[TokenizedPair]) -> tuple[list[Doc], torch.Tensor] | None:
+    """One document per distinct prompt, with one branch per distinct completion of its pairs (1 prompt +
+    N branches), and the (2P,) map from chosen p / rejected P + p to those branches' sequence ids; None
+    when no two pairs share a prompt (pair_docs is that layout already)."""
+    docs: dict[tuple, list] = {}  # prompt ids -> [prompt, {completion ids: sequence id}]
+    seq_map, next_id = [], 0
+    for side in ("chosen_ids", "rejected_ids"):
+        for p in pairs:
+            doc = docs.setdefault(tuple(p.prompt_ids), [p.prompt_ids, {}])
+            completion = tuple(getattr(p, side))
+            if completion not in doc[1]:
+                doc[1][completion] = next_id
+                next_id += 1
+            seq_map.append(doc[1][completion])
+    if len(docs) == len(pairs):
+        return None
+    built = [
+        Doc(prompt, tuple((list(c), i) for c, i in branches.items())) for prompt, branches in docs.values()
+    ]
+    return built, torch.tensor(seq_map, dtype=torch.long)
 
 
 def pack_rows(docs: list[Doc], budget: int) -> list[list[int]]:
@@ -262,6 +298,9 @@ class Layout:
     """Target tokens of a packed row (see pack_rows)."""
     attention: str = "dense"
     """blocks or dense; the model must run block attention for blocks (attention.enable_blocks)."""
+    share_completions: bool = True
+    """With prefix sharing, pairs of one prompt in a micro-batch share one document: the prompt and each
+    distinct completion computed once (off for per-pair token weights: LD-DPO)."""
 
     def rows(self, docs: list[Doc]) -> list[list[int]]:
         return pack_rows(docs, self.pack_tokens) if self.pack else [[i] for i in range(len(docs))]
@@ -270,10 +309,12 @@ class Layout:
         return "padding" if not (prefix_share or self.pack) else self.attention
 
     def pairs(self, pairs: list[TokenizedPair], pad_id: int, ids: list[int] | None = None) -> Batch:
-        docs = pair_docs(pairs, self.prefix_share)
+        shared = branch_docs(pairs) if self.prefix_share and self.share_completions else None
+        docs, seq_map = shared if shared is not None else (pair_docs(pairs, self.prefix_share), None)
         batch = build_batch(
             docs, self.rows(docs), pad_id, [p.weight for p in pairs], self.mask(self.prefix_share)
         )
+        batch.seq_map = seq_map
         batch.example_ids = None if ids is None else torch.tensor(ids, dtype=torch.long)
         return batch
 

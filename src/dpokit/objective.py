@@ -36,6 +36,8 @@ def ld_token_weights(batch: Batch, alpha: float) -> torch.Tensor:
     """LD-DPO (arXiv:2409.06411, eq. 9): weight 1 on the first min(|y_w|, |y_l|) tokens of each completion,
     alpha on the tokens past the shorter completion's length."""
     P = batch.num_pairs
+    if batch.seq_map is not None:
+        raise ValueError("LD-DPO weights tokens per pair: lay pairs out with Layout(share_completions=False)")
     lengths = batch.completion_lengths()
     shared = torch.minimum(lengths[:P], lengths[P:])  # (P,)
     pair_of_token = batch.seq_index % P
@@ -88,7 +90,7 @@ class Objective:
             tok, log_sum_sq = policy(*batch.model_args, with_sq=True)
         else:
             tok = policy(*batch.model_args)
-        seq = sum_by_sequence(tok if token_w is None else tok * token_w, batch.seq_index, batch.num_seqs)
+        seq = batch.sequence_sums(tok if token_w is None else tok * token_w)  # (2P,)
         lengths = batch.completion_lengths()
         x = PairLogps(
             policy_chosen=seq[:P],
@@ -145,6 +147,5 @@ def wpo_weights(tok_logps: torch.Tensor, log_sum_sq: torch.Tensor, batch: Batch)
     """WPO (arXiv:2406.11827, eq. 2): w = min(1, exp(mean_t[log p_t - log sum_v p_v^2] over y_w + the same
     over y_l)), detached; the normaliser keeps w near 1 for outputs typical of the current policy."""
     P = batch.num_pairs
-    per_seq = sum_by_sequence((tok_logps - log_sum_sq).detach(), batch.seq_index, batch.num_seqs)
-    per_seq = per_seq / batch.completion_lengths().clamp(min=1)
+    per_seq = batch.sequence_sums((tok_logps - log_sum_sq).detach()) / batch.completion_lengths().clamp(min=1)
     return torch.exp(per_seq[:P] + per_seq[P:]).clamp(max=1.0)

@@ -28,15 +28,16 @@ from dpokit.batching import Batch
 from dpokit.progress import Progress
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = "3"
+CACHE_VERSION = "4"
 FLUSH_EVERY = 64
 
 
-def weights_fingerprint(model: nn.Module) -> str:
-    """Hash of every parameter and buffer (names and bytes) of the reference weights."""
+def weights_fingerprint(model: nn.Module, adapters: bool = False) -> str:
+    """Hash of every parameter and buffer (names and bytes) of the reference weights; LoRA weights count
+    only with `adapters` (a reference that runs them: the starting adapter of model.adapter)."""
     h = hashlib.blake2b(digest_size=16)
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if "lora_" in name:  # adapters are off in the reference
+        if "lora_" in name and not adapters:  # adapters are off in the reference
             continue
         # the same weights give the same key with or without a PEFT wrapper
         name = name.removeprefix("base_model.model.").replace(".base_layer", "")
