@@ -208,3 +208,59 @@ def test_bf16_step_one_is_ln2_with_the_cached_reference(tmp_path, tiny_model_dir
     )
     assert run.history[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-7)
     assert run.initial_eval["eval/loss"] == pytest.approx(0.6931471805599453, abs=1e-7)
+
+
+# ---- starting points: an SFT adapter (model.adapter) and a separate reference checkpoint (model.reference)
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter trained a few steps (SFT on the chosen completions): a start that is not the base."""
+    run = tmp_path_factory.mktemp("sft") / "run"
+    result = train(
+        load_cfg(tiny_model_dir, run, "loss.type=[sft]", "train.max_steps=3", "train.save_final=true")
+    )
+    return result.checkpoint
+
+
+@pytest.mark.parametrize("precompute", ["false", "true"])
+def test_training_from_an_adapter_starts_at_ln2_against_that_adapter(
+    tmp_path, tiny_model_dir, sft_adapter, precompute
+):
+    flags = [f"model.adapter={sft_adapter}", f"train.precompute_ref={precompute}"]
+    history = train(load_cfg(tiny_model_dir, tmp_path / "sft-start", *flags)).history
+    assert history[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # pi_ref = the starting adapter
+    against_base = train(
+        load_cfg(tiny_model_dir, tmp_path / "base-ref", *flags, "model.reference=base")
+    ).history
+    assert abs(against_base[0]["loss"] - 0.6931471805599453) > 1e-4  # the adapter already moved the policy
+    assert history[0]["logps/chosen"] == pytest.approx(
+        against_base[0]["logps/chosen"], abs=1e-5
+    )  # same policy
+
+
+def test_a_separate_reference_checkpoint_is_the_reference(tmp_path, tiny_model_dir):
+    # full fine-tuning of the tiny model against itself given as a separate checkpoint: step 1 is ln 2, and the
+    # same run as with the default frozen copy
+    copy = train(load_cfg(tiny_model_dir, tmp_path / "copy", "lora.enabled=false")).history
+    separate = train(
+        load_cfg(
+            tiny_model_dir, tmp_path / "separate", "lora.enabled=false", f"model.reference={tiny_model_dir}"
+        )
+    ).history
+    assert separate[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+    for a, b in zip(strip(copy), strip(separate), strict=True):
+        assert b == pytest.approx(a, rel=1e-6, abs=1e-7)
+
+
+def test_starting_point_mistakes_end_in_one_line(tmp_path, tiny_model_dir, capsys):
+    code = main(cli_args(tiny_model_dir, tmp_path / "a", f"model.adapter={tmp_path / 'nope'}"))
+    assert code == 2 and "model.adapter=" in capsys.readouterr().err
+    code = main(cli_args(tiny_model_dir, tmp_path / "b", f"model.adapter={tiny_model_dir}"))
+    err = capsys.readouterr().err
+    assert code == 2 and "no adapter_config.json" in err
+    code = main(cli_args(tiny_model_dir, tmp_path / "c", "lora.enabled=false", f"model.adapter={tmp_path}"))
+    assert code == 2 and "needs lora.enabled=true" in capsys.readouterr().err
+    code = main(cli_args(tiny_model_dir, tmp_path / "d", f"model.reference={tmp_path / 'gone'}"))
+    assert code == 2 and "model.reference" in capsys.readouterr().err
+    assert not any((tmp_path / x).exists() for x in "abcd")

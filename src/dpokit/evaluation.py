@@ -176,6 +176,8 @@ def load_for_eval(
     ckpt = run_checkpoint(path)
     tokenizer = models.load_tokenizer(str(ckpt), cfg.model.trust_remote_code)
     source = f"{path} ({ckpt.name})"
+    if ref_model is None:  # the run's own reference when it was not the start of its policy
+        ref_model = models.load_reference_model(cfg, models.resolve_model_path(cfg.model.name))
     if cfg.lora.enabled:
         from peft import PeftModel
 

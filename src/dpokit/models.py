@@ -368,3 +368,51 @@ def add_lora(model, r: int, alpha: float, dropout: float, target_modules: list[s
         # peft still calls transformers' deprecated `is_gradient_checkpointing`; nothing for users to act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, config)
+
+
+def resolve_adapter(path: str, key: str = "model.adapter") -> str:
+    """A LoRA adapter folder (adapter_config.json inside), checked before any model is loaded."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelLoadError(f"{key}={path!r}: no such folder (expected a saved LoRA adapter)")
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelLoadError(
+            f"{key}={path!r}: no adapter_config.json in it; give a LoRA adapter folder (a dpokit LoRA "
+            "checkpoint, or PEFT's save_pretrained output). A full model goes in model.name"
+        )
+    return str(folder)
+
+
+def load_adapter(model, path: str, trainable: bool):
+    """`model` wrapped by PEFT with the saved adapter at `path` (trainable, or frozen for a reference)."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():  # peft calls a deprecated transformers name; nothing to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        try:
+            return PeftModel.from_pretrained(model, path, is_trainable=trainable)
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise ModelLoadError(
+                f"the adapter {path!r} does not fit this model: {_first_line(err)}. It must have been trained "
+                "on model.name"
+            ) from err
+
+
+def load_reference_model(cfg, model_path: str):
+    """The reference network when it is not the policy's own (adapters off) or a copy taken at the start:
+    a separate checkpoint (model.reference), or the base plus the starting adapter (LoRA with
+    model.adapter). None otherwise. Frozen, fp32, on the CPU."""
+    m = cfg.model
+    if m.reference and m.reference != "base":
+        model = load_model(
+            resolve_model_path(m.reference, "model.reference"), m.trust_remote_code, m.attn_implementation
+        )
+    elif m.adapter and cfg.lora.enabled and m.reference != "base":
+        model = load_adapter(
+            load_model(model_path, m.trust_remote_code, m.attn_implementation),
+            resolve_adapter(m.adapter),
+            trainable=False,
+        )
+    else:
+        return None
+    return model.eval().requires_grad_(False)

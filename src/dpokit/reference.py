@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dpokit.batching import Batch
-from dpokit.logps import CompletionLogps, sum_by_sequence
+from dpokit.logps import CompletionLogps
 
 
 @contextlib.contextmanager
@@ -94,9 +94,7 @@ class Reference:
             return self.table.lookup(batch)
         with self._active():
             tok = self.network(*batch.model_args)
-        return sum_by_sequence(
-            tok if token_weights is None else tok * token_weights, batch.seq_index, batch.num_seqs
-        )
+        return batch.sequence_sums(tok if token_weights is None else tok * token_weights)
 
     @contextlib.contextmanager
     def module(self) -> Iterator[nn.Module]:
@@ -105,9 +103,14 @@ class Reference:
             yield unwrap(self.network).model
 
 
-def for_training(cfg, policy: nn.Module) -> Reference:
-    """The live reference of a run: the policy with its adapters off (LoRA) or a frozen copy of it taken
-    now, before any update (full fine-tuning)."""
+def for_training(cfg, policy: nn.Module, reference_model: nn.Module | None = None) -> Reference:
+    """The live reference of a run: a separate network when the session loaded one (model.reference, or
+    the starting adapter of model.adapter), else the policy with its adapters off (LoRA) or a frozen copy of
+    it taken now, before any update (full fine-tuning)."""
+    if reference_model is not None:
+        device = next(unwrap(policy).parameters()).device
+        inner = unwrap(policy)
+        return Reference.separate(reference_model.to(device), inner.chunk_size, inner.bf16)
     return Reference.adapters_off(policy) if cfg.lora.enabled else Reference.frozen_copy(policy)
 
 
@@ -130,9 +133,16 @@ def cache_settings(cfg, device_type: str, attention: str) -> dict:
 
 
 def precomputed(
-    cfg, policy: nn.Module, splits: dict, attention: str, token_weights=None, progress: bool = True
+    cfg,
+    policy: nn.Module,
+    splits: dict,
+    attention: str,
+    token_weights=None,
+    progress: bool = True,
+    reference_model: nn.Module | None = None,
 ) -> tuple[dict, dict]:
-    """Cached references for each split, computed from the policy before its first update.
+    """Cached references for each split, computed from the policy before its first update (or from
+    `reference_model`, see for_training).
 
     `splits`: name -> (examples, micro-batches as example-index lists, collate(indices) -> batch). Returns
     (name -> Reference, name -> counts) plus "cache" -> the folder in the counts.
@@ -146,14 +156,15 @@ def precomputed(
     # be a collective (it broadcasts buffers), and processes with different cache hits would wait forever.
     # A DDP replica holds all the weights, so the module it wraps computes the same numbers alone.
     local = unwrap(policy) if isinstance(policy, torch.nn.parallel.DistributedDataParallel) else policy
-    start = Reference.adapters_off(local) if cfg.lora.enabled else Reference.initial(local)
-    root = Path(cfg.train.ref_cache_dir) if cfg.train.ref_cache_dir else models.cache_dir() / "ref-logps"
     device = next(unwrap(policy).parameters()).device
-    store = ShardStore(
-        cache_folder(
-            root, weights_fingerprint(unwrap(policy).model), cache_settings(cfg, device.type, attention)
-        )
-    )
+    if reference_model is not None:
+        start = for_training(cfg, local, reference_model)
+        key = weights_fingerprint(reference_model, adapters=True)
+    else:
+        start = Reference.adapters_off(local) if cfg.lora.enabled else Reference.initial(local)
+        key = weights_fingerprint(unwrap(policy).model)
+    root = Path(cfg.train.ref_cache_dir) if cfg.train.ref_cache_dir else models.cache_dir() / "ref-logps"
+    store = ShardStore(cache_folder(root, key, cache_settings(cfg, device.type, attention)))
     refs, stats = {}, {"cache": str(store.folder)}
     for name, (examples, batches, collate) in splits.items():
         table, stats[name] = precompute(

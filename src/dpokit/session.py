@@ -17,6 +17,7 @@ from dpokit.config import Config
 from dpokit.data.prepare import PreparedData, prepare_data, read_splits
 from dpokit.logps import CompletionLogps
 from dpokit.objective import Objective
+from dpokit.schedule import prompt_groups
 
 log = logging.getLogger(__name__)
 GRID_WARN_SHARE = 0.05
@@ -35,6 +36,17 @@ class Session:
     layout: Layout
     warnings: list[str] = field(default_factory=list)
     """Said once at setup; the run keeps them in summary.json."""
+    reference_model: torch.nn.Module | None = None
+    """pi_ref when it is neither the policy with adapters off nor a copy of its start
+    (models.load_reference_model)."""
+    """Said once at setup; the run keeps them in summary.json."""
+
+    def train_groups(self) -> list[list[int]] | None:
+        """Pairs that step_schedule keeps together (train.group_by_prompt): those of one prompt. Never for
+        unpaired examples: KTO's KL baseline pairs each prompt with another example's completion."""
+        if not self.cfg.train.group_by_prompt or self.objective.unpaired:
+            return None
+        return prompt_groups(self.data.train)
 
     def batch(self, examples: list, indices: list[int]) -> Batch | UnpairedBatch:
         """The micro-batch of `examples[i] for i in indices`, laid out and on the device."""
@@ -63,6 +75,8 @@ def setup(cfg: Config, run_dir_hint: str | None = None, trackers: list | None = 
     # bad data stops the run before a model is converted or loaded
     splits = read_splits(cfg, objective.unpaired)
     model_path = models.resolve_model_path(cfg.model.name)
+    if cfg.model.adapter:
+        models.resolve_adapter(cfg.model.adapter)
     tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
     data = prepare_data(cfg, tokenizer, objective.unpaired, splits)
     model = models.load_model(model_path, cfg.model.trust_remote_code, cfg.model.attn_implementation)
@@ -72,20 +86,41 @@ def setup(cfg: Config, run_dir_hint: str | None = None, trackers: list | None = 
             f"data.max_length={cfg.data.max_length} is longer than the model's context ({context} positions, "
             f"max_position_embeddings of {cfg.model.name}); set data.max_length <= {context}"
         )
+    reference_model = models.load_reference_model(cfg, model_path) if objective.needs_reference else None
+    if reference_model is not None and cfg.model.reference:
+        same_vocab(tokenizer, cfg.model.reference, cfg.model.trust_remote_code)
     if cfg.train.gradient_checkpointing:
         models.enable_activation_checkpointing(model)
     grid = bf16_grid_warning(model) if cfg.train.bf16 and not cfg.lora.enabled else None
-    layout = layout_for(cfg, model)
+    layout = layout_for(cfg, model, *([reference_model] if reference_model is not None else []))
     # The run's random draws start here, whatever ran before (a model conversion, another run in this
     # process): LoRA's initial A matrices, then dropout.
     set_seed(cfg.train.seed)
     if cfg.lora.enabled:
         lc = cfg.lora
-        model = models.add_lora(model, lc.r, lc.alpha, lc.dropout, lc.target_modules)
+        if cfg.model.adapter:
+            model = models.load_adapter(model, cfg.model.adapter, trainable=True)
+        else:
+            model = models.add_lora(model, lc.r, lc.alpha, lc.dropout, lc.target_modules)
     policy = CompletionLogps(model, cfg.train.logps_chunk_size, bf16=cfg.train.bf16)
     if grid:
         log.warning(grid)
-    return Session(cfg, accelerator, tokenizer, objective, policy, data, layout, [grid] if grid else [])
+    return Session(
+        cfg, accelerator, tokenizer, objective, policy, data, layout, [grid] if grid else [], reference_model
+    )
+
+
+def same_vocab(tokenizer, reference: str, trust_remote_code: bool) -> None:
+    """A separate reference must read the same token ids as the policy."""
+    ref_tokenizer = models.load_tokenizer(
+        models.resolve_model_path(reference, "model.reference"), trust_remote_code
+    )
+    if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise models.ModelLoadError(
+            f"model.reference={reference!r} has another vocabulary than model.name ({len(ref_tokenizer)} vs "
+            f"{len(tokenizer)} tokens): the reference must score the policy's token ids; use a checkpoint of "
+            "the same model family"
+        )
 
 
 def layout_for(cfg: Config, model, *more) -> Layout:
@@ -101,7 +136,13 @@ def layout_for(cfg: Config, model, *more) -> Layout:
                 cfg.model.attn_implementation,
             )
             attention = "dense"
-    return Layout(t.prefix_sharing, t.packing, t.pack_tokens or 2 * cfg.data.max_length, attention)
+    return Layout(
+        t.prefix_sharing,
+        t.packing,
+        t.pack_tokens or 2 * cfg.data.max_length,
+        attention,
+        share_completions=cfg.loss.ld_alpha == 1.0,
+    )
 
 
 def bf16_grid_warning(model) -> str | None:

@@ -65,7 +65,7 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
     s = setup(cfg, str(run_dir), trackers)
     check_disk_space(cfg, s.policy)
     acc, t, e = s.accelerator, cfg.train, cfg.eval
-    schedule = list(step_schedule(len(s.data.train), t, acc.num_processes))
+    schedule = list(step_schedule(len(s.data.train), t, acc.num_processes, s.train_groups()))
     resume = resume_point(run_dir, len(schedule)) if t.resume else None
     if resume is not None and resume["complete"]:
         return finished_run(run_dir, resume)
@@ -204,7 +204,7 @@ def make_references(s: Session, policy, schedule: list, start_step: int):
     if not s.objective.needs_reference:
         return None, None, None
     if not cfg.train.precompute_ref:
-        ref = references.for_training(cfg, policy)
+        ref = references.for_training(cfg, policy, s.reference_model)
         return ref, ref, None
     rank, world = acc.process_index, acc.num_processes
     train_batches = [b for step in schedule[start_step:] for b in mine(step, rank, world)]
@@ -215,7 +215,9 @@ def make_references(s: Session, policy, schedule: list, start_step: int):
     }
     weights = (lambda b: ld_token_weights(b, cfg.loss.ld_alpha)) if cfg.loss.ld_alpha != 1.0 else None
     progress = cfg.train.progress and rank == 0
-    refs, stats = references.precomputed(cfg, policy, splits, s.layout.attention, weights, progress)
+    refs, stats = references.precomputed(
+        cfg, policy, splits, s.layout.attention, weights, progress, s.reference_model
+    )
     log.info("reference log-probs: %s", {k: v for k, v in stats.items() if k != "cache"})
     return refs["train"], refs["eval"], stats
 
@@ -228,7 +230,9 @@ def precompute_reference(cfg: Config) -> dict:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precompute_ref=True))
     s = setup(cfg)
     policy = s.accelerator.prepare(s.policy)
-    schedule = list(step_schedule(len(s.data.train), cfg.train, s.accelerator.num_processes))
+    schedule = list(
+        step_schedule(len(s.data.train), cfg.train, s.accelerator.num_processes, s.train_groups())
+    )
     return make_references(s, policy, schedule, 0)[2]
 
 
