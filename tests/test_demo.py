@@ -56,15 +56,22 @@ def test_demo_pipeline_with_sweep(tmp_path, tiny_model_dir):
     gen = results["generation"]
     assert gen["prompts"] == 4 and gen["samples_per_prompt"] == 2
     assert results["preference_before"]["loss"] == pytest.approx(0.6931, abs=1e-4)
-    methods = [(p["method"], p["label"]) for p in result.frontier]
+    methods = [(p["method"], p["label"].split(":")[0]) for p in result.frontier]
     assert methods == [
         ("DPO", "beta=0.1"),
         ("DPO", "beta=0.5"),
         ("Preferred-FT", "SFT on chosen"),
+        ("Iterative DPO", "round 1"),
+        ("Iterative DPO", "round 2"),
+        ("Iterative DPO", "round 3"),
         ("Best-of-N", "N=1"),
         ("Best-of-N", "N=2"),
         ("Best-of-N", "N=4"),
     ]
+    # iterative DPO samples as many completions as the one-round run: 3 rounds x 4 prompts x 2
+    rounds = json.loads((out / "sweep" / "iterative" / "iterate.json").read_text())["rounds"]
+    assert sum(r["data"]["samples"] for r in rounds) == 2 * 12
+    assert sum(r["data"]["pairs"] for r in rounds) <= 12
     bon = [p for p in result.frontier if p["method"] == "Best-of-N"]
     assert bon[0]["kl"] == 0.0 and bon[1]["kl"] == pytest.approx(0.1931, abs=1e-4)
     assert bon[0]["reward"] <= bon[1]["reward"] <= bon[2]["reward"]  # the max over more samples never drops

@@ -97,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("config", nargs="?", help="YAML config file")
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=512")
+    it = sub.add_parser(
+        "iterate",
+        help="on-policy iterative DPO: rounds of sample -> score -> pair -> train -> evaluate",
+        formatter_class=raw,
+        epilog="Run it again with the same config (or --resume RUN_DIR) to continue a stopped run; docs/iterate.md."
+        "\n\nconfig keys (set in YAML, as key=value or --key value):\n" + help_text("iterate"),
+    )
+    it.add_argument("config", nargs="?", help="YAML config file (model, lora, loss, train, iterate sections)")
+    it.add_argument("overrides", nargs="*", help="dotted overrides, e.g. iterate.rounds=5")
+    it.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue RUN_DIR with its config.yaml (overrides may follow)"
+    )
     add_data_parsers(sub)
     add_demo_parser(sub)
     add_eval_parser(sub)
@@ -236,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     flags, unknown = _dotted_flags(extra)
-    if unknown or (flags and args.command not in ("train", "precompute-ref", "demo")):
+    if unknown or (flags and args.command not in ("train", "precompute-ref", "demo", "iterate")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or flags)}")
     configure_logging(args.verbose)
     if args.command == "train" and args.num_processes > 1 and "RANK" not in os.environ:
@@ -294,7 +306,18 @@ def train_config(args, flags: list[str]):
             )
         config = str(Path(resume) / "config.yaml")
         overrides += ["train.resume=true", f"train.run_dir={resume}"]
-    return load_config(config, overrides + flags)
+    command = "iterate" if args.command == "iterate" else "train"
+    return load_config(config, overrides + flags, command)
+
+
+def cmd_iterate(args, flags) -> None:
+    from dpokit.iterate import round_line, run_iterate
+
+    results = run_iterate(train_config(args, flags))
+    for r in results:
+        print(f"round {r.round}: {round_line(r.summary)}")
+    if results:
+        print(f"run dir: {results[0].folder.parent.parent}")
 
 
 def cmd_train(args, flags) -> None:
@@ -412,6 +435,7 @@ def cmd_report(args, flags) -> None:
 
 COMMANDS = {
     "train": cmd_train,
+    "iterate": cmd_iterate,
     "precompute-ref": cmd_precompute,
     "data": cmd_data,
     "demo": cmd_demo,

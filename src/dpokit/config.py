@@ -37,6 +37,13 @@ class ModelConfig:
     """Allow model code from the checkpoint's repository to run. Off by default: it executes downloaded code."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers: sdpa or eager."""
+    adapter: str = ""
+    """A saved LoRA adapter folder the policy starts from (a dpokit checkpoint or any PEFT adapter of
+    model.name, e.g. an SFT adapter); needs lora.enabled=true, and its own rank and targets replace lora.*."""
+    reference: str = ""
+    """pi_ref. Empty: the starting policy (model.name; with model.adapter, model.name plus that adapter).
+    `base`: model.name with no adapter (LoRA). Else a model folder, .gguf file, alias or hub id: a separate
+    checkpoint with the same tokenizer."""
 
 
 @dataclass
@@ -157,6 +164,11 @@ class TrainConfig:
     prefix_sharing: bool = True
     """Prompt + chosen + rejected in one sequence: the prompt is computed once per pair (exact; false = one
     padded row per sequence, the plain layout)."""
+    group_by_prompt: bool = False
+    """Shuffle prompts rather than pairs, so the pairs of one prompt (several preference points of one
+    conversation, K samples paired several ways) share micro-batches, where prefix sharing computes the
+    prompt and each distinct completion once. `dpokit iterate` turns it on; the same order as false when
+    every prompt is unique."""
     packing: bool = True
     """Pack several documents per row (`pack_tokens`), each attending only within itself: no padding compute
     (exact; false = one document per row)."""
@@ -215,6 +227,57 @@ class EvalConfig:
 
 
 @dataclass
+class IterateConfig:
+    """`dpokit iterate`: rounds of sample -> score -> pair -> train -> evaluate (docs/iterate.md)."""
+
+    rounds: int = 3
+    """Rounds of on-policy DPO; each samples from the policy the previous round trained."""
+    prompts: str = ""
+    """Prompt file (any records with a `prompt` field; preference files too) or builtin:reviews."""
+    prompts_split: str = ""
+    """Keep only prompt records whose `split` field equals this (builtin:reviews: train / eval)."""
+    prompts_per_round: int = 0
+    """Prompts sampled each round (0 = all)."""
+    fresh_prompts: bool = True
+    """Each round takes the next prompts_per_round prompts (wrapping around); false = the same ones."""
+    samples_per_prompt: int = 8
+    """K completions sampled per prompt (they share one prompt prefill)."""
+    max_new_tokens: int = 48
+    """Longest sampled completion, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature (1.0 = the policy's own distribution)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 = off)."""
+    sample_batch_size: int = 64
+    """Sequences sampled together (prompts x samples)."""
+    reward: str = "vader"
+    """Scores each completion: vader, length, keywords:..., regex:..., model:PATH or module:function
+    (rewards.py). With a judge, it scores the held-out evaluation only."""
+    judge: str = ""
+    """Pairwise judge `module:function(prompt, a, b) -> P(a better than b)` in [0, 1]; a sample's score is
+    its mean win probability against the prompt's other samples."""
+    pairing: str = "best_worst"
+    """best_worst: one pair per prompt, the best against the worst sample; all_pairs: every pair of samples
+    whose scores differ by more than min_score_gap."""
+    min_score_gap: float = 0.0
+    """Pairs whose scores differ by this much or less are ties: dropped and counted."""
+    eos_penalty: float = 0.0
+    """Subtracted from the score of a completion that ends without EOS (cut at max_new_tokens)."""
+    reference: str = "initial"
+    """pi_ref of every round: initial (the starting model) or previous (the policy the round starts from)."""
+    eval_prompts: str = ""
+    """Held-out prompts for each round's evaluation (empty = no evaluation)."""
+    eval_split: str = ""
+    """Keep only held-out prompt records whose `split` field equals this."""
+    eval_num_prompts: int = 64
+    """Held-out prompts used (0 = all)."""
+    eval_samples: int = 2
+    """Completions per held-out prompt from each model."""
+    seed: int = 0
+    """Seed of every sampling draw (combined with the round number)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -222,6 +285,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -360,8 +424,11 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file, apply dotted overrides, type-check and validate; raise one ConfigError."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, command: str = "train"
+) -> Config:
+    """Read a YAML file, apply dotted overrides, type-check and validate for `command` (train, or iterate,
+    which builds data.train itself); raise one ConfigError."""
     problems: list[str] = []
     data: dict = {}
     if path is not None:
@@ -379,7 +446,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = _build(Config, _merge(data, extra), "", problems)
     from dpokit.validation import validate
 
-    problems += validate(cfg)
+    problems += validate(cfg, command)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -393,10 +460,13 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def help_text() -> str:
-    """Every config key with its type, default and docstring (the `--help` epilog)."""
+def help_text(command: str = "train") -> str:
+    """Every config key of `command` with its type, default and docstring (the `--help` epilog): the
+    iterate section is listed for `iterate` only."""
     lines = []
     for key, tp, default, doc in iter_fields():
+        if key.startswith("iterate.") and command != "iterate":
+            continue
         name = getattr(tp, "__name__", str(tp))
         lines.append(f"  {key} ({name}, default {default!r})\n      {doc}")
     return "\n".join(lines)

@@ -282,7 +282,56 @@ def run_sweep(bench: Bench, root: Path, cfg, main_gen: dict) -> list[dict]:
         write_results(root / "sweep" / name, {"reward": bench.ds.reward, "generation": gen}, records)
         points.append(_point(method, label, gen, beta=sweep_cfg.loss.beta if method == "DPO" else None))
         del result
-    return points + best_of_n(bench)
+    return points + iterative_points(bench, root) + best_of_n(bench)
+
+
+def iterative_points(bench: Bench, root: Path, rounds: int = 3) -> list[dict]:
+    """On-policy iterative DPO (`dpokit iterate`) with the one-round run's budget: the same train prompts,
+    split into `rounds` fresh slices, 2 samples per prompt (as many sampled completions, and so at most
+    as many pairs), each round training 2 epochs on its pairs from the policy the last round trained,
+    against the initial model. One frontier point per round, measured like every other point."""
+    from dpokit.iterate import Iteration, run_iterate
+
+    ds = bench.ds
+    cfg = load_config(
+        None,
+        [
+            *TRAIN_SETTINGS,
+            *bench.overrides,
+            f"train.run_dir={root / 'sweep' / 'iterative'}",
+            "train.overwrite=true",
+            f"iterate.rounds={rounds}",
+            "iterate.prompts=builtin:reviews",
+            "iterate.prompts_split=train",
+            f"iterate.prompts_per_round={ds.train_prompts // rounds}",
+            "iterate.samples_per_prompt=2",
+            f"iterate.max_new_tokens={ds.max_new_tokens}",
+            f"iterate.temperature={ds.temperature}",
+            f"iterate.reward={ds.reward}",
+            f"iterate.seed={ds.seed}",
+        ],
+        "iterate",
+    )
+    results = run_iterate(cfg)
+    it = Iteration(cfg, results[0].folder.parent.parent)
+    points = []
+    for r in results:
+        policy = it.load_policy(r.round)
+        compared = Compared.lora_run(policy, bench.tokenizer, cfg) if cfg.lora.enabled else None
+        if compared is None:
+            compared = Compared(policy, bench.reference, bench.tokenizer, cfg.loss, bf16=cfg.train.bf16)
+        gen, records = generation_metrics(
+            compared,
+            bench.eval_prompts,
+            bench.reward,
+            ds.eval_samples,
+            bench.sampling,
+            reference_samples=bench.eval_samples,
+        )
+        write_results(r.folder / "frontier", {"reward": ds.reward, "generation": gen}, records)
+        label = f"round {r.round}: {r.summary['data']['pairs']} pairs"
+        points.append(_point("Iterative DPO", label, gen, beta=cfg.loss.beta))
+    return points
 
 
 def _point(method: str, label: str, gen: dict, beta: float | None = None) -> dict:

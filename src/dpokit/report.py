@@ -80,7 +80,24 @@ def collect(run_dir: Path) -> dict:
         "eval": _read_json(run_dir / "eval.json"),
         "eval_samples": _read_jsonl(run_dir / "eval_samples.jsonl"),
         "frontier": _read_json(run_dir / "frontier.json"),
+        **_rounds(run_dir),
     }
+
+
+def _rounds(run_dir: Path) -> dict:
+    """An iterate run (iterate.json): its rounds, and their training metrics on one step axis (round r's
+    steps follow round r - 1's), each record tagged with its round."""
+    rounds = (_read_json(run_dir / "iterate.json") or {}).get("rounds")
+    if not rounds:
+        return {"rounds": None}
+    metrics, offset = [], 0
+    for summary in rounds:
+        records = _read_jsonl(run_dir / "rounds" / str(summary["round"]) / "train" / "metrics.jsonl")
+        metrics += [
+            {**r, "step": r["step"] + offset, "round": summary["round"]} for r in records if r["step"] > 0
+        ]
+        offset += summary["train"]["steps"]
+    return {"rounds": rounds, "metrics": metrics}
 
 
 # --- figures ------------------------------------------------------------------------------------------
@@ -194,7 +211,7 @@ def pair_figure(pair_samples: list[dict], beta: float) -> tuple[go.Figure | None
 
 def frontier_figure(points: list[dict]) -> go.Figure:
     fig = go.Figure()
-    symbols = {"DPO": "circle", "Preferred-FT": "square", "Best-of-N": "diamond"}
+    symbols = {"DPO": "circle", "Preferred-FT": "square", "Best-of-N": "diamond", "Iterative DPO": "star"}
     for method in dict.fromkeys(p["method"] for p in points):
         pts = sorted((p for p in points if p["method"] == method), key=lambda p: p["kl"])
         fig.add_trace(
@@ -282,6 +299,7 @@ def build_html(data: dict) -> str:
     figure = Figures()
     sections = [
         _run_section(data, loss_types, beta),
+        _rounds_section(data.get("rounds"), figure),
         _eval_section(data["eval"] or {}, data["eval_samples"], figure),
         _frontier_section(data["frontier"], figure),
         _curves_section(data["metrics"], figure),
@@ -369,6 +387,72 @@ def _eval_section(ev: dict, eval_samples, figure: Figures) -> str:
     if hist is not None:
         parts.append(figure("reward_hist", hist))
     return "<section><h2>Evaluation</h2>" + "".join(parts) + "</section>"
+
+
+ROUND_COLUMNS = {
+    "pairs": ("data", "pairs"),
+    "ties dropped": ("data", "ties_dropped"),
+    "sample score": ("data", "score/mean"),
+    "pair margin": ("data", "score_margin/mean"),
+    "EOS share": ("data", "eos_share"),
+    "train loss": ("train", "final_train", "loss"),
+    "train margin": ("train", "final_train", "rewards/margins"),
+    "held-out reward": ("eval", "reward/policy"),
+    "win vs initial": ("eval", "win_rate/initial"),
+    "win vs previous": ("eval", "win_rate/previous"),
+    "KL (seq)": ("eval", "kl/sequence"),
+    "KL (token)": ("eval", "kl/token"),
+    "length": ("eval", "length/policy"),
+    "EOS (held-out)": ("eval", "finished/policy"),
+}
+
+
+def _dig(d, path):
+    for key in path:
+        d = d.get(key) if isinstance(d, dict) else None
+    return d
+
+
+def rounds_figure(rounds: list[dict]) -> go.Figure | None:
+    """Held-out reward and KL to the initial model, round by round."""
+    done = [r for r in rounds if r.get("eval")]
+    if not done:
+        return None
+    fig = go.Figure()
+    x = [r["round"] for r in done]
+    fig.add_trace(
+        go.Scatter(
+            x=x, y=[r["eval"]["reward/policy"] for r in done], name="held-out reward", mode="lines+markers"
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=[r["eval"]["kl/sequence"] for r in done],
+            name="KL to initial (nats)",
+            mode="lines+markers",
+            yaxis="y2",
+        )
+    )
+    fig.add_hline(y=done[0]["eval"]["reward/reference"], line_dash="dot", annotation_text="initial model")
+    fig = _layout(fig, "Rounds: held-out reward and KL", "reward", "round")
+    fig.update_layout(yaxis2=dict(title="KL (nats)", overlaying="y", side="right"))
+    return fig
+
+
+def _rounds_section(rounds, figure: Figures) -> str:
+    if not rounds:
+        return ""
+    rows = [{"round": r["round"], **{k: _dig(r, path) for k, path in ROUND_COLUMNS.items()}} for r in rounds]
+    fig = rounds_figure(rounds)
+    return (
+        "<section><h2>Rounds (on-policy DPO)</h2>"
+        + _table(rows)
+        + (figure("rounds", fig) if fig is not None else "")
+        + "<p class='muted'>Each round samples from the policy the previous round trained, scores, pairs and "
+        "trains; the curves below run over all rounds (round r's steps follow round r - 1's). Each round's "
+        "files are in rounds/R/.</p></section>"
+    )
 
 
 def _frontier_section(frontier, figure: Figures) -> str:

@@ -17,6 +17,7 @@ completion. Choose one with a spec string:
 from __future__ import annotations
 
 import importlib
+import math
 import re
 from collections.abc import Callable, Sequence
 
@@ -163,11 +164,46 @@ def get_reward(spec: str) -> RewardFn:
 
 def _checked(spec: str, fn: RewardFn) -> RewardFn:
     def score(prompts, completions):
-        values = [float(v) for v in fn(list(prompts), list(completions))]
-        if len(values) != len(completions):
+        returned = fn(list(prompts), list(completions))
+        try:
+            returned = list(returned)
+        except TypeError:
             raise RewardError(
-                f"reward {spec!r} returned {len(values)} scores for {len(completions)} completions"
+                f"reward {spec!r} returned {type(returned).__name__}, not a list of {len(completions)} numbers"
+            ) from None
+        if len(returned) != len(completions):
+            raise RewardError(
+                f"reward {spec!r} returned {len(returned)} scores for {len(completions)} completions"
             )
-        return values
+        return [checked_number(f"reward {spec!r}", v, i, completions[i]) for i, v in enumerate(returned)]
 
     return score
+
+
+def checked_number(who: str, value, index: int, text: str) -> float:
+    """`value` as a finite float, else a RewardError naming `who` and the sample."""
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise RewardError(f"{who} returned {value!r} for sample {index} ({shown!r}): not a number")
+    number = float(value)
+    if not math.isfinite(number):
+        raise RewardError(f"{who} returned {number} for sample {index} ({shown!r}): scores must be finite")
+    return number
+
+
+Judge = Callable[[str, str, str], float]
+
+
+def get_judge(spec: str) -> Judge:
+    """A pairwise judge `module:function(prompt, a, b) -> P(a better than b)`, checked per call."""
+    fn = user_function(spec)
+
+    def judge(prompt: str, a: str, b: str) -> float:
+        p = checked_number(f"judge {spec!r}", fn(prompt, a, b), 0, a)
+        if not 0.0 <= p <= 1.0:
+            raise RewardError(
+                f"judge {spec!r} returned {p} for ({a[:40]!r} vs {b[:40]!r}): expected P(a better) in [0, 1]"
+            )
+        return p
+
+    return judge

@@ -26,10 +26,16 @@ TRACKERS = {
 }
 
 
-def validate(cfg: Config) -> list[str]:
-    """Every problem found in `cfg` (empty = valid)."""
+PAIRINGS = ("best_worst", "all_pairs")
+ITERATE_REFERENCES = ("initial", "previous")
+
+
+def validate(cfg: Config, command: str = "train") -> list[str]:
+    """Every problem found in `cfg` for `command` (train, or iterate) (empty = valid)."""
     return [
-        *_data_problems(cfg),
+        *(_iterate_problems(cfg) if command == "iterate" else _data_problems(cfg)),
+        *(_data_shape_problems(cfg)),
+        *_model_problems(cfg),
         *validate_loss(cfg.loss, cfg.train.batch_size),
         *_train_problems(cfg),
         *_eval_problems(cfg),
@@ -39,9 +45,76 @@ def validate(cfg: Config) -> list[str]:
 
 
 def _data_problems(cfg: Config) -> list[str]:
+    if not cfg.data.train:
+        return ["data.train is empty: give a preference file, e.g. data.train=pairs.jsonl"]
+    return []
+
+
+def _iterate_problems(cfg: Config) -> list[str]:
+    it, p = cfg.iterate, []
+    if cfg.data.train:
+        p.append(
+            f"data.train={cfg.data.train!r}: `dpokit iterate` samples each round's pairs itself; leave "
+            "data.train empty (the prompts come from iterate.prompts)"
+        )
+    if not it.prompts:
+        p.append("iterate.prompts is empty: give a prompt file, e.g. iterate.prompts=builtin:reviews")
+    checks = [
+        (it.rounds >= 1, f"iterate.rounds={it.rounds}: must be >= 1"),
+        (it.prompts_per_round >= 0, f"iterate.prompts_per_round={it.prompts_per_round}: must be >= 0"),
+        (it.samples_per_prompt >= 2, f"iterate.samples_per_prompt={it.samples_per_prompt}: must be >= 2"),
+        (it.max_new_tokens >= 1, f"iterate.max_new_tokens={it.max_new_tokens}: must be >= 1"),
+        (it.temperature > 0, f"iterate.temperature={it.temperature}: must be > 0 (greedy samples are alike)"),
+        (0 < it.top_p <= 1, f"iterate.top_p={it.top_p}: must be in (0, 1]"),
+        (it.sample_batch_size >= 1, f"iterate.sample_batch_size={it.sample_batch_size}: must be >= 1"),
+        (it.min_score_gap >= 0, f"iterate.min_score_gap={it.min_score_gap}: must be >= 0"),
+        (it.eos_penalty >= 0, f"iterate.eos_penalty={it.eos_penalty}: must be >= 0"),
+        (it.eval_num_prompts >= 0, f"iterate.eval_num_prompts={it.eval_num_prompts}: must be >= 0"),
+        (it.eval_samples >= 1, f"iterate.eval_samples={it.eval_samples}: must be >= 1"),
+        (bool(it.reward or it.judge), "iterate.reward and iterate.judge are both empty: give one"),
+    ]
+    p += [msg for ok, msg in checks if not ok]
+    if it.pairing not in PAIRINGS:
+        p.append(f"iterate.pairing={it.pairing!r}: choose one of {list(PAIRINGS)}")
+    if it.reference not in ITERATE_REFERENCES:
+        p.append(f"iterate.reference={it.reference!r}: choose one of {list(ITERATE_REFERENCES)}")
+    if it.judge and it.eval_prompts and not it.reward:
+        p.append(
+            "iterate.eval_prompts with a judge and no iterate.reward: the held-out evaluation scores each "
+            "completion; give iterate.reward too, or leave iterate.eval_prompts empty"
+        )
+    if it.judge and ":" not in it.judge:
+        p.append(f"iterate.judge={it.judge!r}: expected module:function")
+    if cfg.model.adapter or cfg.model.reference:
+        p.append(
+            "model.adapter / model.reference are set per round by `dpokit iterate` (iterate.reference chooses "
+            "the reference); leave them empty"
+        )
+    from dpokit.losses import LOSSES
+
+    unpaired = [n for n in cfg.loss.type if n in LOSSES and LOSSES[n].unpaired]
+    if unpaired:
+        p.append(f"loss.type={cfg.loss.type}: iterate trains on pairs; {unpaired} needs unpaired data")
+    return p
+
+
+def _model_problems(cfg: Config) -> list[str]:
+    m, p = cfg.model, []
+    if m.adapter and not cfg.lora.enabled:
+        p.append(
+            f"model.adapter={m.adapter!r} needs lora.enabled=true (the adapter is trained further); to fine-tune "
+            "a merged model fully, give it as model.name"
+        )
+    if m.reference == "base" and not cfg.lora.enabled:
+        p.append(
+            "model.reference=base means model.name without LoRA adapters; with full fine-tuning the starting "
+            "policy is model.name already: leave model.reference empty"
+        )
+    return p
+
+
+def _data_shape_problems(cfg: Config) -> list[str]:
     d, p = cfg.data, []
-    if not d.train:
-        p.append("data.train is empty: give a preference file, e.g. data.train=pairs.jsonl")
     if not 0.0 <= d.eval_fraction < 1.0:
         p.append(f"data.eval_fraction={d.eval_fraction}: must be in [0, 1)")
     if d.eval and d.eval_fraction > 0:
