@@ -81,11 +81,17 @@ def hh_prompts(n: int, tokenizer, max_tokens: int) -> list[str]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def sampling_parser(doc: str) -> argparse.ArgumentParser:
+    """The options this benchmark shares with branch_tokens.py: K, prompts per set, new tokens."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    return ap
+
+
+def main() -> None:
+    ap = sampling_parser(__doc__)
     ap.add_argument("--max-prompt-tokens", type=int, default=192)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)

@@ -22,6 +22,17 @@ NOT_RUN = {
     "accelerate launch --config_file configs/accelerate/ddp.yaml -m dpokit.cli train configs/hh_lora.yaml": "the DDP config is for GPUs; data parallel on CPU (--num-processes) runs in tests/test_distributed.py",
 }
 FAST_TRAIN = ("train.max_steps=2", "data.limit=24", "train.progress=false", "eval.batch_size=8")
+FAST_ITERATE = (
+    "iterate.prompts_per_round=4",
+    "iterate.samples_per_prompt=3",
+    "iterate.max_new_tokens=8",
+    "iterate.eval_num_prompts=4",
+    "iterate.reward=length",
+    "train.bf16=false",
+    "train.progress=false",
+)
+"""`dpokit iterate` on the tiny model: rounds of 4 prompts x 3 samples of 8 tokens, scored by length (the
+random model's text carries no sentiment: VADER would call every pair a tie)."""
 
 
 def doc_commands() -> list[tuple[str, str, list[str]]]:
@@ -93,6 +104,8 @@ def argv_of(command: str, tiny_model_dir, index: int) -> list[str]:
     argv = argv[1:]  # `dpokit` or `.venv/bin/dpokit`
     if argv[0] == "train" and "--help" not in argv and "--resume" not in argv:
         argv += [f"model.name={tiny_model_dir}", *FAST_TRAIN, f"train.run_dir=runs/doc-{index}"]
+    if argv[0] == "iterate" and "--help" not in argv and "--resume" not in argv:
+        argv += [f"model.name={tiny_model_dir}", *FAST_ITERATE]  # the command's own run dir: --resume uses it
     return argv
 
 

@@ -226,7 +226,7 @@ def _draw(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Gen
     logits = logits.cpu()
     if settings.temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / settings.temperature, dim=-1)
+    probs = torch.softmax(logits if settings.temperature == 1 else logits / settings.temperature, dim=-1)
     if settings.top_p < 1.0:
         sorted_probs, index = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above each one
