@@ -264,3 +264,66 @@ def test_starting_point_mistakes_end_in_one_line(tmp_path, tiny_model_dir, capsy
     code = main(cli_args(tiny_model_dir, tmp_path / "d", f"model.reference={tmp_path / 'gone'}"))
     assert code == 2 and "model.reference" in capsys.readouterr().err
     assert not any((tmp_path / x).exists() for x in "abcd")
+
+
+@pytest.mark.parametrize("mode", ["continue", "merge"])
+def test_the_reference_of_an_sft_adapter_is_the_merged_sft_model(tmp_path, tiny_model_dir, sft_adapter, mode):
+    """Both adapter modes start at ln 2, and pi_ref's log-probs are the merged SFT model's (1e-5 per token)."""
+    from dpokit import models
+    from dpokit.attention import enable_blocks
+    from dpokit.logps import CompletionLogps
+    from dpokit.reference import for_training
+    from dpokit.session import setup
+
+    cfg = load_cfg(
+        tiny_model_dir, tmp_path / mode, f"model.adapter={sft_adapter}", f"model.adapter_mode={mode}"
+    )
+    s = setup(cfg)
+    batch = s.batch(s.data.train, list(range(4)))
+    ref = for_training(cfg, s.policy, s.reference_model).sequence_logps(batch)
+    merged = models.load_adapter(
+        models.load_model(str(tiny_model_dir)), str(sft_adapter), False
+    ).merge_and_unload()
+    enable_blocks(merged)  # the run's layout attends per document
+    with torch.no_grad():
+        want = batch.sequence_sums(CompletionLogps(merged.eval())(*batch.model_args))
+    per_token = (ref - want).abs() / batch.completion_lengths()  # sums of up to ~900 fp32 log-probs
+    assert per_token.max() < 1e-5, per_token
+    assert (s.reference_model is None) == (mode == "merge")  # merge: adapters off, no second copy
+    history = train(cfg).history
+    assert history[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+
+
+def test_a_merge_mode_run_exports_and_evaluates_on_its_merged_base(tmp_path, tiny_model_dir, sft_adapter):
+    from transformers import AutoModelForCausalLM
+
+    from dpokit.evaluation import load_for_eval
+    from dpokit.export import export
+
+    run = tmp_path / "merge"
+    flags = [
+        f"model.adapter={sft_adapter}",
+        "model.adapter_mode=merge",
+        "train.save_final=true",
+        "train.lr=5e-3",
+    ]
+    result = train(load_cfg(tiny_model_dir, run, *flags))
+    c = load_for_eval(str(run), device="cpu")
+    merged = AutoModelForCausalLM.from_pretrained(export(str(run), str(tmp_path / "out")).folder).eval()
+    ids = torch.tensor([[5, 40, 41, 42, 43, 44, 45, 46]])
+    with torch.no_grad():
+        assert (merged(ids).logits - c.policy(ids).logits).abs().max() < 1e-4
+    assert result.final_eval is not None
+
+
+def test_a_reference_other_than_the_start_is_said_with_its_measured_gap(
+    tmp_path, tiny_model_dir, sft_adapter
+):
+    run = tmp_path / "other"
+    train(load_cfg(tiny_model_dir, run, f"model.adapter={sft_adapter}", "model.reference=base"))
+    warnings = json.loads((run / "summary.json").read_text())["warnings"]
+    said = [w for w in warnings if "is not the policy's starting point" in w]
+    assert len(said) == 1 and "mean log-ratio" in said[0]
+    loss = float(said[0].split("the loss is ")[1].split(" ")[0])
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[1])  # line 0: the initial eval
+    assert loss == pytest.approx(first["loss"], abs=1e-4)  # the same first batch, dropout off either way

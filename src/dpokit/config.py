@@ -40,6 +40,10 @@ class ModelConfig:
     adapter: str = ""
     """A saved LoRA adapter folder the policy starts from (a dpokit checkpoint or any PEFT adapter of
     model.name, e.g. an SFT adapter); needs lora.enabled=true, and its own rank and targets replace lora.*."""
+    adapter_mode: str = "continue"
+    """What training does with model.adapter: continue (train that adapter further) or merge (merge it into
+    model.name and train a new LoRA adapter, lora.*, on top; the reference is then the merged model, with
+    no second copy)."""
     reference: str = ""
     """pi_ref. Empty: the starting policy (model.name; with model.adapter, model.name plus that adapter).
     `base`: model.name with no adapter (LoRA). Else a model folder, .gguf file, alias or hub id: a separate

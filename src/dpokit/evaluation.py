@@ -181,7 +181,7 @@ def load_for_eval(
     if cfg.lora.enabled:
         from peft import PeftModel
 
-        base = models.load_model(models.resolve_model_path(cfg.model.name), cfg.model.trust_remote_code)
+        base = models.load_run_base(cfg)
         with warnings.catch_warnings():  # peft calls a deprecated transformers name; nothing to act on
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             policy = PeftModel.from_pretrained(base, str(ckpt)).to(device).eval().requires_grad_(False)

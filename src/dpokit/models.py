@@ -407,12 +407,24 @@ def load_reference_model(cfg, model_path: str):
         model = load_model(
             resolve_model_path(m.reference, "model.reference"), m.trust_remote_code, m.attn_implementation
         )
-    elif m.adapter and cfg.lora.enabled and m.reference != "base":
+    elif m.adapter and cfg.lora.enabled and m.adapter_mode == "merge" and m.reference == "base":
+        model = load_model(model_path, m.trust_remote_code, m.attn_implementation)  # without the merged SFT
+    elif m.adapter and cfg.lora.enabled and m.adapter_mode == "continue" and m.reference != "base":
         model = load_adapter(
             load_model(model_path, m.trust_remote_code, m.attn_implementation),
             resolve_adapter(m.adapter),
             trainable=False,
         )
-    else:
+    else:  # adapters off: the base, or with adapter_mode=merge the merged SFT model
         return None
     return model.eval().requires_grad_(False)
+
+
+def load_run_base(cfg):
+    """The network a LoRA run's adapter sits on: model.name, with model.adapter merged in when
+    model.adapter_mode=merge (the run trained a new adapter on the merged SFT weights)."""
+    m = cfg.model
+    base = load_model(resolve_model_path(m.name), m.trust_remote_code, m.attn_implementation)
+    if m.adapter and m.adapter_mode == "merge":
+        base = load_adapter(base, resolve_adapter(m.adapter), trainable=False).merge_and_unload()
+    return base

@@ -98,7 +98,12 @@ def setup(cfg: Config, run_dir_hint: str | None = None, trackers: list | None = 
     set_seed(cfg.train.seed)
     if cfg.lora.enabled:
         lc = cfg.lora
-        if cfg.model.adapter:
+        if cfg.model.adapter and cfg.model.adapter_mode == "merge":
+            merged = models.load_adapter(model, cfg.model.adapter, trainable=False).merge_and_unload()
+            model = models.add_lora(
+                merged.requires_grad_(True), lc.r, lc.alpha, lc.dropout, lc.target_modules
+            )
+        elif cfg.model.adapter:
             model = models.load_adapter(model, cfg.model.adapter, trainable=True)
         else:
             model = models.add_lora(model, lc.r, lc.alpha, lc.dropout, lc.target_modules)

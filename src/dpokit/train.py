@@ -80,6 +80,9 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
     create_run_dir(cfg, s.data.stats)
     guards = Guards(t.drift_warn, t.flat_window, t.flat_min_delta, e.patience, e.min_delta)
     guards.warnings += s.warnings
+    if cfg.model.reference and train_ref is not None and not resume:
+        guards.warnings.append(reference_gap_warning(s, policy, train_ref, schedule[0]))
+        log.warning(guards.warnings[-1])
     history, initial_eval = [], None
     if resume:
         history, initial_eval = restore(resume["folder"], run_dir, s, policy, optimizer, scheduler, guards)
@@ -220,6 +223,32 @@ def make_references(s: Session, policy, schedule: list, start_step: int):
     )
     log.info("reference log-probs: %s", {k: v for k, v in stats.items() if k != "cache"})
     return refs["train"], refs["eval"], stats
+
+
+@torch.no_grad()
+def reference_gap_warning(s: Session, policy, reference, first_step: list[list[int]]) -> str:
+    """DPO's reference is the policy's starting point (step-1 loss ln 2); model.reference names another.
+    Measured on the first micro-batch, with dropout off (no random draw is taken from the run)."""
+    from dpokit.reference import eval_mode
+
+    batch = s.batch(
+        s.data.train, mine(first_step, s.accelerator.process_index, s.accelerator.num_processes)[0]
+    )
+    with eval_mode(policy):
+        out, extras = s.objective(policy, reference, batch)
+    ratio = (
+        torch.cat([extras["logratio/chosen"], extras["logratio/rejected"]])
+        if "logratio/chosen" in extras
+        else None
+    )
+    gap = (
+        f", mean log-ratio log pi/pi_ref {float(ratio.mean()):+.4f} per sequence" if ratio is not None else ""
+    )
+    return (
+        f"model.reference={s.cfg.model.reference!r} is not the policy's starting point: on the first batch the "
+        f"loss is {float(out.losses.mean()):.4f} (ln 2 = 0.6931 when the reference is the start){gap}. "
+        "DPO measures rewards against the reference; keep it if you mean to, else leave model.reference empty"
+    )
 
 
 def precompute_reference(cfg: Config) -> dict:

@@ -105,6 +105,8 @@ def _model_problems(cfg: Config) -> list[str]:
             f"model.adapter={m.adapter!r} needs lora.enabled=true (the adapter is trained further); to fine-tune "
             "a merged model fully, give it as model.name"
         )
+    if m.adapter_mode not in ("continue", "merge"):
+        p.append(f"model.adapter_mode={m.adapter_mode!r}: choose continue or merge")
     if m.reference == "base" and not cfg.lora.enabled:
         p.append(
             "model.reference=base means model.name without LoRA adapters; with full fine-tuning the starting "
