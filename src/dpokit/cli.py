@@ -112,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parsers(sub)
     add_demo_parser(sub)
     add_eval_parser(sub)
+    ex = sub.add_parser(
+        "export",
+        help="merge a run's policy into a plain Hugging Face folder; optionally a GGUF + Ollama Modelfile",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ex.add_argument("target", help="a run dir (its final checkpoint) or a checkpoint folder")
+    ex.add_argument("--out", required=True, help="new folder for the merged model")
+    ex.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights of the folder")
+    ex.add_argument(
+        "--gguf", metavar="FILE", help="also write a GGUF file (llama architecture) and FILE's Modelfile"
+    )
+    ex.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_1"])
     rp = sub.add_parser("report", help="write RUN_DIR/report.html: one self-contained page (works offline)")
     rp.add_argument("run_dir")
     rp.add_argument("--out", help="output file (default RUN_DIR/report.html)")
@@ -427,6 +439,16 @@ def cmd_eval(args, flags) -> None:
     print(f"results: {path}")
 
 
+def cmd_export(args, flags) -> None:
+    from dpokit.export import export
+
+    done = export(args.target, args.out, args.dtype, args.gguf, args.gguf_type)
+    print(f"merged model: {done.folder}")
+    if done.gguf:
+        print(f"GGUF ({args.gguf_type}): {done.gguf}   Ollama: ollama create NAME -f {done.modelfile}")
+    print(f"export took {done.seconds:.1f} s")
+
+
 def cmd_report(args, flags) -> None:
     from dpokit.report import write_report
 
@@ -441,6 +463,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "eval": cmd_eval,
     "report": cmd_report,
+    "export": cmd_export,
 }
 
 

@@ -1,0 +1,142 @@
+"""`dpokit export`: a LoRA run merged into a plain Hugging Face folder equal to the adapter model, full
+fine-tuning copied, GGUF files that transformers' GGUF loader reads back to the same logits (f32) or close
+(f16, q8_0, q4_1), the Ollama Modelfile, the export used again by `train` and `eval`, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dpokit.cli import main
+from dpokit.errors import UsageError
+from dpokit.evaluation import load_prompts
+from dpokit.export import export
+from dpokit.models import load_adapter, load_model, load_tokenizer
+from dpokit.train import train
+from helpers import cli_args, load_cfg
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("export") / "run"
+    result = train(load_cfg(tiny_model_dir, run, "train.save_final=true", "train.lr=5e-3"))
+    return run, result.checkpoint
+
+
+def heldout_ids(tokenizer, n: int = 4) -> list[torch.Tensor]:
+    """Held-out text: the demo's evaluation openings, with a chat-formatted one."""
+    texts = load_prompts("builtin:reviews", "eval", n)
+    texts.append(tokenizer.apply_chat_template([{"role": "user", "content": texts[0]}], tokenize=False))
+    return [torch.tensor([tokenizer(t)["input_ids"][:96]]) for t in texts]
+
+
+def logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(x).logits[0] for x in ids])
+
+
+def test_lora_merged_folder_loads_without_peft_and_equals_the_adapter_model(
+    lora_run, tiny_model_dir, tmp_path
+):
+    run, ckpt = lora_run
+    done = export(str(run), str(tmp_path / "merged"))
+    assert not (done.folder / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(done.folder).eval()  # transformers alone
+    adapted = load_adapter(load_model(str(tiny_model_dir)), str(ckpt), trainable=False).eval()
+    tokenizer = load_tokenizer(str(done.folder))
+    ids = heldout_ids(tokenizer)
+    want = logits(adapted, ids)
+    assert (logits(merged, ids) - want).abs().max() < 1e-4
+    assert (
+        logits(load_model(str(tiny_model_dir)).eval(), ids) - want
+    ).abs().max() > 1e-3  # the adapter mattered
+    assert tokenizer.chat_template and (done.folder / "generation_config.json").is_file()
+    half = export(str(ckpt), str(tmp_path / "bf16"), dtype="bf16")  # a checkpoint folder works too
+    assert AutoModelForCausalLM.from_pretrained(half.folder).dtype == torch.bfloat16
+
+
+def test_full_finetuning_export_copies_the_weights(tiny_model_dir, tmp_path):
+    result = train(load_cfg(tiny_model_dir, tmp_path / "full", "lora.enabled=false", "train.save_final=true"))
+    done = export(str(tmp_path / "full"), str(tmp_path / "out"))
+    a = AutoModelForCausalLM.from_pretrained(done.folder).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(result.checkpoint).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("kind", "tolerance"), [("f32", 1e-5), ("f16", 2e-2), ("q8_0", 0.1), ("q4_1", 1.0)])
+def test_gguf_reads_back_to_the_merged_logits(lora_run, tmp_path, kind, tolerance):
+    run, _ = lora_run
+    gguf = tmp_path / f"policy-{kind}.gguf"
+    done = export(str(run), str(tmp_path / "merged"), gguf=str(gguf), gguf_type=kind)
+    merged = AutoModelForCausalLM.from_pretrained(done.folder).eval()
+    back = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=gguf.name, dtype=torch.float32
+    ).eval()
+    ids = heldout_ids(load_tokenizer(str(done.folder)))
+    diff = (logits(back, ids) - logits(merged, ids)).abs().max()
+    assert diff < tolerance, diff
+    modelfile = done.modelfile.read_text()
+    assert modelfile.startswith(f"FROM ./{gguf.name}\n") and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "{{ range .Messages }}<|im_start|>{{ .Role }}" in modelfile
+
+
+def test_the_export_trains_and_evaluates_again(lora_run, tmp_path, capsys):
+    run, _ = lora_run
+    gguf = tmp_path / "policy.gguf"
+    export(str(run), str(tmp_path / "merged"), gguf=str(gguf), gguf_type="f32")
+    for name, model in (("folder", tmp_path / "merged"), ("gguf", gguf)):
+        args = cli_args(model, tmp_path / f"again-{name}", "train.max_steps=1")
+        assert main(args) == 0, capsys.readouterr().err
+        assert (
+            main(
+                [
+                    "eval",
+                    str(model),
+                    "--ref",
+                    str(model),
+                    "--data",
+                    "builtin:demo",
+                    "--out",
+                    str(tmp_path / name),
+                ]
+            )
+            == 0
+        )
+        results = json.loads((tmp_path / name / "eval.json").read_text())
+        assert results["preference"]["loss"] == pytest.approx(0.6931, abs=1e-4)  # policy == reference
+
+
+def test_export_mistakes_end_in_one_line(lora_run, tmp_path, capsys, monkeypatch):
+    run, _ = lora_run
+    assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    assert main(["export", str(run), "--out", str(tmp_path / "full")]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+    import dpokit.export as ex
+
+    real = ex.models.load_model
+
+    def quantized(path, *a, **k):
+        model = real(path, *a, **k)
+        model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+        return model
+
+    monkeypatch.setattr(ex.models, "load_model", quantized)
+    with pytest.raises(UsageError, match="is quantized"):
+        export(str(run), str(tmp_path / "q"))
+    assert not (tmp_path / "q").exists()
+
+
+def test_cli_export_prints_where_everything_went(lora_run, tmp_path, capsys):
+    run, _ = lora_run
+    code = main(["export", str(run), "--out", str(tmp_path / "m"), "--gguf", str(tmp_path / "m.gguf")])
+    out = capsys.readouterr().out
+    assert code == 0 and "merged model:" in out and "ollama create NAME -f" in out and "export took" in out
+    shutil.rmtree(tmp_path / "m")
