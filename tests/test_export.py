@@ -140,3 +140,20 @@ def test_cli_export_prints_where_everything_went(lora_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "merged model:" in out and "ollama create NAME -f" in out and "export took" in out
     shutil.rmtree(tmp_path / "m")
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_carries_the_shipped_files_tokenizer_and_tensor_names(tmp_path):
+    """The embedded model exported to GGUF: the same vocabulary, token types, merges, special ids,
+    pre-tokenizer, chat template, hyper-parameters and tensor names as the GGUF it was converted from."""
+    import gguf
+
+    from dpokit import models
+
+    folder = models.resolve_model_path(models.SMOLLM2_ALIAS)
+    done = export(folder, str(tmp_path / "merged"), gguf=str(tmp_path / "smollm2.gguf"), gguf_type="q8_0")
+    shipped, ours = gguf.GGUFReader(str(models.smollm2_gguf_path())), gguf.GGUFReader(str(done.gguf))
+    for key in shipped.fields:
+        if key.startswith(("tokenizer.", "llama.")):
+            assert ours.fields[key].contents() == shipped.fields[key].contents(), key
+    assert sorted(t.name for t in ours.tensors) == sorted(t.name for t in shipped.tensors)

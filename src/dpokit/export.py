@@ -196,6 +196,8 @@ def write_gguf(model, tokenizer, path: Path, gguf_type: str, name: str = "dpokit
             "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
         }[gguf_type]
     )
+    if gguf_type in ("q8_0", "q4_1"):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_tokenizer(writer, tokenizer, cfg.vocab_size)
     for tensor_name, array in gguf_tensors(model):
         qtype = _tensor_type(tensor_name, array, gguf_type)
@@ -251,6 +253,7 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         if token is not None and token in vocab:
             getattr(writer, f"add_{kind}_token_id")(vocab[token])
     writer.add_add_bos_token(False)
+    writer.add_add_space_prefix(False)  # byte-level BPE marks spaces itself
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 
