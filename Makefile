@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 
-.PHONY: install demo sweep test lint clean bench browser
+.PHONY: install demo sweep test lint clean bench browser llama-cpp
 
 install: $(STAMP)
 
@@ -34,7 +34,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: install lint browser
+# llama.cpp reads the exported GGUF files in tests/test_llamacpp.py; pip compiles it once (then a cached wheel).
+llama-cpp: install
+	$(BIN)/pip install -q -e '.[llamacpp]'
+
+test: install lint browser llama-cpp
 	$(BIN)/pytest -q
 
 bench: install

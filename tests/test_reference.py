@@ -327,3 +327,22 @@ def test_a_reference_other_than_the_start_is_said_with_its_measured_gap(
     loss = float(said[0].split("the loss is ")[1].split(" ")[0])
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[1])  # line 0: the initial eval
     assert loss == pytest.approx(first["loss"], abs=1e-4)  # the same first batch, dropout off either way
+
+
+def test_eval_of_a_run_measures_against_its_separate_reference(tmp_path, tiny_model_dir, sft_adapter):
+    """model.reference = the merged SFT model (exported): training starts off ln 2 (the policy is the base),
+    and `dpokit eval` of the run loads that same reference, not the policy with adapters off."""
+    from transformers import AutoModelForCausalLM
+
+    from dpokit.evaluation import load_for_eval
+    from dpokit.export import export
+
+    sft = export(str(sft_adapter), str(tmp_path / "sft")).folder
+    run = tmp_path / "run"
+    result = train(load_cfg(tiny_model_dir, run, f"model.reference={sft}", "train.save_final=true"))
+    assert abs(result.history[0]["loss"] - 0.6931471805599453) > 1e-4
+    c = load_for_eval(str(run), device="cpu")
+    assert not c.reference.disable_adapters
+    got = c.reference.network.model.state_dict()
+    want = AutoModelForCausalLM.from_pretrained(sft).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

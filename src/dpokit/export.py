@@ -244,6 +244,10 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         writer.add_token_merges(merges)
     else:  # a vocabulary of single bytes (tiny-random): readers rebuild merges from scores, all equal here
         writer.add_token_scores([0.0] * vocab_size)
+        log.warning(
+            "the tokenizer has no BPE merges (a vocabulary of single bytes): transformers reads this GGUF, "
+            "llama.cpp refuses it (it requires tokenizer.ggml.merges)"
+        )
     for kind, token in (
         ("bos", tokenizer.bos_token),
         ("eos", tokenizer.eos_token),
