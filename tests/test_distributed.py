@@ -96,3 +96,108 @@ def test_processes_exit_cleanly(tmp_path, tiny_model_dir):
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
         assert out.returncode == 0 and "terminate called" not in out.stderr, out.stderr
+
+
+def test_device_auto_on_a_cpu_machine_joins_the_processes(tmp_path, tiny_model_dir):
+    """`--num-processes 2` with train.device=auto and no CUDA: Accelerate's cpu flag is set, so the two
+    processes form one data-parallel run (before, each trained alone into the same run dir)."""
+    if torch.cuda.is_available():
+        pytest.skip("this is about CPU machines")
+    one = train(load_cfg(tiny_model_dir, tmp_path / "one", "train.device=auto"))
+    args = cli_args(tiny_model_dir, tmp_path / "two", "train.device=auto", "train.batch_size=2")
+    assert main([*args, "--num-processes", "2"]) == 0
+    a, b = read_metrics(one.run_dir / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-5), (ra["step"], key)
+
+
+def test_fsdp_asked_for_on_a_cpu_is_refused_before_anything_is_written(tmp_path, tiny_model_dir):
+    """Accelerate turns FSDP on for accelerators only; on CPU it would silently run DDP (train.device=cpu)
+    or unjoined processes (auto). Both are refused, in every process, with the reason."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("FSDP runs on GPUs")
+    env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "OMP_NUM_THREADS": "1"}
+    for device in ("cpu", "auto"):
+        run = tmp_path / device
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "-m",
+                "dpokit.cli",
+                *cli_args(tiny_model_dir, run, f"train.device={device}"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert out.returncode != 0 and "FSDP was asked for (ACCELERATE_USE_FSDP=true)" in out.stderr, (
+            out.stderr
+        )
+        assert "not on a CPU" in out.stderr and not run.exists()
+
+
+def test_two_nodes_of_one_process_on_localhost_match_one_process(tmp_path, tiny_model_dir):
+    """The multi-node launch of the README, as 2 machines x 1 process on 127.0.0.1: torch.distributed.run
+    on each node with --nnodes 2 --node-rank R and the first node's address; equal to one process."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    one = train(load_cfg(tiny_model_dir, tmp_path / "one", "train.save_final=true"))
+    run = tmp_path / "two"
+    args = cli_args(tiny_model_dir, run, "train.batch_size=2", "train.save_final=true", "train.device=auto")
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                "-m",
+                "dpokit.cli",
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-2000:]
+    a, b = read_metrics(one.run_dir / "metrics.jsonl"), read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for key in KEYS:
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-5), (ra["step"], key)
+    wa = load_file(str(one.checkpoint / "adapter_model.safetensors"))
+    wb = load_file(str(run / "checkpoints" / "step-3" / "adapter_model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)

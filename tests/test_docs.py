@@ -20,6 +20,8 @@ NOT_RUN = {
     "make demo": "the demo pipeline runs in tests/test_demo.py on the tiny model; make demo itself takes minutes",
     "make test": "this is make test",
     "accelerate launch --config_file configs/accelerate/ddp.yaml -m dpokit.cli train configs/hh_lora.yaml": "the DDP config is for GPUs; data parallel on CPU (--num-processes) runs in tests/test_distributed.py",
+    "python -m torch.distributed.run --nnodes 2 --node-rank 0 --nproc-per-node 1 --master-addr 10.0.0.1 --master-port 29500 -m dpokit.cli train configs/hh_lora.yaml": "needs a second machine; run as 2 nodes x 1 process on 127.0.0.1 in tests/test_distributed.py",
+    "accelerate launch --config_file configs/accelerate/ddp.yaml --num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1 --main_process_port 29500 -m dpokit.cli train configs/hh_lora.yaml": "GPUs on two machines; the same launch through torch.distributed.run runs in tests/test_distributed.py",
 }
 FAST_TRAIN = ("train.max_steps=2", "data.limit=24", "train.progress=false", "eval.batch_size=8")
 FAST_ITERATE = (

@@ -15,6 +15,7 @@ from dpokit.backends import apply_matmul_backend, use_low_memory_allocator
 from dpokit.batching import Batch, Layout, UnpairedBatch
 from dpokit.config import Config
 from dpokit.data.prepare import PreparedData, prepare_data, read_splits
+from dpokit.errors import UsageError
 from dpokit.logps import CompletionLogps
 from dpokit.objective import Objective
 from dpokit.schedule import prompt_groups
@@ -70,7 +71,8 @@ def setup(cfg: Config, run_dir_hint: str | None = None, trackers: list | None = 
     # bf16 is autocast inside CompletionLogps (fp32 master weights), not through Accelerate's process-wide
     # mixed-precision state, which cannot change between two runs in one Python process.
     sinks = [*cfg.train.report_to, *(trackers or [])]
-    accelerator = Accelerator(cpu=cfg.train.device == "cpu", log_with=sinks or None, project_dir=run_dir_hint)
+    accelerator = Accelerator(cpu=on_cpu(cfg.train.device), log_with=sinks or None, project_dir=run_dir_hint)
+    check_distributed(accelerator)
     objective = Objective(cfg.loss, _mean_reduce(accelerator))
     # bad data stops the run before a model is converted or loaded
     splits = read_splits(cfg, objective.unpaired)
@@ -125,6 +127,50 @@ def same_vocab(tokenizer, reference: str, trust_remote_code: bool) -> None:
             f"model.reference={reference!r} has another vocabulary than model.name ({len(ref_tokenizer)} vs "
             f"{len(tokenizer)} tokens): the reference must score the policy's token ids; use a checkpoint of "
             "the same model family"
+        )
+
+
+def on_cpu(device: str) -> bool:
+    """Accelerate's cpu flag: train.device=cpu, or auto in a multi-process launch without CUDA. Without the
+    flag Accelerate leaves CPU processes unjoined (distributed type NO): each would train alone."""
+    import os
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return device == "cpu" or (device == "auto" and launched and not torch.cuda.is_available())
+
+
+def check_distributed(accelerator) -> None:
+    """Stop a launch that would not do what it asked for, before anything is written: FSDP or DeepSpeed
+    that Accelerate did not turn on, or processes that Accelerate did not join (each would train alone
+    and write the same run dir)."""
+    import os
+
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    asked = {
+        "FSDP": os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true",
+        "DeepSpeed": os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true",
+    }
+    if kind == DistributedType.DEEPSPEED:
+        raise UsageError(
+            "DeepSpeed is not supported by dpokit's training loop yet (its engine steps the optimizer inside "
+            "backward and clips by its own config); use data parallel: --num-processes N on CPU, or "
+            "configs/accelerate/ddp.yaml on GPUs"
+        )
+    if asked["FSDP"] and kind != DistributedType.FSDP:
+        raise UsageError(
+            f"FSDP was asked for (ACCELERATE_USE_FSDP=true) but Accelerate {accelerate.__version__} runs "
+            f"{kind.value} here: it turns FSDP on for accelerators only (GPU, XPU, NPU, ...), not on a CPU. On CPU "
+            "use data parallel: --num-processes N"
+        )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes == 1:
+        raise UsageError(
+            f"{world} processes were launched but Accelerate joined none of them (distributed type "
+            f"{kind.value}): each would train alone into the same run dir. Launch with `dpokit train "
+            "--num-processes N` or `accelerate launch` with a config (configs/accelerate/)"
         )
 
 
