@@ -95,6 +95,9 @@ class DataConfig:
     """Drop pairs whose `confidence` field is below this."""
     rebalance_length: bool = False
     """Subsample so that chosen is longer in as many pairs as it is shorter (counters length bias)."""
+    tokenized_cache: bool = True
+    """Keep the tokenized pairs in DPOKIT_CACHE/tokenized, keyed by the pairs, the tokenizer, the lengths and
+    dpokit's tokenization code: a second run on the same data skips tokenization."""
 
 
 @dataclass

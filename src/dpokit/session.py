@@ -80,7 +80,7 @@ def setup(cfg: Config, run_dir_hint: str | None = None, trackers: list | None = 
     if cfg.model.adapter:
         models.resolve_adapter(cfg.model.adapter)
     tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
-    data = prepare_data(cfg, tokenizer, objective.unpaired, splits)
+    data = prepare_data(cfg, tokenizer, objective.unpaired, splits, models.cache_dir() / "tokenized")
     model = models.load_model(model_path, cfg.model.trust_remote_code, cfg.model.attn_implementation)
     context = models.context_length(model)
     if context and cfg.data.max_length > context:

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 
 from dpokit.config import Config
 from dpokit.data import DataError, load_examples, split_by_prompt
 from dpokit.data.filters import filter_pairs
+from dpokit.data.tokcache import tokenize_pairs_cached
 from dpokit.tokenize import TokenizeStats, tokenize_pairs, tokenize_unpaired
 
 log = logging.getLogger(__name__)
@@ -52,9 +55,10 @@ def read_splits(cfg: Config, unpaired: bool = False) -> Splits:
 
 
 def prepare_data(
-    cfg: Config, tokenizer, unpaired: bool = False, splits: Splits | None = None
+    cfg: Config, tokenizer, unpaired: bool = False, splits: Splits | None = None, cache: Path | None = None
 ) -> PreparedData:
-    """Filter (pairs) and tokenize the splits (read here unless given)."""
+    """Filter (pairs) and tokenize the splits (read here unless given). `cache`: a folder of tokenized pairs
+    (tokcache.py) used when data.tokenized_cache is on."""
     d = cfg.data
     splits = splits or read_splits(cfg, unpaired)
     examples, eval_examples, stats = splits.train, splits.eval, dict(splits.stats)
@@ -68,6 +72,8 @@ def prepare_data(
                 log.warning("%s: filtered out %d pairs (%s)", name, sum(dropped.values()), dict(dropped))
         stats["filtered"] = {k: dict(v) for k, v in filtered.items()}
     tokenize = tokenize_unpaired if unpaired else tokenize_pairs
+    if cache is not None and d.tokenized_cache and not unpaired:
+        tokenize = partial(tokenize_pairs_cached, root=cache)
     train, tstats = tokenize(examples, tokenizer, d.max_length, d.max_prompt_length, d.skip_invalid)
     evals, estats = tokenize(eval_examples, tokenizer, d.max_length, d.max_prompt_length, d.skip_invalid)
     stats.update(train_tokenized=tstats.to_dict(), eval_tokenized=estats.to_dict())

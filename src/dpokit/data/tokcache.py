@@ -1,0 +1,101 @@
+"""Tokenized pairs kept on disk, so a second run on the same data skips tokenization (48 s at 100K HH pairs
+on 2 cores, docs/performance.md).
+
+The key covers everything that decides the token ids: the pairs themselves (prompt, chosen, rejected,
+weight, where, in order, after filtering), the tokenizer (its serialized model, chat template and special
+tokens), max_length / max_prompt_length / skip_invalid, and the source of dpokit's tokenize.py (a change
+there is a new key, never a stale hit). On disk: ROOT/<key>/pairs.npz (token ids as flat int32 arrays with
+their lengths, weights), where.json and stats.json, written to a temp folder and renamed: whole or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from dpokit import tokenize
+from dpokit.tokenize import TokenizedPair, TokenizeStats
+
+CACHE_VERSION = "1"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(
+        (backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode()
+    )
+    h.update(repr((type(tokenizer).__name__, tokenizer.chat_template, tokenizer.all_special_tokens)).encode())
+    h.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)).encode())
+    return h.hexdigest()
+
+
+def cache_key(examples: list, tokenizer, max_length: int, max_prompt_length: int, skip_invalid: bool) -> str:
+    h = hashlib.sha256()
+    h.update(repr((CACHE_VERSION, max_length, max_prompt_length, skip_invalid)).encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    h.update(inspect.getsource(tokenize).encode())
+    for e in examples:
+        h.update(repr((e.prompt, e.chosen, e.rejected, e.weight, e.where)).encode())
+    return h.hexdigest()[:24]
+
+
+def load(folder: Path) -> tuple[list[TokenizedPair], TokenizeStats] | None:
+    if not (folder / "stats.json").is_file():
+        return None
+    arrays = np.load(folder / "pairs.npz", allow_pickle=False)
+    where = json.loads((folder / "where.json").read_text())
+    ids, lengths, weights = arrays["ids"].tolist(), arrays["lengths"].tolist(), arrays["weights"].tolist()
+    pairs, start = [], 0
+    for (p, c, r), w, loc in zip(lengths, weights, where, strict=True):
+        a, b, e = start + p, start + p + c, start + p + c + r
+        pairs.append(TokenizedPair(ids[start:a], ids[a:b], ids[b:e], w, loc))
+        start = e
+    raw = json.loads((folder / "stats.json").read_text())
+    stats = TokenizeStats(**{**raw, "dropped": Counter(raw["dropped"])})
+    return pairs, stats
+
+
+def save(folder: Path, pairs: list[TokenizedPair], stats: TokenizeStats) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        ids = [t for p in pairs for t in (*p.prompt_ids, *p.chosen_ids, *p.rejected_ids)]
+        lengths = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+        np.savez(
+            tmp / "pairs.npz",
+            ids=np.asarray(ids, dtype=np.int32),
+            lengths=np.asarray(lengths, dtype=np.int32).reshape(-1, 3),
+            weights=np.asarray([p.weight for p in pairs], dtype=np.float64),
+        )
+        (tmp / "where.json").write_text(json.dumps([p.where for p in pairs]))
+        raw = {**stats.__dict__, "dropped": dict(stats.dropped)}
+        (tmp / "stats.json").write_text(json.dumps(raw))
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process stored the same key first: keep theirs
+            if not (folder / "stats.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tokenize_pairs_cached(
+    examples: list, tokenizer, max_length: int, max_prompt_length: int, skip_invalid: bool, root: Path
+) -> tuple[list[TokenizedPair], TokenizeStats]:
+    """tokenize_pairs, or what an earlier run with the same key stored."""
+    folder = Path(root) / cache_key(examples, tokenizer, max_length, max_prompt_length, skip_invalid)
+    hit = load(folder)
+    if hit is not None:
+        return hit
+    pairs, stats = tokenize.tokenize_pairs(examples, tokenizer, max_length, max_prompt_length, skip_invalid)
+    save(folder, pairs, stats)
+    return pairs, stats
