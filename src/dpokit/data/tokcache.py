@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import json
 import os
 import shutil
@@ -68,11 +69,19 @@ def save(folder: Path, pairs: list[TokenizedPair], stats: TokenizeStats) -> None
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        ids = [t for p in pairs for t in (*p.prompt_ids, *p.chosen_ids, *p.rejected_ids)]
         lengths = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+        # straight into an int32 array: a Python list of every id would cost ~36 bytes per token (1.5 GiB of
+        # peak RSS at 100K HH pairs)
+        ids = np.fromiter(
+            itertools.chain.from_iterable(
+                itertools.chain(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs
+            ),
+            dtype=np.int32,
+            count=sum(map(sum, lengths)),
+        )
         np.savez(
             tmp / "pairs.npz",
-            ids=np.asarray(ids, dtype=np.int32),
+            ids=ids,
             lengths=np.asarray(lengths, dtype=np.int32).reshape(-1, 3),
             weights=np.asarray([p.weight for p in pairs], dtype=np.float64),
         )
