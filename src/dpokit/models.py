@@ -18,9 +18,7 @@ import importlib.util
 import logging
 import os
 import re
-import shutil
 import socket
-import tempfile
 import warnings
 import zlib
 from pathlib import Path
@@ -29,6 +27,7 @@ from urllib.parse import urlparse
 import torch
 
 from dpokit.config import did_you_mean
+from dpokit.files import build_folder
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ def resolve_model_path(name: str, key: str = "model.name") -> str:
     if name == TINY_ALIAS:
         target = cache_dir() / TINY_ALIAS
         if not (target / "config.json").exists():
-            _atomic_build(target, build_tiny_random)
+            build_folder(target, build_tiny_random, "config.json")
         return str(target)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
@@ -147,27 +146,12 @@ def smollm2_gguf_path() -> Path:
     return files[0]
 
 
-def _atomic_build(target: Path, build) -> None:
-    """Build a folder in a temp dir beside `target`, then rename: a cache entry is whole or absent."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race: keep theirs
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _convert_gguf_cached(gguf: Path, key: str) -> Path:
     target = cache_dir() / key
     if (target / "config.json").exists():
         return target
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
-    _atomic_build(target, lambda out: convert_gguf(gguf, out))
+    build_folder(target, lambda out: convert_gguf(gguf, out), "config.json")
     return target
 
 

@@ -14,15 +14,13 @@ import hashlib
 import inspect
 import itertools
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from dpokit import tokenize
+from dpokit.files import build_folder
 from dpokit.tokenize import TokenizedPair, TokenizeStats
 
 CACHE_VERSION = "1"
@@ -66,9 +64,7 @@ def load(folder: Path) -> tuple[list[TokenizedPair], TokenizeStats] | None:
 
 
 def save(folder: Path, pairs: list[TokenizedPair], stats: TokenizeStats) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    def build(tmp: Path) -> None:
         lengths = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
         # straight into an int32 array: a Python list of every id would cost ~36 bytes per token (1.5 GiB of
         # peak RSS at 100K HH pairs)
@@ -86,15 +82,9 @@ def save(folder: Path, pairs: list[TokenizedPair], stats: TokenizeStats) -> None
             weights=np.asarray([p.weight for p in pairs], dtype=np.float64),
         )
         (tmp / "where.json").write_text(json.dumps([p.where for p in pairs]))
-        raw = {**stats.__dict__, "dropped": dict(stats.dropped)}
-        (tmp / "stats.json").write_text(json.dumps(raw))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process stored the same key first: keep theirs
-            if not (folder / "stats.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "stats.json").write_text(json.dumps({**stats.__dict__, "dropped": dict(stats.dropped)}))
+
+    build_folder(folder, build, "stats.json")
 
 
 def tokenize_pairs_cached(
