@@ -55,8 +55,19 @@ def test_lora_merged_folder_loads_without_peft_and_equals_the_adapter_model(
         logits(load_model(str(tiny_model_dir)).eval(), ids) - want
     ).abs().max() > 1e-3  # the adapter mattered
     assert tokenizer.chat_template and (done.folder / "generation_config.json").is_file()
-    half = export(str(ckpt), str(tmp_path / "bf16"), dtype="bf16")  # a checkpoint folder works too
+    # a checkpoint folder works too; --dtype rounds the folder only, the GGUF is written from the fp32 merge
+    half = export(
+        str(ckpt),
+        str(tmp_path / "bf16"),
+        dtype="bf16",
+        gguf=str(tmp_path / "g" / "f32.gguf"),
+        gguf_type="f32",
+    )
     assert AutoModelForCausalLM.from_pretrained(half.folder).dtype == torch.bfloat16
+    back = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "g"), gguf_file="f32.gguf", dtype=torch.float32
+    )
+    assert (logits(back.eval(), ids) - want).abs().max() < 1e-4
 
 
 def test_full_finetuning_export_copies_the_weights(tiny_model_dir, tmp_path):

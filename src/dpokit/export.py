@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,12 @@ import torch
 
 from dpokit import models
 from dpokit.errors import UsageError
+from dpokit.files import build_folder, write_file
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_1")
+"""--gguf-type choices (see _types)."""
 
 
 @dataclass
@@ -101,17 +102,18 @@ def export(
     model, tokenizer = merged_model(ckpt, base, adapter)
     if gguf:
         check_gguf_arch(model)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.to(DTYPES[dtype]).save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
     gguf_path = modelfile = None
-    if gguf:
+    if gguf:  # from the fp32 merge, before --dtype rounds the folder's weights
         gguf_path = Path(gguf)
-        write_gguf(model.float(), tokenizer, gguf_path, gguf_type, name=folder.name)
+        gguf_path.parent.mkdir(parents=True, exist_ok=True)
+        write_file(gguf_path, lambda tmp: write_gguf(model, tokenizer, tmp, gguf_type, name=folder.name))
         modelfile = write_modelfile(tokenizer, gguf_path)
+
+    def save(tmp: Path) -> None:
+        model.to(DTYPES[dtype]).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    build_folder(folder, save, "config.json")
     return Exported(folder, gguf_path, modelfile, time.perf_counter() - started)
 
 
@@ -158,6 +160,20 @@ def gguf_tensors(model) -> list[tuple[str, np.ndarray]]:
     return out
 
 
+def _types(gguf_type: str):
+    """(tensor type of the matrices, llama.cpp file type) of a --gguf-type."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import LlamaFileType as F
+
+    return {
+        "f32": (T.F32, F.ALL_F32),
+        "f16": (T.F16, F.MOSTLY_F16),
+        "bf16": (T.BF16, F.MOSTLY_BF16),
+        "q8_0": (T.Q8_0, F.MOSTLY_Q8_0),
+        "q4_1": (T.Q4_1, F.MOSTLY_Q4_1),
+    }[gguf_type]
+
+
 def _tensor_type(name: str, array: np.ndarray, gguf_type: str):
     """The storage type of one tensor: vectors stay f32 (as llama.cpp's converter does); with q4_1 the
     embedding and output matrices go q8_0 (as in the shipped SmolLM2 Q4_1 file)."""
@@ -167,7 +183,7 @@ def _tensor_type(name: str, array: np.ndarray, gguf_type: str):
         return T.F32
     if gguf_type == "q4_1" and name.split(".")[0] in ("token_embd", "output"):
         return T.Q8_0
-    return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_1": T.Q4_1}[gguf_type]
+    return _types(gguf_type)[0]
 
 
 def write_gguf(model, tokenizer, path: Path, gguf_type: str, name: str = "dpokit export") -> None:
@@ -187,21 +203,13 @@ def write_gguf(model, tokenizer, path: Path, gguf_type: str, name: str = "dpokit
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(
-        {
-            "f32": gguf.LlamaFileType.ALL_F32,
-            "f16": gguf.LlamaFileType.MOSTLY_F16,
-            "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-            "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-        }[gguf_type]
-    )
+    writer.add_file_type(_types(gguf_type)[1])
     if gguf_type in ("q8_0", "q4_1"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_tokenizer(writer, tokenizer, cfg.vocab_size)
     for tensor_name, array in gguf_tensors(model):
         qtype = _tensor_type(tensor_name, array, gguf_type)
-        if qtype in (gguf.GGMLQuantizationType.F32,):
+        if qtype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(tensor_name, array.astype(np.float32))
         elif qtype == gguf.GGMLQuantizationType.F16:
             writer.add_tensor(tensor_name, array.astype(np.float16))
