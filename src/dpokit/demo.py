@@ -316,12 +316,8 @@ def iterative_points(bench: Bench, root: Path, rounds: int = 3) -> list[dict]:
     it = Iteration(cfg, results[0].folder.parent.parent)
     points = []
     for r in results:
-        policy = it.load_policy(r.round)
-        compared = Compared.lora_run(policy, bench.tokenizer, cfg) if cfg.lora.enabled else None
-        if compared is None:
-            compared = Compared(policy, bench.reference, bench.tokenizer, cfg.loss, bf16=cfg.train.bf16)
         gen, records = generation_metrics(
-            compared,
+            it.compared(it.load_policy(r.round), bench.reference),
             bench.eval_prompts,
             bench.reward,
             ds.eval_samples,

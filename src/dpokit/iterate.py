@@ -23,26 +23,28 @@ always read back from the previous round's checkpoint, in a fresh run as in a re
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
 from accelerate.tracking import GeneralTracker
 
 from dpokit import models
-from dpokit.config import Config, dump_yaml, load_config
+from dpokit.config import Config, ConfigError, dump_yaml
 from dpokit.errors import UsageError
 from dpokit.evaluation import Compared, generation_metrics, load_prompts
+from dpokit.files import write_file
 from dpokit.generate import Sample, SamplingSettings, sample
 from dpokit.metrics import read_metrics, write_jsonl
 from dpokit.reference import Reference
 from dpokit.rewards import get_judge, get_reward
 from dpokit.session import layout_for
+from dpokit.validation import validate
 
 log = logging.getLogger(__name__)
 FAULT_ENV = "DPOKIT_KILL_AT"
@@ -96,18 +98,12 @@ def judge_scores(judge, prompt: str, completions: list[str]) -> list[float]:
     return [w / (2 * (k - 1)) for w in wins]
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _jsonl(path: Path, records: list[dict]) -> None:
-    _write_atomic(path, lambda tmp: write_jsonl(tmp, records))
+    write_file(path, lambda tmp: write_jsonl(tmp, records))
 
 
 def _json(path: Path, value) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2, default=str)))
+    write_file(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2, default=str)))
 
 
 def _fault(phase: str, r: int) -> None:
@@ -188,16 +184,25 @@ class Iteration:
     # ---- models
     def load_policy(self, r: int):
         """The policy after round r (r = 0: the initial model), for sampling; frozen, eval mode."""
-        cfg = self.cfg
-        base = models.load_model(self.model_path, cfg.model.trust_remote_code, cfg.model.attn_implementation)
-        ckpt = self.checkpoint(r)
-        if ckpt is None:
-            model = base
-        elif cfg.lora.enabled:
-            model = models.load_adapter(base, str(ckpt), trainable=False)
-        else:
-            model = models.load_model(str(ckpt), cfg.model.trust_remote_code, cfg.model.attn_implementation)
+        m, ckpt = self.cfg.model, self.checkpoint(r)
+        full_ft = ckpt is not None and not self.cfg.lora.enabled
+        model = models.load_model(
+            str(ckpt) if full_ft else self.model_path, m.trust_remote_code, m.attn_implementation
+        )
+        if ckpt is not None and self.cfg.lora.enabled:
+            model = models.load_adapter(model, str(ckpt), trainable=False)
         return model.eval().requires_grad_(False)
+
+    def compared(self, policy, initial: Reference | None = None) -> Compared:
+        """A round's policy against the initial model: its adapter switched off (LoRA), else `initial` or
+        the initial model loaded now."""
+        cfg = self.cfg
+        if cfg.lora.enabled:
+            return Compared.lora_run(policy, self.tokenizer, cfg)
+        initial = initial or Reference.separate(
+            self.load_policy(0), cfg.train.logps_chunk_size, cfg.train.bf16
+        )
+        return Compared(policy, initial, self.tokenizer, cfg.loss, layout_for(cfg, policy), cfg.train.bf16)
 
     # ---- phases
     def sample_round(self, r: int) -> list[dict]:
@@ -291,24 +296,33 @@ class Iteration:
         return stats
 
     def round_config(self, r: int, resume: bool) -> Config:
-        cfg, folder = self.cfg, self.folder(r)
-        prev = self.checkpoint(r - 1)
-        extra = [
-            f"data.train={folder / 'pairs.jsonl'}",
-            f"train.run_dir={folder / 'train'}",
-            "train.group_by_prompt=true",  # a prompt's pairs share micro-batches: its samples computed once
-        ]
-        extra += [f"train.resume={str(resume).lower()}", f"train.overwrite={str(not resume).lower()}"]
-        if prev is not None and cfg.lora.enabled:
-            extra.append(f"model.adapter={prev}")
-            if self.it.reference == "initial":
-                extra.append("model.reference=base")
+        """The run config of round r's training: the iterate config's sections, with this round's pairs,
+        run dir and starting point, checked as any training config."""
+        cfg, folder, prev = self.cfg, self.folder(r), self.checkpoint(r - 1)
+        model, initial = cfg.model, self.it.reference == "initial"
+        if (
+            prev is not None and cfg.lora.enabled
+        ):  # continue the adapter; pi_ref = the base, or where it starts
+            model = replace(model, adapter=str(prev), reference="base" if initial else "")
         elif prev is not None:
-            extra.append(f"model.name={prev}")
-            if self.it.reference == "initial":
-                extra.append(f"model.reference={cfg.model.name}")
-        data = _without(dataclasses.asdict(cfg), "iterate")
-        return load_config(None, [*_flatten(data), *extra])
+            model = replace(model, name=str(prev), reference=cfg.model.name if initial else "")
+        round_cfg = replace(
+            cfg,
+            model=model,
+            data=replace(cfg.data, train=str(folder / "pairs.jsonl")),
+            # a prompt's pairs share micro-batches, where its samples are computed once
+            train=replace(
+                cfg.train,
+                run_dir=str(folder / "train"),
+                group_by_prompt=True,
+                resume=resume,
+                overwrite=not resume,
+            ),
+        )
+        problems = validate(round_cfg)
+        if problems:
+            raise ConfigError(problems)
+        return round_cfg
 
     def train_round(self, r: int) -> dict:
         from dpokit.checkpoint import latest_checkpoint
@@ -350,23 +364,14 @@ class Iteration:
         if (folder / "eval.json").exists():
             return json.loads((folder / "eval.json").read_text())
         initial = self.initial_eval_samples()
-        policy = self.load_policy(r)
-        cfg = self.cfg
-        if cfg.lora.enabled:  # the initial model is the policy with its adapter off
-            compared = Compared.lora_run(policy, self.tokenizer, cfg)
-        else:
-            reference = Reference.separate(self.load_policy(0), cfg.train.logps_chunk_size, cfg.train.bf16)
-            compared = Compared(
-                policy, reference, self.tokenizer, cfg.loss, layout_for(cfg, policy), cfg.train.bf16
-            )
         gen, records = generation_metrics(
-            compared,
+            self.compared(self.load_policy(r)),
             self.eval_prompts,
             self.reward,
             self.it.eval_samples,
             self.eval_sampling(),
             reference_samples=initial,
-            progress=cfg.train.progress,
+            progress=self.cfg.train.progress,
         )
         gen["win_rate/initial"] = gen.pop("win_rate")
         gen["win_rate/previous"] = self.win_rate_over_previous(r, records)
@@ -434,31 +439,12 @@ def _samples_of(rec: dict) -> list[Sample]:
     ]
 
 
-def _without(d: dict, key: str) -> dict:
-    return {k: v for k, v in d.items() if k != key}
-
-
-def _flatten(d: dict, prefix: str = "") -> list[str]:
-    """A config dict as dotted overrides (values in YAML flow style)."""
-    out = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out += _flatten(v, f"{prefix}{k}.")
-        else:
-            out.append(f"{prefix}{k}={json.dumps(v)}")
-    return out
-
-
 def prepare_root(cfg: Config) -> Path:
     """The run folder: new, or the same config's unfinished run (continued), or refused."""
     t = cfg.train
     root = Path(t.run_dir or Path("runs") / datetime.now().strftime("iterate-%Y%m%d-%H%M%S"))
     saved = root / "config.yaml"
-    text = dump_yaml(
-        dataclasses.replace(
-            cfg, train=dataclasses.replace(t, run_dir=str(root), resume=False, overwrite=False)
-        )
-    )
+    text = dump_yaml(replace(cfg, train=replace(t, run_dir=str(root), resume=False, overwrite=False)))
     if saved.exists() and not t.overwrite:
         if saved.read_text() != text:
             raise UsageError(
@@ -470,8 +456,6 @@ def prepare_root(cfg: Config) -> Path:
             f"{root} exists and is not empty; set train.overwrite=true or choose another train.run_dir"
         )
     if t.overwrite and root.exists():
-        import shutil
-
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     saved.write_text(text)
