@@ -71,6 +71,7 @@ def setup(cfg: Config, run_dir_hint: str | None = None, trackers: list | None = 
     # bf16 is autocast inside CompletionLogps (fp32 master weights), not through Accelerate's process-wide
     # mixed-precision state, which cannot change between two runs in one Python process.
     sinks = [*cfg.train.report_to, *(trackers or [])]
+    refuse_deepspeed()  # before Accelerate, which fails on its own when the package is missing
     accelerator = Accelerator(cpu=on_cpu(cfg.train.device), log_with=sinks or None, project_dir=run_dir_hint)
     check_distributed(accelerator)
     objective = Objective(cfg.loss, _mean_reduce(accelerator))
@@ -102,9 +103,7 @@ def setup(cfg: Config, run_dir_hint: str | None = None, trackers: list | None = 
         lc = cfg.lora
         if cfg.model.adapter and cfg.model.adapter_mode == "merge":
             merged = models.load_adapter(model, cfg.model.adapter, trainable=False).merge_and_unload()
-            model = models.add_lora(
-                merged.requires_grad_(True), lc.r, lc.alpha, lc.dropout, lc.target_modules
-            )
+            model = models.add_lora(merged, lc.r, lc.alpha, lc.dropout, lc.target_modules)
         elif cfg.model.adapter:
             model = models.load_adapter(model, cfg.model.adapter, trainable=True)
         else:
@@ -139,27 +138,34 @@ def on_cpu(device: str) -> bool:
     return device == "cpu" or (device == "auto" and launched and not torch.cuda.is_available())
 
 
+def _asked(engine: str) -> bool:
+    """Whether the launch asks Accelerate for `engine` (FSDP, DEEPSPEED): `accelerate launch` with such a
+    config sets this variable."""
+    import os
+
+    return os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() == "true"
+
+
+def refuse_deepspeed() -> None:
+    if _asked("DEEPSPEED"):
+        raise UsageError(
+            "DeepSpeed is not supported by dpokit's training loop yet (its engine steps the optimizer inside "
+            "backward and clips by its own config); use data parallel: --num-processes N on CPU, or "
+            "configs/accelerate/ddp.yaml on GPUs"
+        )
+
+
 def check_distributed(accelerator) -> None:
-    """Stop a launch that would not do what it asked for, before anything is written: FSDP or DeepSpeed
-    that Accelerate did not turn on, or processes that Accelerate did not join (each would train alone
-    and write the same run dir)."""
+    """Stop a launch that would not do what it asked for, before anything is written: FSDP that Accelerate
+    did not turn on, or processes that Accelerate did not join (each would train alone and write the same
+    run dir)."""
     import os
 
     import accelerate
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
-    asked = {
-        "FSDP": os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true",
-        "DeepSpeed": os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true",
-    }
-    if kind == DistributedType.DEEPSPEED:
-        raise UsageError(
-            "DeepSpeed is not supported by dpokit's training loop yet (its engine steps the optimizer inside "
-            "backward and clips by its own config); use data parallel: --num-processes N on CPU, or "
-            "configs/accelerate/ddp.yaml on GPUs"
-        )
-    if asked["FSDP"] and kind != DistributedType.FSDP:
+    if _asked("FSDP") and kind != DistributedType.FSDP:
         raise UsageError(
             f"FSDP was asked for (ACCELERATE_USE_FSDP=true) but Accelerate {accelerate.__version__} runs "
             f"{kind.value} here: it turns FSDP on for accelerators only (GPU, XPU, NPU, ...), not on a CPU. On CPU "
