@@ -147,17 +147,21 @@ def test_group_by_prompt_keeps_a_prompts_pairs_together_and_changes_nothing_for_
     from dpokit.config import TrainConfig
     from dpokit.schedule import prompt_groups, step_schedule
 
-    tc = TrainConfig(batch_size=4, epochs=2)
+    tc = TrainConfig(batch_size=6, epochs=2)
     unique = random_pairs(10)
-    plain = list(step_schedule(10, tc))
-    assert list(step_schedule(10, tc, groups=prompt_groups(unique))) == plain
-    pairs = sampled_pairs("all_pairs", prompts=2, k=4)  # two prompts, 6 pairs each
-    grouped = list(step_schedule(12, tc, groups=prompt_groups(pairs)))
-    for step in grouped:
-        for micro in step:
-            assert len({tuple(pairs[i].prompt_ids) for i in micro}) <= 2
-    first_epoch = [i for step in grouped[:3] for micro in step for i in micro]
-    assert sorted(first_epoch) == list(range(12))
+    assert list(step_schedule(10, tc, groups=prompt_groups(unique))) == list(step_schedule(10, tc))
+    pairs = sampled_pairs("all_pairs", prompts=4, k=4)  # 4 prompts x 6 pairs, in prompt order
+    assert len(pairs) == 24
+
+    def prompts_per_micro_batch(groups):
+        return [
+            len({tuple(pairs[i].prompt_ids) for i in micro})
+            for step in step_schedule(24, tc, groups=groups)
+            for micro in step
+        ]
+
+    assert prompts_per_micro_batch(prompt_groups(pairs)) == [1] * 8  # each micro-batch is one prompt's 6
+    assert max(prompts_per_micro_batch(None)) > 1  # shuffled pairs mix prompts
 
 
 def test_training_trajectory_is_the_same_in_every_layout(tmp_path, tiny_model_dir):
