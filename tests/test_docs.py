@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dpokit.cli import main
-from helpers import SHARED_DATA, cli_args
+from helpers import SHARED_DATA, TINY_ITERATE, cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -24,17 +24,6 @@ NOT_RUN = {
     "accelerate launch --config_file configs/accelerate/ddp.yaml --num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1 --main_process_port 29500 -m dpokit.cli train configs/hh_lora.yaml": "GPUs on two machines; the same launch through torch.distributed.run runs in tests/test_distributed.py",
 }
 FAST_TRAIN = ("train.max_steps=2", "data.limit=24", "train.progress=false", "eval.batch_size=8")
-FAST_ITERATE = (
-    "iterate.prompts_per_round=4",
-    "iterate.samples_per_prompt=3",
-    "iterate.max_new_tokens=8",
-    "iterate.eval_num_prompts=4",
-    "iterate.reward=length",
-    "train.bf16=false",
-    "train.progress=false",
-)
-"""`dpokit iterate` on the tiny model: rounds of 4 prompts x 3 samples of 8 tokens, scored by length (the
-random model's text carries no sentiment: VADER would call every pair a tie)."""
 
 
 def doc_commands() -> list[tuple[str, str, list[str]]]:
@@ -107,7 +96,7 @@ def argv_of(command: str, tiny_model_dir, index: int) -> list[str]:
     if argv[0] == "train" and "--help" not in argv and "--resume" not in argv:
         argv += [f"model.name={tiny_model_dir}", *FAST_TRAIN, f"train.run_dir=runs/doc-{index}"]
     if argv[0] == "iterate" and "--help" not in argv and "--resume" not in argv:
-        argv += [f"model.name={tiny_model_dir}", *FAST_ITERATE]  # the command's own run dir: --resume uses it
+        argv += [f"model.name={tiny_model_dir}", *TINY_ITERATE]  # the command's own run dir: --resume uses it
     return argv
 
 

@@ -19,31 +19,9 @@ from dpokit.config import ConfigError, load_config
 from dpokit.iterate import FAULT_ENV, judge_scores, pair_indices, penalized, run_iterate
 from dpokit.metrics import read_metrics
 from dpokit.rewards import RewardError, get_judge
+from helpers import TINY_ITERATE
 
 HERE = Path(__file__).resolve().parent
-
-ITERATE_RUN = (
-    "lora.r=4",
-    "data.max_length=128",
-    "data.max_prompt_length=64",
-    "train.batch_size=4",
-    "train.epochs=1",
-    "train.lr=1e-3",
-    "train.device=cpu",
-    "train.progress=false",
-    "train.checkpoint_every=1",
-    "iterate.rounds=2",
-    "iterate.prompts=builtin:reviews",
-    "iterate.prompts_split=train",
-    "iterate.prompts_per_round=6",
-    "iterate.samples_per_prompt=4",
-    "iterate.max_new_tokens=10",
-    "iterate.reward=length",
-    "iterate.eval_prompts=builtin:reviews",
-    "iterate.eval_split=eval",
-    "iterate.eval_num_prompts=4",
-)
-"""Two rounds on the tiny model: 6 fresh prompts x 4 samples per round, length reward, 4 held-out prompts."""
 
 ROUND_FILES = (
     "samples.jsonl",
@@ -57,7 +35,7 @@ ROUND_FILES = (
 
 
 def overrides(model_dir, run_dir, *extra: str) -> list[str]:
-    return [f"model.name={model_dir}", *ITERATE_RUN, f"train.run_dir={run_dir}", *extra]
+    return [f"model.name={model_dir}", *TINY_ITERATE, f"train.run_dir={run_dir}", *extra]
 
 
 def iterate(model_dir, run_dir, *extra: str):
