@@ -61,8 +61,8 @@ def block_attention(
 
 def decode_attention(query, key, value, attention_mask, scaling):
     """One query per row: (B, H, 1, D) against (B, Hkv, T, D) -> (B, 1, H, D) as two small matmuls per
-    key/value head (grouped-query heads share it, no copies). CPU SDPA kernels are built for long queries
-    and cost several times more here (benchmarks/bench_sampling.py)."""
+    key/value head (grouped-query heads share it, no copies). CPU SDPA kernels are built for long queries:
+    in a profile of SmolLM2 decoding 64 rows, its flash kernel took 35% of the step."""
     import torch
 
     rows, heads, _, dim = query.shape
