@@ -258,3 +258,8 @@ def test_report_of_an_iterate_run_shows_each_round_beside_the_curves(two_rounds)
     page = write_report(root).read_text()
     assert "Rounds (on-policy DPO)" in page and "chart-rounds" in page and "Training curves" in page
     assert "win vs previous" in page
+
+
+def test_a_judge_that_cannot_be_imported_is_called_a_judge():
+    with pytest.raises(RewardError, match=r"^judge 'iterate_rewards:nope': cannot import 'nope'"):
+        get_judge("iterate_rewards:nope")

@@ -127,17 +127,18 @@ def reward_model(spec: str, batch_size: int = 16, device: str | None = None) -> 
     return score
 
 
-def user_function(spec: str) -> RewardFn:
+def user_function(spec: str, kind: str = "reward"):
+    """The function `module:function` names (a reward, or a judge)."""
     module, _, name = spec.partition(":")
+    builtin = f"not a built-in reward ({', '.join(BUILTIN)}) and " if kind == "reward" else ""
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
         raise RewardError(
-            f"reward {spec!r}: not a built-in reward ({', '.join(BUILTIN)}) and cannot import {name!r} from "
-            f"module {module!r} ({err})"
+            f"{kind} {spec!r}: {builtin}cannot import {name!r} from module {module!r} ({err})"
         ) from err
     if not callable(fn):
-        raise RewardError(f"reward {spec!r}: {module}.{name} is not callable")
+        raise RewardError(f"{kind} {spec!r}: {module}.{name} is not callable")
     return fn
 
 
@@ -196,7 +197,7 @@ Judge = Callable[[str, str, str], float]
 
 def get_judge(spec: str) -> Judge:
     """A pairwise judge `module:function(prompt, a, b) -> P(a better than b)`, checked per call."""
-    fn = user_function(spec)
+    fn = user_function(spec, "judge")
 
     def judge(prompt: str, a: str, b: str) -> float:
         p = checked_number(f"judge {spec!r}", fn(prompt, a, b), 0, a)
