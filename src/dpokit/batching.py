@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dpokit.logps import sum_by_sequence
 from dpokit.tokenize import TokenizedPair, TokenizedUnpaired
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,7 @@ class Batch:
 
     def sequence_sums(self, values: torch.Tensor) -> torch.Tensor:
         """(N,) per-token values -> (2P,) sums per chosen / rejected sequence (or (S,) for other batches)."""
-        sums = torch.zeros(self.num_seqs, dtype=values.dtype, device=values.device).index_add(
-            0, self.seq_index, values
-        )
+        sums = sum_by_sequence(values, self.seq_index, self.num_seqs)
         return sums if self.seq_map is None else sums[self.seq_map]
 
     def completion_lengths(self) -> torch.Tensor:

@@ -34,7 +34,7 @@ def validate(cfg: Config, command: str = "train") -> list[str]:
     """Every problem found in `cfg` for `command` (train, or iterate) (empty = valid)."""
     return [
         *(_iterate_problems(cfg) if command == "iterate" else _data_problems(cfg)),
-        *(_data_shape_problems(cfg)),
+        *_data_shape_problems(cfg),
         *_model_problems(cfg),
         *validate_loss(cfg.loss, cfg.train.batch_size),
         *_train_problems(cfg),
