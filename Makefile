@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 
-.PHONY: install demo sweep test lint clean bench browser llama-cpp
+.PHONY: install demo sweep test lint clean bench browser llama-cpp deepspeed
 
 install: $(STAMP)
 
@@ -38,7 +38,11 @@ lint: install
 llama-cpp: install
 	$(BIN)/pip install -q -e '.[llamacpp]'
 
-test: install lint browser llama-cpp
+# DeepSpeed ZeRO-2/3, tested on CPU in tests/test_deepspeed.py (pure Python here: its kernels compile on demand).
+deepspeed: install
+	$(BIN)/pip install -q -e '.[deepspeed]'
+
+test: install lint browser llama-cpp deepspeed
 	$(BIN)/pytest -q
 
 bench: install

@@ -29,3 +29,17 @@ def tiny_tokenizer(tiny_model_dir):
     from dpokit.models import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def tied_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with its LM head tied to the embeddings (as SmolLM2's is)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tied-model")
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), tie_word_embeddings=True)
+    model.tie_weights()  # its checkpoint has an untied head; the embeddings are the tied pair's weights now
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(out)
+    return out

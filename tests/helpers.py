@@ -3,9 +3,13 @@ short runs on the tiny model. Each test states only what it changes."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from dpokit.config import Config, load_config
+
+TEST_DEVICE = os.environ.get("DPOKIT_TEST_DEVICE", "cpu")
+"""Where the device-sensitive tests (test_layouts.py) run: cpu, or cuda (benchmarks/gpu_check.sh)."""
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HH_HELPFUL = SHARED_DATA / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
@@ -63,3 +67,41 @@ def load_cfg(model_dir, run_dir, *extra: str) -> Config:
 def cli_args(model_dir, run_dir, *extra: str) -> list[str]:
     """`dpokit train` arguments of the same run."""
     return ["train", *run_overrides(model_dir, run_dir, *extra)]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+"""The environment of launched processes: one thread each (2 processes on 2 cores)."""
+
+DISTRIBUTED_KEYS = (
+    "loss",
+    "grad_norm",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "eval/loss",
+    "eval/rewards/margins",
+    "eval/rewards/accuracies",
+)
+"""The metrics a run of several processes is held to, against one process (rel and abs 1e-5)."""
+
+
+def assert_same_run(one: Path, two: Path, weights: str) -> None:
+    """Two run dirs agree: the steps, DISTRIBUTED_KEYS at each, and the weights file `weights` (1e-5)."""
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    from dpokit.metrics import read_metrics
+
+    a, b = read_metrics(Path(one) / "metrics.jsonl"), read_metrics(Path(two) / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.keys() == rb.keys()
+        for key in DISTRIBUTED_KEYS:
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-5), (ra["step"], key)
+    wa, wb = load_file(str(Path(one) / weights)), load_file(str(Path(two) / weights))
+    assert wa.keys() == wb.keys()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5, rtol=0) for k in wa)

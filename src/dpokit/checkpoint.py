@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from dpokit.sharding import is_sharded, load_model_state
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -28,8 +30,10 @@ def save_checkpoint(
     extra: dict | None = None,
     name: str | None = None,
     training_state: dict | None = None,
+    state_dict: dict | None = None,
 ) -> Path:
-    """Save to RUN_DIR/checkpoints/step-N (or `name`); `training_state` makes it resumable.
+    """Save to RUN_DIR/checkpoints/step-N (or `name`); `training_state` makes it resumable; `state_dict`:
+    the model's whole weights when it is sharded (sharding.model_state).
 
     The folder loads back with `AutoModelForCausalLM.from_pretrained` (full) or
     `PeftModel.from_pretrained(base, folder)` / `AutoPeftModelForCausalLM` (adapter).
@@ -39,7 +43,7 @@ def save_checkpoint(
     target = root / (name or f"step-{step}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if training_state is not None:
             torch.save(training_state, tmp / "training_state.pt")
@@ -78,13 +82,23 @@ def load_model_weights(model, folder: Path, lora: bool) -> None:
     from safetensors.torch import load_file
 
     if lora:
+        adapter = load_file(str(folder / "adapter_model.safetensors"))
+        if is_sharded(model):  # the file names LoRA weights without the adapter's name; the model with it
+            named = {
+                k.replace(f".{model.active_adapter}.", "."): k for k in model.state_dict() if "lora_" in k
+            }
+            load_model_state(model, {named[k]: v for k, v in adapter.items()})
+            return
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+        set_peft_model_state_dict(model, adapter)
         return
     state = {}
     for shard in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(shard)))
+    if is_sharded(model):
+        load_model_state(model, state)
+        return
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if [k for k in missing if k not in tied] or unexpected:

@@ -86,9 +86,20 @@ class CompletionLogps(nn.Module):
         self.bf16 = bf16  # autocast the forward to bf16; the weights stay fp32
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.softcap = getattr(base.config, "final_logit_softcapping", None)
+        # What Accelerate's FSDP2 reads off the module it shards: the layer classes to shard one by one
+        self._no_split_modules = getattr(base, "_no_split_modules", None)
+
+    # ... and tie_weights, to tie the embeddings again after it loads the weights. (Not the embeddings: given
+    # them, it shards the LM head apart, and the head runs once per chunk of completion tokens, a number that
+    # differs between processes: their collectives would not match. The head stays in the root's unit.)
+    def tie_weights(self, *args, **kwargs):
+        return self._base().tie_weights(*args, **kwargs)
+
+    def _base(self) -> nn.Module:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def _parts(self) -> tuple[nn.Module, nn.Module]:
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = self._base()
         return base.get_decoder(), base.get_output_embeddings()
 
     def forward(

@@ -26,6 +26,7 @@ from torch import nn
 
 from dpokit.batching import Batch
 from dpokit.progress import Progress
+from dpokit.sharding import whole
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = "4"
@@ -41,7 +42,7 @@ def weights_fingerprint(model: nn.Module, adapters: bool = False) -> str:
             continue
         # the same weights give the same key with or without a PEFT wrapper
         name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-        t = tensor.detach().cpu().contiguous()
+        t = whole(tensor.detach()).cpu().contiguous()  # a shard's whole tensor: every process, one key
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # the buffer itself, no copy
@@ -121,31 +122,52 @@ def precompute(
     token_weights: Callable[[Batch], torch.Tensor] | None = None,
     label: str = "reference log-probs",
     progress: bool = True,
+    lockstep: Callable[[int], int] | None = None,
 ) -> tuple[CachedLogps, dict]:
     """Reference log-probs of each micro-batch (lists of example indices), from `store` or computed and
-    stored. Returns the table and counts: batches, pairs, computed and reused (batches)."""
-    table, pending = CachedLogps(), {}  # pending: computed, not yet on disk
+    stored. Returns the table and counts: batches, pairs, computed and reused (batches).
+
+    `lockstep(n)`, for a reference whose forwards are collectives (sharded weights): the number of
+    forwards every process runs, given that this one has `n` to compute; the extra ones recompute a batch
+    and drop it."""
+    table, todo = CachedLogps(), {}  # todo: key -> a batch of it to compute, in order
     stats = {"batches": 0, "pairs": 0, "computed": 0, "reused": 0}
-    with Progress(label, total=sum(len(b) for b in batches), unit="pairs", enabled=progress) as bar:
-        for indices in batches:
-            ids = tuple(indices)
-            if ids in table.rows:
-                continue
-            name = batch_key([examples[i] for i in indices])
-            values = pending[name] if name in pending else store.get(name)
-            if values is None:
-                batch = collate(list(indices))
-                weights = token_weights(batch) if token_weights else None
-                values = pending[name] = reference.sequence_logps(batch, weights).float().cpu()
-                stats["computed"] += 1
-                if len(pending) == FLUSH_EVERY:
-                    store.write(pending)
-                    pending = {}
-            else:
-                stats["reused"] += 1
+    for indices in batches:
+        ids = tuple(indices)
+        if ids in table.rows:
+            continue
+        name = batch_key([examples[i] for i in indices])
+        if name in todo:  # the same pairs again: computed once
+            todo[name].append(ids)
+            stats["reused"] += 1
+        elif (values := store.get(name)) is None:
+            todo[name] = [ids]
+        else:
             table.rows[ids] = values
-            stats["batches"] += 1
-            stats["pairs"] += len(indices)
-            bar.advance(len(indices))
+            stats["reused"] += 1
+        stats["batches"] += 1
+        stats["pairs"] += len(indices)
+    rounds = lockstep(len(todo)) if lockstep else len(todo)
+    work = list(todo.items())
+    pending = {}  # computed, not yet on disk
+    with Progress(label, total=sum(len(ids[0]) for _, ids in work), unit="pairs", enabled=progress) as bar:
+        for r in range(rounds):
+            spare = r >= len(work)  # this process is done; the others still need it in their forwards
+            name, same = work[r] if not spare else (None, [batches[0]] if batches else [])
+            if not same:
+                raise RuntimeError("a process without batches cannot join the others' forwards")
+            batch = collate(list(same[0]))
+            weights = token_weights(batch) if token_weights else None
+            values = reference.sequence_logps(batch, weights).float().cpu()
+            if spare:
+                continue
+            pending[name] = values
+            for ids in same:
+                table.rows[ids] = values
+            stats["computed"] += 1
+            bar.advance(len(same[0]))
+            if len(pending) == FLUSH_EVERY:
+                store.write(pending)
+                pending = {}
     store.write(pending)
     return table, stats

@@ -5,7 +5,8 @@ samples with (`module`). It always runs under no_grad with dropout off.
 Strategies, each a constructor of `Reference`:
 - `Reference.adapters_off(policy)`: LoRA training; the policy's own network with its adapters switched off
   (no second copy of the weights);
-- `Reference.frozen_copy(policy)`: full fine-tuning; a frozen copy of the starting weights;
+- `Reference.frozen_copy(policy)`: full fine-tuning; a frozen copy of the starting weights, taken before
+  Accelerate prepares the policy (`frozen_start`);
 - `Reference.separate(model)`: another checkpoint (the starting model of a saved full fine-tuning run, or
   one the user names);
 - `Reference.initial(policy)`: the policy as it is, valid only before its first update (fills the cache in
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -24,6 +26,7 @@ from torch import nn
 
 from dpokit.batching import Batch
 from dpokit.logps import CompletionLogps
+from dpokit.sharding import lockstep, shard_like, zero3
 
 
 @contextlib.contextmanager
@@ -103,15 +106,47 @@ class Reference:
             yield unwrap(self.network).model
 
 
-def for_training(cfg, policy: nn.Module, reference_model: nn.Module | None = None) -> Reference:
-    """The live reference of a run: a separate network when the session loaded one (model.reference, or
-    the starting adapter of model.adapter), else the policy with its adapters off (LoRA) or a frozen copy of
-    it taken now, before any update (full fine-tuning)."""
-    if reference_model is not None:
-        device = next(unwrap(policy).parameters()).device
+def frozen_start(
+    cfg, objective, policy: nn.Module, reference_model: nn.Module | None, reload=None
+) -> Reference | None:
+    """Full fine-tuning's live reference, a frozen copy of the starting weights, taken from the policy before
+    Accelerate prepares it (FSDP2 shards the policy in place, and a sharded module cannot be copied); None
+    when the run's reference is anything else. Under ZeRO-3 the policy's weights are partitioned from the
+    load on: `reload()` loads the starting model again instead."""
+    live = objective.needs_reference and not cfg.train.precompute_ref
+    if not (live and not cfg.lora.enabled and reference_model is None):
+        return None
+    if zero3(policy):
         inner = unwrap(policy)
-        return Reference.separate(reference_model.to(device), inner.chunk_size, inner.bf16)
-    return Reference.adapters_off(policy) if cfg.lora.enabled else Reference.frozen_copy(policy)
+        return Reference.separate(reload(), inner.chunk_size, inner.bf16)
+    return Reference.frozen_copy(policy)
+
+
+def for_training(
+    cfg,
+    policy: nn.Module,
+    reference_model: nn.Module | None = None,
+    frozen: Reference | None = None,
+    accelerator=None,
+) -> Reference:
+    """The live reference of a run: a separate network when the session loaded one (model.reference, or
+    the starting adapter of model.adapter), else the policy with its adapters off (LoRA) or `frozen`, the
+    copy of its start that frozen_start took (full fine-tuning). A separate network is sharded like the
+    policy when Accelerate shards it (FSDP2)."""
+    inner = unwrap(policy)
+    device = next(inner.parameters()).device
+    if reference_model is not None:
+        ref = Reference.separate(reference_model.to(device), inner.chunk_size, inner.bf16)
+    elif cfg.lora.enabled:
+        return Reference.adapters_off(policy)
+    elif frozen is None:
+        raise ValueError("full fine-tuning's live reference is the copy frozen_start takes before prepare")
+    else:
+        ref = frozen
+        ref.network.to(device)
+    if accelerator is not None:
+        ref.network = shard_like(accelerator, ref.network)
+    return ref
 
 
 def cache_settings(cfg, device_type: str, attention: str) -> dict:
@@ -140,6 +175,7 @@ def precomputed(
     token_weights=None,
     progress: bool = True,
     reference_model: nn.Module | None = None,
+    accelerator=None,
 ) -> tuple[dict, dict]:
     """Cached references for each split, computed from the policy before its first update (or from
     `reference_model`, see for_training).
@@ -154,21 +190,33 @@ def precomputed(
 
     # Each process fills its own micro-batches, some from the cache: through a DDP wrapper every forward would
     # be a collective (it broadcasts buffers), and processes with different cache hits would wait forever.
-    # A DDP replica holds all the weights, so the module it wraps computes the same numbers alone.
+    # A DDP replica holds all the weights, so the module it wraps computes the same numbers alone. Sharded
+    # weights (FSDP2) need every process in every forward: they run in lockstep, the extra ones discarded.
     local = unwrap(policy) if isinstance(policy, torch.nn.parallel.DistributedDataParallel) else policy
     device = next(unwrap(policy).parameters()).device
     if reference_model is not None:
-        start = for_training(cfg, local, reference_model)
+        start = for_training(cfg, local, reference_model, accelerator=accelerator)
         key = weights_fingerprint(reference_model, adapters=True)
     else:
         start = Reference.adapters_off(local) if cfg.lora.enabled else Reference.initial(local)
         key = weights_fingerprint(unwrap(policy).model)
     root = Path(cfg.train.ref_cache_dir) if cfg.train.ref_cache_dir else models.cache_dir() / "ref-logps"
-    store = ShardStore(cache_folder(root, key, cache_settings(cfg, device.type, attention)))
+    settings = cache_settings(cfg, device.type, attention)
+    settings["logps_chunk_size"] = unwrap(start.network).chunk_size  # ZeRO-3 runs the head in one chunk
+    store = ShardStore(cache_folder(root, key, settings))
     refs, stats = {}, {"cache": str(store.folder)}
+    step = functools.partial(lockstep, module=start.network)
     for name, (examples, batches, collate) in splits.items():
         table, stats[name] = precompute(
-            start, batches, examples, collate, store, token_weights, f"reference log-probs ({name})", progress
+            start,
+            batches,
+            examples,
+            collate,
+            store,
+            token_weights,
+            f"reference log-probs ({name})",
+            progress,
+            step,
         )
         refs[name] = Reference.cached(table)
     return refs, stats

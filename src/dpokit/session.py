@@ -42,6 +42,16 @@ class Session:
     (models.load_reference_model)."""
     """Said once at setup; the run keeps them in summary.json."""
 
+    def reload_start(self) -> torch.nn.Module:
+        """The starting model of full fine-tuning, loaded again and set up as at setup (its attention)."""
+        m = self.cfg.model
+        model = models.load_model(
+            models.resolve_model_path(m.name), m.trust_remote_code, m.attn_implementation
+        )
+        if self.layout.attention == "blocks":
+            enable_blocks(model, self.cfg.data.max_length)
+        return model
+
     def train_groups(self) -> list[list[int]] | None:
         """Pairs that step_schedule keeps together (train.group_by_prompt): those of one prompt. Never for
         unpaired examples: KTO's KL baseline pairs each prompt with another example's completion."""
@@ -71,7 +81,7 @@ def setup(cfg: Config, run_dir_hint: str | None = None, trackers: list | None = 
     # bf16 is autocast inside CompletionLogps (fp32 master weights), not through Accelerate's process-wide
     # mixed-precision state, which cannot change between two runs in one Python process.
     sinks = [*cfg.train.report_to, *(trackers or [])]
-    refuse_deepspeed()  # before Accelerate, which fails on its own when the package is missing
+    check_deepspeed(cfg.train.device)
     accelerator = Accelerator(cpu=on_cpu(cfg.train.device), log_with=sinks or None, project_dir=run_dir_hint)
     check_distributed(accelerator)
     objective = Objective(cfg.loss, _mean_reduce(accelerator))
@@ -131,9 +141,12 @@ def same_vocab(tokenizer, reference: str, trust_remote_code: bool) -> None:
 
 def on_cpu(device: str) -> bool:
     """Accelerate's cpu flag: train.device=cpu, or auto in a multi-process launch without CUDA. Without the
-    flag Accelerate leaves CPU processes unjoined (distributed type NO): each would train alone."""
+    flag Accelerate leaves CPU processes unjoined (distributed type NO): each would train alone. Never under
+    DeepSpeed, which the flag turns off: DeepSpeed picks its accelerator itself (CUDA, else the CPU)."""
     import os
 
+    if _asked("DEEPSPEED"):
+        return False
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return device == "cpu" or (device == "auto" and launched and not torch.cuda.is_available())
 
@@ -146,25 +159,55 @@ def _asked(engine: str) -> bool:
     return os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() == "true"
 
 
-def refuse_deepspeed() -> None:
-    if _asked("DEEPSPEED"):
+def check_deepspeed(device: str) -> None:
+    """Before Accelerate, which stops with an ImportError traceback when the package is missing."""
+    import importlib.util
+
+    if not _asked("DEEPSPEED"):
+        return
+    if importlib.util.find_spec("deepspeed") is None:
         raise UsageError(
-            "DeepSpeed is not supported by dpokit's training loop yet (its engine steps the optimizer inside "
-            "backward and clips by its own config); use data parallel: --num-processes N on CPU, or "
-            "configs/accelerate/ddp.yaml on GPUs"
+            "the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true) but the deepspeed package is not "
+            "installed: pip install deepspeed (make deepspeed)"
+        )
+    if device == "cpu" and torch.cuda.is_available():
+        raise UsageError(
+            "train.device=cpu under DeepSpeed on a machine with CUDA: DeepSpeed runs on the GPUs; use "
+            "train.device=auto, or launch without DeepSpeed (--num-processes N) to train on the CPU"
         )
 
 
+def fit_deepspeed(accelerator, micro_pairs: int, max_grad_norm: float | None) -> None:
+    """Fill the DeepSpeed config from the run before Accelerate hands it to DeepSpeed: dpokit forms the batches
+    and accumulates over micro-batches itself (it marks each step's last one through
+    Accelerator.sync_gradients), so DeepSpeed sees micro-batches of `micro_pairs` pairs and no accumulation of
+    its own; it clips at train.max_grad_norm; ZeRO-3 gathers whole weights for checkpoints."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro_pairs
+    config["gradient_accumulation_steps"] = 1
+    config["train_batch_size"] = micro_pairs * accelerator.num_processes
+    config["gradient_clipping"] = float(max_grad_norm or 0.0)
+    if plugin.zero_stage == 3:
+        config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+
+
 def check_distributed(accelerator) -> None:
-    """Stop a launch that would not do what it asked for, before anything is written: FSDP that Accelerate
-    did not turn on, or processes that Accelerate did not join (each would train alone and write the same
-    run dir)."""
+    """Stop a launch that would not do what it asked for, before anything is written: an engine (FSDP,
+    DeepSpeed) that Accelerate did not turn on, or processes that Accelerate did not join or count (each
+    would train alone and write the same run dir)."""
     import os
 
     import accelerate
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
+    if _asked("DEEPSPEED") and kind != DistributedType.DEEPSPEED:
+        raise UsageError(
+            f"DeepSpeed was asked for but Accelerate {accelerate.__version__} runs {kind.value} here"
+        )
     if _asked("FSDP") and kind != DistributedType.FSDP:
         raise UsageError(
             f"FSDP was asked for (ACCELERATE_USE_FSDP=true) but Accelerate {accelerate.__version__} runs "
@@ -172,6 +215,12 @@ def check_distributed(accelerator) -> None:
             "use data parallel: --num-processes N"
         )
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes == 1 and kind == DistributedType.DEEPSPEED:
+        raise UsageError(
+            f"{world} processes were launched under DeepSpeed, but without CUDA Accelerate {accelerate.__version__} "
+            "counts one process in each (every one would train on all the data and write the same run dir). On "
+            "CPU use data parallel: --num-processes N"
+        )
     if world > 1 and accelerator.num_processes == 1:
         raise UsageError(
             f"{world} processes were launched but Accelerate joined none of them (distributed type "

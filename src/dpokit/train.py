@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,9 +22,10 @@ from pathlib import Path
 import torch
 
 from dpokit import reference as references
+from dpokit import sharding
 from dpokit.checkpoint import latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
 from dpokit.config import Config
-from dpokit.errors import TrainingError
+from dpokit.errors import TrainingError, UsageError
 from dpokit.evaluation import evaluate_pairs
 from dpokit.guards import Guards
 from dpokit.metrics import MetricsWriter, PairMetrics, StepReporter, read_metrics, write_jsonl
@@ -32,7 +34,7 @@ from dpokit.optim import build_optimizer, build_scheduler
 from dpokit.reference import unwrap
 from dpokit.rundir import check_disk_space, check_run_dir, create_run_dir, with_run_dir, write_summary
 from dpokit.schedule import epoch_steps, eval_batches, mine, step_schedule
-from dpokit.session import Session, setup
+from dpokit.session import Session, fit_deepspeed, setup
 
 __all__ = ["RunResult", "TrainingError", "precompute_reference", "train"]
 
@@ -66,17 +68,29 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
     check_disk_space(cfg, s.policy)
     acc, t, e = s.accelerator, cfg.train, cfg.eval
     schedule = list(step_schedule(len(s.data.train), t, acc.num_processes, s.train_groups()))
+    if t.resume and sharding.steps_in_backward(acc):
+        raise UsageError(
+            "train.resume under DeepSpeed: its optimizer state lives in per-process ZeRO partitions, which dpokit's "
+            "checkpoints do not hold yet (they hold whole weights, which load with from_pretrained). Resume under "
+            "FSDP or data parallel, or start again"
+        )
     resume = resume_point(run_dir, len(schedule)) if t.resume else None
     if resume is not None and resume["complete"]:
         return finished_run(run_dir, resume)
     optimizer = build_optimizer(s.policy.parameters(), t)
     scheduler = build_scheduler(optimizer, t, len(schedule))
+    frozen = references.frozen_start(
+        cfg, s.objective, s.policy, s.reference_model, s.reload_start
+    )  # before prepare
+    fit_deepspeed(acc, len(mine(schedule[0], acc.process_index, acc.num_processes)[0]), t.max_grad_norm)
     policy, optimizer = acc.prepare(s.policy, optimizer)
+    if sharding.zero3(policy):  # ZeRO-3 gathers the LM head at each call: one call per micro-batch everywhere
+        unwrap(policy).chunk_size = sys.maxsize
     # from_pretrained returns eval mode: without this, LoRA dropout and activation checkpointing stay off.
     policy.train()
     start_step = resume["step"] if resume else 0
     # Built before any update (and before a resumed run loads its weights): every strategy sees the start.
-    train_ref, eval_ref, ref_stats = make_references(s, policy, schedule, start_step)
+    train_ref, eval_ref, ref_stats = make_references(s, policy, schedule, start_step, frozen)
     create_run_dir(cfg, s.data.stats)
     guards = Guards(t.drift_warn, t.flat_window, t.flat_min_delta, e.patience, e.min_delta)
     guards.warnings += s.warnings
@@ -104,18 +118,27 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
         return {f"eval/{k}": v for k, v in metrics.items()}
 
     def save(step: int, name: str | None = None) -> Path | None:
-        if not acc.is_main_process:
-            return None
+        # every process: sharded weights and optimizer states are gathered to process 0, which writes
+        weights = sharding.model_state(acc, policy, unwrap(policy).model)
         state = None
-        if name is None:  # step checkpoints are resumable
+        if name is None and not sharding.steps_in_backward(acc):  # step checkpoints are resumable
             state = {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": sharding.optimizer_state(policy, optimizer),
                 "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
             }
+        if not acc.is_main_process:
+            return None
         extra = {"guards": guards.state_dict(), "objective": s.objective.state_dict()}
         return save_checkpoint(
-            unwrap(policy).model, s.tokenizer, run_dir, step, extra=extra, name=name, training_state=state
+            unwrap(policy).model,
+            s.tokenizer,
+            run_dir,
+            step,
+            extra=extra,
+            name=name,
+            training_state=state,
+            state_dict=weights,
         )
 
     def summarize(stopped: str, final_eval: dict | None, ckpt: Path | None) -> None:
@@ -140,9 +163,16 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
             sums, tokens = accumulate_gradients(s, policy, train_ref, micro_batches)
+            # under DeepSpeed the engine has clipped and stepped in the last backward: this reads its norm
             grad_norm = float(acc.clip_grad_norm_(policy.parameters(), t.max_grad_norm or math.inf))
             record = {"step": step, "epoch": step / steps_per_epoch, **sums.compute(acc)}
             if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
+                if sharding.steps_in_backward(acc):
+                    reason = non_finite_message(
+                        record["loss"], grad_norm, step, cfg, None, True, latest_checkpoint(run_dir)
+                    )
+                    summarize(reason, None, None)
+                    raise TrainingError(reason)
                 # the update is not applied: the weights are still those of the last good step
                 last_good = save(step - 1, name=f"step-{step - 1}-last-good")
                 reason = non_finite_message(record["loss"], grad_norm, step, cfg, last_good)
@@ -191,6 +221,7 @@ def accumulate_gradients(
     for i, indices in enumerate(own):
         batch = s.batch(s.data.train, indices)
         last = i == len(own) - 1
+        acc.sync_gradients = last  # DeepSpeed's accumulation boundary: its engine steps in that backward
         with contextlib.nullcontext() if last else acc.no_sync(policy):
             out, extras = s.objective(policy, reference, batch)
             acc.backward((out.losses * batch.weights).sum() * acc.num_processes / step_pairs)
@@ -199,15 +230,15 @@ def accumulate_gradients(
     return sums, tokens
 
 
-def make_references(s: Session, policy, schedule: list, start_step: int):
+def make_references(s: Session, policy, schedule: list, start_step: int, frozen=None):
     """(train reference, eval reference, counts for summary.json): None for reference-free losses (nothing
     is built or run); cached log-probs of exactly the micro-batches this process will run, with
-    train.precompute_ref; else the live reference."""
+    train.precompute_ref; else the live reference (`frozen`: references.frozen_start's copy)."""
     cfg, acc = s.cfg, s.accelerator
     if not s.objective.needs_reference:
         return None, None, None
     if not cfg.train.precompute_ref:
-        ref = references.for_training(cfg, policy, s.reference_model)
+        ref = references.for_training(cfg, policy, s.reference_model, frozen, acc)
         return ref, ref, None
     rank, world = acc.process_index, acc.num_processes
     train_batches = [b for step in schedule[start_step:] for b in mine(step, rank, world)]
@@ -219,7 +250,7 @@ def make_references(s: Session, policy, schedule: list, start_step: int):
     weights = (lambda b: ld_token_weights(b, cfg.loss.ld_alpha)) if cfg.loss.ld_alpha != 1.0 else None
     progress = cfg.train.progress and rank == 0
     refs, stats = references.precomputed(
-        cfg, policy, splits, s.layout.attention, weights, progress, s.reference_model
+        cfg, policy, splits, s.layout.attention, weights, progress, s.reference_model, acc
     )
     log.info("reference log-probs: %s", {k: v for k, v in stats.items() if k != "cache"})
     return refs["train"], refs["eval"], stats
@@ -258,10 +289,17 @@ def precompute_reference(cfg: Config) -> dict:
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precompute_ref=True))
     s = setup(cfg)
-    policy = s.accelerator.prepare(s.policy)
-    schedule = list(
-        step_schedule(len(s.data.train), cfg.train, s.accelerator.num_processes, s.train_groups())
+    acc = s.accelerator
+    schedule = list(step_schedule(len(s.data.train), cfg.train, acc.num_processes, s.train_groups()))
+    # prepared as the run prepares it, so the cache finds the same weights, layout and sharding; the
+    # optimizer is never stepped (FSDP2 and DeepSpeed prepare a model only with one)
+    optimizer = build_optimizer(s.policy.parameters(), cfg.train)
+    fit_deepspeed(
+        acc, len(mine(schedule[0], acc.process_index, acc.num_processes)[0]), cfg.train.max_grad_norm
     )
+    policy, _ = acc.prepare(s.policy, optimizer)
+    if sharding.zero3(policy):
+        unwrap(policy).chunk_size = sys.maxsize
     return make_references(s, policy, schedule, 0)[2]
 
 
@@ -297,7 +335,7 @@ def restore(folder: Path, run_dir: Path, s: Session, policy, optimizer, schedule
     """Load a resumable checkpoint into the run; returns (metrics so far, the initial eval)."""
     state, info = load_training_state(folder)
     load_model_weights(unwrap(policy).model, folder, lora=s.cfg.lora.enabled)
-    optimizer.load_state_dict(state["optimizer"])
+    sharding.load_optimizer_state(policy, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     guards.load_state_dict(info["guards"])
@@ -330,14 +368,29 @@ def log_pair_samples(run_dir: Path, step: int, samples: list[dict], s: Session) 
         fh.write(json.dumps({"step": step, "pairs": samples}) + "\n")
 
 
-def non_finite_message(loss: float, grad_norm: float, step: int, cfg: Config, last_good: Path | None) -> str:
-    kept = (
-        f"the last good weights (after step {step - 1}) are in {last_good}"
-        if last_good
-        else "nothing was saved"
-    )
+def non_finite_message(
+    loss: float,
+    grad_norm: float,
+    step: int,
+    cfg: Config,
+    last_good: Path | None,
+    in_backward: bool = False,
+    latest: Path | None = None,
+) -> str:
+    """`in_backward`: DeepSpeed applied the update inside backward, before the loop saw the numbers; `latest`
+    is then the newest step checkpoint, if any."""
+    if in_backward:
+        applied = "and DeepSpeed applied the update inside backward"
+        kept = f"the newest checkpoint is {latest}" if latest else "no checkpoint was written before it"
+    else:
+        applied = "so the update was not applied"
+        kept = (
+            f"the last good weights (after step {step - 1}) are in {last_good}"
+            if last_good
+            else "nothing was saved"
+        )
     return (
-        f"stopped at step {step}: loss={loss}, grad_norm={grad_norm} is not finite, so the update was not applied; "
+        f"stopped at step {step}: loss={loss}, grad_norm={grad_norm} is not finite, {applied}; "
         f"{kept}. Likely causes: train.lr={cfg.train.lr} too high, loss.beta={cfg.loss.beta} too high for the "
         "log-prob scale, an empty or fully truncated completion, or bf16 overflow. Fix: lower train.lr, lower "
         "loss.beta, check the data with `dpokit data check`, or set train.bf16=false."
