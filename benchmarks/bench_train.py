@@ -10,6 +10,7 @@ process's median step time (warm-up steps excluded). Reference precomputation is
     python benchmarks/bench_train.py                           # LoRA r=8 (q,v), fp32, 3 rounds
     python benchmarks/bench_train.py --mode full --rounds 2
     python benchmarks/bench_train.py --precision bf16 --contenders trl_fast dpokit_fast
+    python benchmarks/bench_train.py --device cuda --precision bf16      # on a GPU: peak GPU memory too
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def child_dpokit(args, extra: list[str]) -> dict:
         f"train.fast_fp32_matmul={args.fast_fp32_matmul}",
         f"train.ref_cache_dir={run_dir}/ref",
         "eval.at_start=false",
+        f"train.device={args.device}",
         *extra,
     ]
     t0 = time.perf_counter()
@@ -146,7 +148,7 @@ def child_trl(args, opts: dict) -> dict:
         gradient_checkpointing=opts["gradient_checkpointing"],
         precompute_ref_log_probs=opts["precompute"],
         bf16=args.precision == "bf16",
-        use_cpu=True,
+        use_cpu=args.device == "cpu",
         report_to="none",
         save_strategy="no",
         logging_steps=1,
@@ -188,23 +190,30 @@ def run_child(args) -> None:
     tool, opts = CONTENDERS[args.child]
     out = child_trl(args, opts) if tool == "trl" else child_dpokit(args, opts)
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device == "cuda":
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print("BENCH_RESULT " + json.dumps(out), flush=True)
 
 
-def matmul_peak(threads: int, dtype: str) -> float:
-    """GFLOP/s of a 2048^3 matmul in this process (fp32 default path or bf16)."""
+def matmul_peak(threads: int, dtype: str, device: str = "cpu") -> float:
+    """GFLOP/s of an n^3 matmul in this process (fp32 default path or bf16): n = 2048 on the CPU, 8192 on a
+    GPU."""
     import torch
 
     torch.set_num_threads(threads)
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
-    a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
+    n = 8192 if device == "cuda" else 2048
+    a, b = torch.randn(n, n, dtype=dt, device=device), torch.randn(n, n, dtype=dt, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(2):
         a @ b
+    sync()
     t0 = time.perf_counter()
     reps = 10
     for _ in range(reps):
         a @ b
-    return 2 * 2048**3 * reps / (time.perf_counter() - t0) / 1e9
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
 def model_flops_per_step(tokens: float, shared_tokens: float, mode: str, params: float, name: str) -> float:
@@ -232,6 +241,7 @@ def main() -> None:
     ap.add_argument("--max-prompt-length", type=int, default=256)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -268,6 +278,7 @@ def main() -> None:
                 "max_prompt_length",
                 "lr",
                 "threads",
+                "device",
             )
         ]
         + (["--fast-fp32-matmul"] if args.fast_fp32_matmul else [])
@@ -288,7 +299,7 @@ def main() -> None:
                 f"peak RSS {res['peak_rss_mib']:6.0f} MiB  setup {res['setup_s']:5.1f} s  loss1 {res['loss1']}",
                 flush=True,
             )
-    peak = matmul_peak(args.threads, args.precision)
+    peak = matmul_peak(args.threads, args.precision, args.device)
     from dpokit.models import load_model, resolve_model_path
 
     model = load_model(resolve_model_path("smollm2-135m-instruct"))
@@ -308,6 +319,7 @@ def main() -> None:
             "tokens_per_s": tokens_per_step / step,
             "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs),
             "setup_s": statistics.median(r["setup_s"] for r in runs),
+            "peak_gpu_mib": statistics.median(r.get("peak_gpu_mib", 0.0) for r in runs),
             "mfu": flops / step / (peak * 1e9),
             "processes": len(runs),
         }
@@ -316,16 +328,21 @@ def main() -> None:
         f"max_length {args.max_length}, {tokens_per_step:.0f} tokens/step, {args.threads} threads, "
         f"matmul peak {peak:.0f} GFLOP/s, medians of {args.rounds} processes"
     )
-    print(f"{'contender':16}{'s/step':>8}{'pairs/s':>9}{'tok/s':>8}{'peak MiB':>10}{'setup s':>9}{'MFU':>7}")
+    gpu = args.device == "cuda"
+    memory = "peak_gpu_mib" if gpu else "peak_rss_mib"  # on a GPU, its memory is the one that limits
+    print(
+        f"{'contender':16}{'s/step':>8}{'pairs/s':>9}{'tok/s':>8}{'GPU MiB' if gpu else 'peak MiB':>10}{'setup s':>9}{'MFU':>7}"
+    )
     for name, s in summary.items():
         print(
-            f"{name:16}{s['s_per_step']:8.2f}{s['pairs_per_s']:9.3f}{s['tokens_per_s']:8.0f}{s['peak_rss_mib']:10.0f}{s['setup_s']:9.1f}{s['mfu']:7.1%}"
+            f"{name:16}{s['s_per_step']:8.2f}{s['pairs_per_s']:9.3f}{s['tokens_per_s']:8.0f}{s[memory]:10.0f}{s['setup_s']:9.1f}{s['mfu']:7.1%}"
         )
     for ours in [n for n in summary if n.startswith("dpokit")]:
         for theirs in [n for n in summary if n.startswith("trl")]:
             a, b = summary[ours], summary[theirs]
             print(
-                f"{ours} / {theirs}: speed x{b['s_per_step'] / a['s_per_step']:.2f}, peak RSS x{a['peak_rss_mib'] / b['peak_rss_mib']:.2f}"
+                f"{ours} / {theirs}: speed x{b['s_per_step'] / a['s_per_step']:.2f}, "
+                f"{'peak GPU memory' if gpu else 'peak RSS'} x{a[memory] / b[memory]:.2f}"
             )
     if args.out:
         args.out.write_text(

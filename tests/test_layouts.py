@@ -1,6 +1,9 @@
 """Invariance: padded == prefix-shared == packed == packed + prefix-shared, each with block attention and
 with the dense reference masks, for log-probs, gradients and the loss trajectory of a short run (fp32);
-and one prompt with N branches equals N separate sequences."""
+and one prompt with N branches equals N separate sequences.
+
+On the CPU by default; DPOKIT_TEST_DEVICE=cuda runs the model and the training runs on the GPU
+(benchmarks/gpu_check.sh)."""
 
 import random
 
@@ -12,7 +15,7 @@ from dpokit.logps import CompletionLogps
 from dpokit.models import load_model
 from dpokit.tokenize import TokenizedPair
 from dpokit.train import train
-from helpers import load_cfg, run_overrides
+from helpers import TEST_DEVICE, load_cfg, run_overrides
 
 LAYOUTS = {
     "padded": Layout(),
@@ -39,13 +42,14 @@ def random_pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
 def model(tiny_model_dir):
     from dpokit.attention import enable_blocks
 
-    model = load_model(str(tiny_model_dir)).eval()
+    model = load_model(str(tiny_model_dir)).eval().to(TEST_DEVICE)
     assert enable_blocks(model)  # block batches run per document; every other call is plain sdpa
     return model
 
 
 def seq_logps_and_grads(model, batch):
     model.zero_grad()
+    batch = batch.to(TEST_DEVICE)
     tok = CompletionLogps(model)(*batch.model_args)
     seq = batch.sequence_sums(tok)
     (seq * torch.linspace(0.5, 1.5, seq.numel())).sum().backward()
@@ -180,7 +184,7 @@ def test_training_trajectory_is_the_same_in_every_layout(tmp_path, tiny_model_di
         ],
         "packed_blocks_checkpointed": ["train.packing=true", "train.gradient_checkpointing=true"],
     }.items():
-        cfg = load_cfg(tiny_model_dir, tmp_path / name, *flags)
+        cfg = load_cfg(tiny_model_dir, tmp_path / name, *flags, f"train.device={TEST_DEVICE}")
         histories[name] = train(cfg).history
     for name, history in histories.items():
         for a, b in zip(histories["padded"], history, strict=True):
@@ -190,7 +194,7 @@ def test_training_trajectory_is_the_same_in_every_layout(tmp_path, tiny_model_di
 
 
 def small_cfg(tmp_path, model_dir, name, *flags):
-    return load_cfg(model_dir, tmp_path / name, *flags)
+    return load_cfg(model_dir, tmp_path / name, *flags, f"train.device={TEST_DEVICE}")
 
 
 def assert_same_history(a, b, label):
@@ -262,7 +266,9 @@ def test_low_memory_allocator_changes_nothing_but_memory(tmp_path, tiny_model_di
 
     plain = train(small_cfg(tmp_path, tiny_model_dir, "plain")).history
     # a subprocess: the allocator setting is process-wide
-    args = run_overrides(tiny_model_dir, tmp_path / "lowmem", "train.low_memory_allocator=true")
+    args = run_overrides(
+        tiny_model_dir, tmp_path / "lowmem", "train.low_memory_allocator=true", f"train.device={TEST_DEVICE}"
+    )
     subprocess.run([sys.executable, "-m", "dpokit.cli", "train", *args], check=True, capture_output=True)
     lowmem = [r for r in read_metrics(tmp_path / "lowmem" / "metrics.jsonl") if r["step"] > 0]
     assert_same_history(plain, lowmem, "low_memory_allocator")

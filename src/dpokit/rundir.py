@@ -10,6 +10,8 @@ import resource
 from datetime import datetime
 from pathlib import Path
 
+import torch
+
 from dpokit.config import Config, dump_yaml
 from dpokit.errors import TrainingError
 
@@ -117,4 +119,6 @@ def write_summary(
         "wall_s": wall_s,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if torch.cuda.is_initialized():  # the memory that limits a GPU run: this process's peak on its device
+        summary["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
