@@ -105,3 +105,15 @@ def assert_same_run(one: Path, two: Path, weights: str) -> None:
     wa, wb = load_file(str(Path(one) / weights)), load_file(str(Path(two) / weights))
     assert wa.keys() == wb.keys()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5, rtol=0) for k in wa)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process under it at once, as a scheduler or the OOM killer ends a job: the
+    workers of torch.distributed.run run in sessions of their own, beyond the reach of a process-group kill."""
+    import psutil
+
+    root = psutil.Process(pid)
+    victims = [root, *root.children(recursive=True)]
+    for proc in victims:
+        proc.kill()
+    psutil.wait_procs(victims, timeout=30)

@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 through Accelerate on CPU (gloo), launched with the shipped
 configs/accelerate/deepspeed_zero{2,3}.yaml: 2 processes x batch 2 == 1 process x batch 4, for LoRA and full
 fine-tuning, the reference live (ZeRO-3: a DeepSpeed inference engine of its own) and cached; checkpoints
-hold whole weights.
+hold whole weights, and a run killed with SIGKILL resumes to the same result.
 
 DeepSpeed runs here on its CPU accelerator; Accelerate 1.15 counts one process in each under DeepSpeed
 without CUDA, which tests/accelerate_on_cpu.py corrects (see its docstring). The package comes with `make
@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from dpokit.cli import main
 from dpokit.train import train
-from helpers import ENV, assert_same_run, cli_args, load_cfg, run_overrides
+from helpers import ENV, assert_same_run, cli_args, kill_tree, load_cfg, run_overrides
 
 pytestmark = pytest.mark.slow  # several processes per test
 
@@ -101,31 +101,58 @@ def test_two_deepspeed_processes_match_one(tmp_path, tiny_model_dir, tied_model_
         assert "lm_head.weight" not in load_file(str(two / "checkpoints/step-3" / name))
 
 
-def test_resume_under_deepspeed_is_refused_before_anything_is_written(tmp_path, tiny_model_dir):
-    """ZeRO keeps the optimizer state in per-process partitions, which dpokit's checkpoints do not hold yet:
-    step checkpoints under DeepSpeed hold whole weights only, and a resume says so."""
-    run = tmp_path / "run"
-    common = ["train.checkpoint_every=1", "train.max_steps=2", "train.device=auto", "train.batch_size=2"]
+@pytest.mark.parametrize("stage, lora", [(2, True), (3, False)], ids=["zero2-lora", "zero3-full"])
+def test_sigkill_under_deepspeed_then_resume_gives_the_same_result(tmp_path, tiny_model_dir, stage, lora):
+    """Each process writes its ZeRO partition with DeepSpeed's own checkpointing into the step checkpoint
+    (`deepspeed/`); a run killed with SIGKILL resumes from it to the metrics and weights of one process."""
+    import json
+    import time
+
+    from dpokit.checkpoint import latest_checkpoint
+
+    common = [
+        "data.limit=40",
+        "data.eval_fraction=0.2",
+        f"lora.enabled={str(lora).lower()}",
+        "train.lr=1e-3" if lora else "train.lr=1e-4",
+        "train.max_steps=8",
+        "train.checkpoint_every=1",
+        "eval.batch_size=4",
+        "eval.every=3",
+        "train.save_final=true",
+        "train.device=auto",
+    ]
+    one = train(load_cfg(tiny_model_dir, tmp_path / "one", *common)).run_dir
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(
+        deepspeed_launch(stage, "train", *run_overrides(tiny_model_dir, run, *common, "train.batch_size=2")),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+    )
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "step-3").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    kill_tree(proc.pid)
+    proc.wait()
+    latest = latest_checkpoint(run)
+    assert 3 <= int(latest.name.split("-")[1]) < 8, latest
+    assert sorted(p.name for p in (latest / "deepspeed" / "zero").iterdir() if "optim" in p.name) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
     out = subprocess.run(
-        deepspeed_launch(2, "train", *run_overrides(tiny_model_dir, run, *common)),
+        deepspeed_launch(stage, "train", "--resume", str(run)),
         capture_output=True,
         text=True,
         timeout=300,
         env=ENV,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (run / "checkpoints" / "step-1" / "adapter_model.safetensors").is_file()
-    assert not (run / "checkpoints" / "step-1" / "training_state.pt").exists()
-    before = sorted(p.name for p in run.rglob("*"))
-    out = subprocess.run(
-        deepspeed_launch(2, "train", "--resume", str(run)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ENV,
-    )
-    assert out.returncode != 0 and "train.resume under DeepSpeed" in out.stderr, out.stderr[-3000:]
-    assert sorted(p.name for p in run.rglob("*")) == before
+    name = "adapter_model.safetensors" if lora else "model.safetensors"
+    assert_same_run(one, run, f"checkpoints/step-8/{name}")
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8
 
 
 def test_deepspeed_asked_for_without_the_package_is_one_clear_line(

@@ -8,8 +8,6 @@ which promotes that one decision (see its docstring); without it, dpokit refuses
 (test_distributed.py)."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +18,7 @@ from safetensors.torch import load_file
 
 from dpokit.checkpoint import latest_checkpoint
 from dpokit.train import train
-from helpers import ENV, assert_same_run, load_cfg, run_overrides
+from helpers import ENV, assert_same_run, kill_tree, load_cfg, run_overrides
 
 pytestmark = pytest.mark.slow  # several processes per test
 
@@ -114,13 +112,12 @@ def test_sigkill_under_fsdp_then_resume_gives_the_same_result(tmp_path, tiny_mod
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=ENV,
-        start_new_session=True,  # its own process group: the launcher and both workers are killed together
     )
     deadline = time.time() + 300
     while not (run / "checkpoints" / "step-3").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     proc.wait()
     interrupted_at = int(latest_checkpoint(run).name.split("-")[1])
     assert 3 <= interrupted_at < 8, interrupted_at

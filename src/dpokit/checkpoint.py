@@ -3,7 +3,9 @@
 A checkpoint folder holds the model (a PEFT adapter or a full model, safetensors) and the tokenizer, so
 it loads with `from_pretrained`; plus, for exact resume, `training_state.pt` (optimizer, scheduler and
 RNG states; only tensors and plain containers, read back with `torch.load(weights_only=True)`) and
-`dpokit_state.json` (the step, guard and loss state). Nothing user-supplied is unpickled.
+`dpokit_state.json` (the step, guard and loss state). Nothing user-supplied is unpickled. Under DeepSpeed
+the optimizer state is DeepSpeed's own checkpoint of its ZeRO partitions, in `deepspeed/`, which DeepSpeed
+reads back with pickle on resume (its files hold objects of its own).
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ def save_checkpoint(
     name: str | None = None,
     training_state: dict | None = None,
     state_dict: dict | None = None,
+    engine_state: Path | None = None,
 ) -> Path:
     """Save to RUN_DIR/checkpoints/step-N (or `name`); `training_state` makes it resumable; `state_dict`:
-    the model's whole weights when it is sharded (sharding.model_state).
+    the model's whole weights when it is sharded (sharding.model_state); `engine_state`: a folder DeepSpeed
+    wrote its partitions to (sharding.save_engine_state), moved in as `deepspeed/`.
 
     The folder loads back with `AutoModelForCausalLM.from_pretrained` (full) or
     `PeftModel.from_pretrained(base, folder)` / `AutoPeftModelForCausalLM` (adapter).
@@ -47,6 +51,8 @@ def save_checkpoint(
         tokenizer.save_pretrained(tmp)
         if training_state is not None:
             torch.save(training_state, tmp / "training_state.pt")
+        if engine_state is not None:
+            os.replace(engine_state, tmp / "deepspeed")
         (tmp / "dpokit_state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
         if target.exists():
             shutil.rmtree(target)

@@ -13,6 +13,9 @@ policy each function is the plain operation.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -44,7 +47,7 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
 
 def steps_in_backward(accelerator) -> bool:
     """DeepSpeed: its engine clips and steps inside the backward of a step's last micro-batch (the optimizer's
-    step() is then a no-op), and its optimizer state lives in per-process partitions."""
+    step() is then a no-op), and its optimizer state lives in per-process partitions (save_engine_state)."""
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -104,6 +107,37 @@ def load_optimizer_state(root: nn.Module, optimizer: torch.optim.Optimizer, stat
 
     inner = getattr(optimizer, "optimizer", optimizer)
     set_optimizer_state_dict(root, inner, state, options=_options())
+
+
+ENGINE_STATE = "deepspeed"
+"""The folder of a step checkpoint that holds DeepSpeed's own checkpoint of its engine (ZeRO partitions)."""
+
+
+def save_engine_state(accelerator, engine, staging: Path) -> Path:
+    """DeepSpeed keeps the optimizer state (and, ZeRO-3, the fp32 weights) in per-process partitions, in objects
+    of its own: every process writes its partition with the engine's own checkpointing into `staging` (one
+    folder, on storage all processes share), which process 0 then moves into the checkpoint. Frozen weights
+    are left out: the checkpoint holds them whole beside."""
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)  # a save a crash interrupted
+    accelerator.wait_for_everyone()
+    engine.save_checkpoint(str(staging), tag="zero", save_latest=False, exclude_frozen_parameters=True)
+    accelerator.wait_for_everyone()
+    return staging
+
+
+def load_engine_state(engine, folder: Path) -> None:
+    """The engine's weights, optimizer partitions and step counts as save_engine_state wrote them. DeepSpeed
+    reads its files with pickle (they hold objects of its own): files of dpokit's own checkpoints."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is missing: the checkpoint was not written under DeepSpeed")
+    engine.load_checkpoint(
+        str(folder),
+        tag="zero",
+        load_module_strict=False,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=False,
+    )
 
 
 def shard_like(accelerator, module: nn.Module) -> nn.Module:

@@ -25,7 +25,7 @@ from dpokit import reference as references
 from dpokit import sharding
 from dpokit.checkpoint import latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
 from dpokit.config import Config
-from dpokit.errors import TrainingError, UsageError
+from dpokit.errors import TrainingError
 from dpokit.evaluation import evaluate_pairs
 from dpokit.guards import Guards
 from dpokit.metrics import MetricsWriter, PairMetrics, StepReporter, read_metrics, write_jsonl
@@ -68,12 +68,6 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
     check_disk_space(cfg, s.policy)
     acc, t, e = s.accelerator, cfg.train, cfg.eval
     schedule = list(step_schedule(len(s.data.train), t, acc.num_processes, s.train_groups()))
-    if t.resume and sharding.steps_in_backward(acc):
-        raise UsageError(
-            "train.resume under DeepSpeed: its optimizer state lives in per-process ZeRO partitions, which dpokit's "
-            "checkpoints do not hold yet (they hold whole weights, which load with from_pretrained). Resume under "
-            "FSDP or data parallel, or start again"
-        )
     resume = resume_point(run_dir, len(schedule)) if t.resume else None
     if resume is not None and resume["complete"]:
         return finished_run(run_dir, resume)
@@ -120,13 +114,15 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
     def save(step: int, name: str | None = None) -> Path | None:
         # every process: sharded weights and optimizer states are gathered to process 0, which writes
         weights = sharding.model_state(acc, policy, unwrap(policy).model)
-        state = None
-        if name is None and not sharding.steps_in_backward(acc):  # step checkpoints are resumable
-            state = {
-                "optimizer": sharding.optimizer_state(policy, optimizer),
-                "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-            }
+        state, engine = None, None
+        if name is None:  # step checkpoints are resumable
+            state = {"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+            if sharding.steps_in_backward(acc):  # DeepSpeed: each process writes its own ZeRO partition
+                engine = sharding.save_engine_state(
+                    acc, policy, run_dir / "checkpoints" / f".deepspeed-{step}"
+                )
+            else:
+                state["optimizer"] = sharding.optimizer_state(policy, optimizer)
         if not acc.is_main_process:
             return None
         extra = {"guards": guards.state_dict(), "objective": s.objective.state_dict()}
@@ -139,6 +135,7 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
             name=name,
             training_state=state,
             state_dict=weights,
+            engine_state=engine,
         )
 
     def summarize(stopped: str, final_eval: dict | None, ckpt: Path | None) -> None:
@@ -334,8 +331,11 @@ def finished_run(run_dir: Path, resume: dict) -> RunResult:
 def restore(folder: Path, run_dir: Path, s: Session, policy, optimizer, scheduler, guards: Guards):
     """Load a resumable checkpoint into the run; returns (metrics so far, the initial eval)."""
     state, info = load_training_state(folder)
-    load_model_weights(unwrap(policy).model, folder, lora=s.cfg.lora.enabled)
-    sharding.load_optimizer_state(policy, optimizer, state["optimizer"])
+    if sharding.steps_in_backward(s.accelerator):  # DeepSpeed restores the weights and its partitions itself
+        sharding.load_engine_state(policy, folder / sharding.ENGINE_STATE)
+    else:
+        load_model_weights(unwrap(policy).model, folder, lora=s.cfg.lora.enabled)
+        sharding.load_optimizer_state(policy, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     guards.load_state_dict(info["guards"])
