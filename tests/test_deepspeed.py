@@ -59,6 +59,7 @@ def deepspeed_launch(stage: int, *args: str) -> list[str]:
         # two micro-batches per process and step; LM-head chunks of 8 tokens (a different number per process)
         (3, True, ["train.grad_accum=2", "train.logps_chunk_size=8"]),
         (3, False, ["tied"]),
+        (3, False, ["separate-reference"]),  # model.reference: another checkpoint, an engine of its own
     ],
     ids=[
         "zero2-lora",
@@ -68,11 +69,14 @@ def deepspeed_launch(stage: int, *args: str) -> list[str]:
         "zero3-full-cached-ref",
         "zero3-lora-accumulated-chunked",
         "zero3-full-tied-embeddings",
+        "zero3-full-separate-ref",
     ],
 )
 def test_two_deepspeed_processes_match_one(tmp_path, tiny_model_dir, tied_model_dir, stage, lora, extra):
     model = tied_model_dir if "tied" in extra else tiny_model_dir
-    extra = [e for e in extra if e != "tied"]
+    extra = [
+        f"model.reference={tied_model_dir}" if e == "separate-reference" else e for e in extra if e != "tied"
+    ]
     common = [
         "data.limit=40",
         "data.eval_fraction=0.2",
@@ -99,6 +103,33 @@ def test_two_deepspeed_processes_match_one(tmp_path, tiny_model_dir, tied_model_
     assert_same_run(one, two, f"checkpoints/step-3/{name}")
     if model is tied_model_dir:
         assert "lm_head.weight" not in load_file(str(two / "checkpoints/step-3" / name))
+
+
+def test_precompute_ref_under_zero3_fills_the_cache_the_run_reads(tmp_path, tiny_model_dir):
+    import json
+
+    common = [
+        "lora.enabled=false",
+        "train.lr=1e-4",
+        "train.precompute_ref=true",
+        f"train.ref_cache_dir={tmp_path / 'cache'}",
+        "train.save_final=true",
+        "train.device=auto",
+    ]
+    sharded = [*common, "train.batch_size=2"]
+    for command, run in (("precompute-ref", tmp_path / "unused"), ("train", tmp_path / "two")):
+        out = subprocess.run(
+            deepspeed_launch(3, command, *run_overrides(tiny_model_dir, run, *sharded)),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=ENV,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+    reference = json.loads((tmp_path / "two" / "summary.json").read_text())["reference"]
+    assert reference["train"]["computed"] == reference["eval"]["computed"] == 0, reference
+    one = train(load_cfg(tiny_model_dir, tmp_path / "one", *common)).run_dir
+    assert_same_run(one, tmp_path / "two", "checkpoints/step-3/model.safetensors")
 
 
 @pytest.mark.parametrize("stage, lora", [(2, True), (3, False)], ids=["zero2-lora", "zero3-full"])

@@ -49,6 +49,7 @@ def fsdp_launch(*args: str) -> list[str]:
         (False, False, True, []),
         # two micro-batches per process and step; LM-head chunks of 8 tokens (a different number per process)
         (True, False, False, ["train.grad_accum=2", "train.logps_chunk_size=8"]),
+        (False, False, False, ["separate-reference"]),  # model.reference: another checkpoint, sharded too
     ],
     ids=[
         "lora-live-ref",
@@ -57,10 +58,12 @@ def fsdp_launch(*args: str) -> list[str]:
         "full-cached-ref",
         "full-tied-embeddings",
         "lora-accumulated-chunked",
+        "full-separate-ref",
     ],
 )
 def test_two_sharded_processes_match_one(tmp_path, tiny_model_dir, tied_model_dir, lora, cached, tied, extra):
     model = tied_model_dir if tied else tiny_model_dir
+    extra = [f"model.reference={tied_model_dir}" if e == "separate-reference" else e for e in extra]
     common = [
         *extra,
         "data.limit=40",
