@@ -46,3 +46,72 @@ def test_pair_with_no_room_left_is_dropped_and_counted(tiny_tokenizer):
     )
     assert len(pairs) == 1
     assert stats.dropped == {"empty completion after truncation": 1}
+
+
+def chat_pair(i: int, where: str = "f:line 1") -> PreferenceExample:
+    return PreferenceExample(
+        [{"role": "user", "content": f"question {i}"}],
+        [{"role": "assistant", "content": f"answer {i} " * (i % 5 + 1)}],
+        [{"role": "assistant", "content": f"no {i}"}],
+        where=where,
+        format="conversational",
+    )
+
+
+def one_at_a_time(examples, tokenizer, max_length, max_prompt_length):
+    """The per-example statement of tokenize_pairs: encode_example, then the same truncation and drops."""
+    from dpokit.tokenize import TokenizeStats, truncate
+
+    stats, out = TokenizeStats(), []
+    for ex in examples:
+        prompt, *completions = encode_example(ex, tokenizer)
+        prompt, completions = truncate(prompt, completions, max_length, max_prompt_length, stats)
+        if prompt and all(completions):
+            out.append((prompt, *completions))
+    return out
+
+
+def test_batched_tokenization_equals_one_text_at_a_time(tiny_tokenizer, shared_data, monkeypatch):
+    """Text and conversational pairs mixed, across batch boundaries (batches of 7 here), and 3,000 HH pairs
+    with SmolLM2's tokenizer: the ids of the batched calls are those of one text at a time."""
+    from dpokit import tokenize
+    from dpokit.data import load_examples
+    from dpokit.models import load_tokenizer, resolve_model_path
+
+    demo, _ = load_examples("builtin:demo")
+    mixed = [x for i, ex in enumerate(demo[:20]) for x in (ex, chat_pair(i))]
+    monkeypatch.setattr(tokenize, "ENCODE_BATCH", 7)
+    pairs, stats = tokenize_pairs(mixed, tiny_tokenizer, max_length=48, max_prompt_length=24)
+    assert [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs] == one_at_a_time(
+        mixed, tiny_tokenizer, 48, 24
+    )
+    assert stats.completions_truncated > 0  # the cuts are exercised too
+    monkeypatch.undo()
+    smollm2 = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
+    hh, _ = load_examples(str(shared_data / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"), skip_invalid=True)
+    hh = hh[:3000]
+    pairs, _ = tokenize_pairs(hh, smollm2, max_length=1024, max_prompt_length=512)
+    assert [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs] == one_at_a_time(
+        hh, smollm2, 1024, 512
+    )
+
+
+def test_a_template_that_cannot_separate_prompt_from_answer_names_the_pair(tiny_tokenizer):
+    import copy
+
+    import pytest
+
+    from dpokit.data import DataError
+
+    odd = copy.deepcopy(tiny_tokenizer)  # the generation prompt says "bot", the rendered answer "assistant"
+    odd.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>bot\n{% endif %}"
+    )
+    examples = [chat_pair(0, "f:line 1"), chat_pair(1, "f:line 2")]
+    with pytest.raises(
+        DataError, match=r"f:line 1: chosen: the chat template's prompt tokens are not a prefix"
+    ):
+        tokenize_pairs(examples, odd, max_length=64, max_prompt_length=32)
+    pairs, stats = tokenize_pairs(examples, odd, max_length=64, max_prompt_length=32, skip_invalid=True)
+    assert pairs == [] and stats.dropped == {"chat template prefix mismatch": 2}

@@ -7,6 +7,9 @@ completion is what follows them (so it ends with the template's end-of-turn toke
 
 Truncation: the prompt keeps its last `max_prompt_length` tokens; each completion keeps its first
 `max_length - len(prompt)` tokens. A pair with an empty completion is dropped and counted, never trained.
+
+`encode_example` states the encoding of one pair; `tokenize_pairs` / `tokenize_unpaired` compute the same
+ids with batched tokenizer calls (`encode_many`), which use every core.
 """
 
 from __future__ import annotations
@@ -53,6 +56,12 @@ class TokenizedUnpaired:
     where: str = ""
 
 
+PREFIX_MISMATCH = (
+    "the chat template's prompt tokens are not a prefix of prompt + completion tokens; "
+    "this template cannot separate prompt from answer (use a text format or another template)"
+)
+
+
 def encode_prompt(prompt, tokenizer) -> list[int]:
     if isinstance(prompt, list):
         text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
@@ -70,12 +79,7 @@ def encode_completion(
         )
         full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
         if full_ids[: len(prompt_ids)] != prompt_ids:
-            raise DataError(
-                where,
-                "the chat template's prompt tokens are not a prefix of prompt + completion tokens; "
-                "this template cannot separate prompt from answer (use a text format or another template)",
-                side,
-            )
+            raise DataError(where, PREFIX_MISMATCH, side)
         return full_ids[len(prompt_ids) :]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     return tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
@@ -102,27 +106,77 @@ def truncate(prompt: list[int], completions: list[list[int]], max_length: int, m
     return prompt, [c[:budget] for c in completions]
 
 
-def _tokenize_all(examples, encode, build, max_length: int, max_prompt_length: int, skip_invalid: bool):
-    """Shared loop: encode -> truncate -> drop (and count) empty completions -> build."""
+ENCODE_BATCH = 1024
+"""Examples per call of the fast tokenizer: a list of texts is encoded on every core at once (HH on 2 cores:
+2.6x one text at a time), to the same ids."""
+
+
+def encode_many(items: list[tuple], tokenizer) -> list:
+    """encode_prompt + encode_completion of each item (prompt, completions, where, sides), in order, with
+    one batched tokenizer call per kind of text: per item (prompt_ids, [completion_ids, ...]) or the DataError
+    that encode_completion would raise for it. The same ids as one text at a time."""
+    texts: dict[bool, list[str]] = {True: [], False: []}  # add_special_tokens -> texts
+
+    def slot(special: bool, text: str) -> tuple[bool, int]:
+        texts[special].append(text)
+        return special, len(texts[special]) - 1
+
+    plan = []
+    for prompt, completions, _, _ in items:
+        if isinstance(prompt, list):  # conversational: the template renders prompt, and prompt + completion
+            render = tokenizer.apply_chat_template
+            p = slot(False, render(prompt, tokenize=False, add_generation_prompt=True))
+            cs = [
+                slot(False, render(prompt + c, tokenize=False, add_generation_prompt=False))
+                for c in completions
+            ]
+        else:
+            p = slot(True, prompt)
+            cs = [slot(False, c) for c in completions]
+        plan.append((p, cs))
+    ids = {k: tokenizer(v, add_special_tokens=k)["input_ids"] if v else [] for k, v in texts.items()}
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out = []
+    for ((pk, pi), cs), (prompt, _, where, sides) in zip(plan, items, strict=True):
+        prompt_ids = ids[pk][pi]
+        if not isinstance(prompt, list):
+            out.append((prompt_ids, [ids[k][i] + eos for k, i in cs]))
+            continue
+        completions = []
+        for (k, i), side in zip(cs, sides, strict=True):
+            full = ids[k][i]
+            if full[: len(prompt_ids)] != prompt_ids:
+                completions = DataError(where, PREFIX_MISMATCH, side)
+                break
+            completions.append(full[len(prompt_ids) :])
+        out.append(completions if isinstance(completions, DataError) else (prompt_ids, completions))
+    return out
+
+
+def _tokenize_all(
+    examples, item, build, tokenizer, max_length: int, max_prompt_length: int, skip_invalid: bool
+):
+    """Shared loop: encode (batched) -> truncate -> drop (and count) empty completions -> build. `item(example)`:
+    (prompt, completions, where, sides) for encode_many."""
     stats = TokenizeStats()
     out = []
-    for example in examples:
-        stats.pairs += 1
-        try:
-            prompt, completions = encode(example)
-        except DataError:
-            if not skip_invalid:
-                raise
-            stats.dropped["chat template prefix mismatch"] += 1
-            continue
-        prompt, completions = truncate(prompt, completions, max_length, max_prompt_length, stats)
-        if not prompt:  # nothing would predict the first completion token
-            stats.dropped["empty prompt"] += 1
-            continue
-        if not all(completions):
-            stats.dropped["empty completion after truncation"] += 1
-            continue
-        out.append(build(example, prompt, completions))
+    for start in range(0, len(examples), ENCODE_BATCH):
+        chunk = examples[start : start + ENCODE_BATCH]
+        for example, encoded in zip(chunk, encode_many([item(e) for e in chunk], tokenizer), strict=True):
+            stats.pairs += 1
+            if isinstance(encoded, DataError):
+                if not skip_invalid:
+                    raise encoded
+                stats.dropped["chat template prefix mismatch"] += 1
+                continue
+            prompt, completions = truncate(*encoded, max_length, max_prompt_length, stats)
+            if not prompt:  # nothing would predict the first completion token
+                stats.dropped["empty prompt"] += 1
+                continue
+            if not all(completions):
+                stats.dropped["empty completion after truncation"] += 1
+                continue
+            out.append(build(example, prompt, completions))
     stats.kept = len(out)
     return out, stats
 
@@ -134,14 +188,13 @@ def tokenize_pairs(
     max_prompt_length: int,
     skip_invalid: bool = False,
 ) -> tuple[list[TokenizedPair], TokenizeStats]:
-    def encode(ex):
-        prompt, chosen, rejected = encode_example(ex, tokenizer)
-        return prompt, [chosen, rejected]
+    def item(ex):
+        return ex.prompt, [ex.chosen, ex.rejected], ex.where, ("chosen", "rejected")
 
     def build(ex, prompt, completions):
         return TokenizedPair(prompt, completions[0], completions[1], ex.weight, ex.where)
 
-    return _tokenize_all(examples, encode, build, max_length, max_prompt_length, skip_invalid)
+    return _tokenize_all(examples, item, build, tokenizer, max_length, max_prompt_length, skip_invalid)
 
 
 def tokenize_unpaired(
@@ -151,13 +204,10 @@ def tokenize_unpaired(
     max_prompt_length: int,
     skip_invalid: bool = False,
 ) -> tuple[list[TokenizedUnpaired], TokenizeStats]:
-    def encode(ex):
-        prompt = encode_prompt(ex.prompt, tokenizer)
-        return prompt, [
-            encode_completion(ex.prompt, prompt, ex.completion, tokenizer, ex.where, "completion")
-        ]
+    def item(ex):
+        return ex.prompt, [ex.completion], ex.where, ("completion",)
 
     def build(ex, prompt, completions):
         return TokenizedUnpaired(prompt, completions[0], ex.label, ex.weight, ex.where)
 
-    return _tokenize_all(examples, encode, build, max_length, max_prompt_length, skip_invalid)
+    return _tokenize_all(examples, item, build, tokenizer, max_length, max_prompt_length, skip_invalid)
