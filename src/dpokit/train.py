@@ -73,13 +73,9 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
         return finished_run(run_dir, resume)
     optimizer = build_optimizer(s.policy.parameters(), t)
     scheduler = build_scheduler(optimizer, t, len(schedule))
-    frozen = references.frozen_start(
-        cfg, s.objective, s.policy, s.reference_model, s.reload_start
-    )  # before prepare
-    fit_deepspeed(acc, len(mine(schedule[0], acc.process_index, acc.num_processes)[0]), t.max_grad_norm)
-    policy, optimizer = acc.prepare(s.policy, optimizer)
-    if sharding.zero3(policy):  # ZeRO-3 gathers the LM head at each call: one call per micro-batch everywhere
-        unwrap(policy).chunk_size = sys.maxsize
+    # full fine-tuning's frozen reference is copied before prepare, which may shard the policy in place
+    frozen = references.frozen_start(cfg, s.objective, s.policy, s.reference_model, s.reload_start)
+    policy, optimizer = prepare(s, optimizer, schedule)
     # from_pretrained returns eval mode: without this, LoRA dropout and activation checkpointing stay off.
     policy.train()
     start_step = resume["step"] if resume else 0
@@ -204,6 +200,19 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
     return RunResult(run_dir, history, initial_eval, final_eval, ckpt, unwrap(policy).model, stopped)
 
 
+def prepare(s: Session, optimizer, schedule: list):
+    """The policy and its optimizer through Accelerate's prepare (DDP, FSDP2 or DeepSpeed, as launched):
+    DeepSpeed's config is filled from the run first; under ZeRO-3 the LM head runs in one chunk, since
+    ZeRO-3 gathers its weights at every call and every process must call it equally often."""
+    acc = s.accelerator
+    micro_pairs = len(mine(schedule[0], acc.process_index, acc.num_processes)[0])
+    fit_deepspeed(acc, micro_pairs, s.cfg.train.max_grad_norm)
+    policy, optimizer = acc.prepare(s.policy, optimizer)
+    if sharding.zero3(policy):
+        unwrap(policy).chunk_size = sys.maxsize
+    return policy, optimizer
+
+
 def accumulate_gradients(
     s: Session, policy, reference, micro_batches: list[list[int]]
 ) -> tuple[PairMetrics, int]:
@@ -286,17 +295,12 @@ def precompute_reference(cfg: Config) -> dict:
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precompute_ref=True))
     s = setup(cfg)
-    acc = s.accelerator
-    schedule = list(step_schedule(len(s.data.train), cfg.train, acc.num_processes, s.train_groups()))
+    schedule = list(
+        step_schedule(len(s.data.train), cfg.train, s.accelerator.num_processes, s.train_groups())
+    )
     # prepared as the run prepares it, so the cache finds the same weights, layout and sharding; the
     # optimizer is never stepped (FSDP2 and DeepSpeed prepare a model only with one)
-    optimizer = build_optimizer(s.policy.parameters(), cfg.train)
-    fit_deepspeed(
-        acc, len(mine(schedule[0], acc.process_index, acc.num_processes)[0]), cfg.train.max_grad_norm
-    )
-    policy, _ = acc.prepare(s.policy, optimizer)
-    if sharding.zero3(policy):
-        unwrap(policy).chunk_size = sys.maxsize
+    policy, _ = prepare(s, build_optimizer(s.policy.parameters(), cfg.train), schedule)
     return make_references(s, policy, schedule, 0)[2]
 
 
