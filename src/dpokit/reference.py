@@ -149,8 +149,10 @@ def for_training(
     return ref
 
 
-def cache_settings(cfg, device_type: str, attention: str) -> dict:
-    """Everything besides the weights and the batch that changes reference log-probs by even one ulp."""
+def cache_settings(cfg, device_type: str, attention: str, chunk_size: int) -> dict:
+    """Everything besides the weights and the batch that changes reference log-probs by even one ulp.
+    `chunk_size`: the LM-head chunk the reference network runs (train.logps_chunk_size, but one chunk
+    under ZeRO-3: sharding.one_head_call)."""
     t = cfg.train
     return {
         "ld_alpha": cfg.loss.ld_alpha,
@@ -161,7 +163,7 @@ def cache_settings(cfg, device_type: str, attention: str) -> dict:
         "packing": t.packing,
         "pack_tokens": t.pack_tokens,
         "attention": attention,
-        "logps_chunk_size": t.logps_chunk_size,
+        "logps_chunk_size": chunk_size,
         "device": device_type,
         "torch": torch.__version__,
     }
@@ -201,8 +203,7 @@ def precomputed(
         start = Reference.adapters_off(local) if cfg.lora.enabled else Reference.initial(local)
         key = weights_fingerprint(unwrap(policy).model)
     root = Path(cfg.train.ref_cache_dir) if cfg.train.ref_cache_dir else models.cache_dir() / "ref-logps"
-    settings = cache_settings(cfg, device.type, attention)
-    settings["logps_chunk_size"] = unwrap(start.network).chunk_size  # ZeRO-3 runs the head in one chunk
+    settings = cache_settings(cfg, device.type, attention, unwrap(start.network).chunk_size)
     store = ShardStore(cache_folder(root, key, settings))
     refs, stats = {}, {"cache": str(store.folder)}
     step = functools.partial(lockstep, module=start.network)

@@ -151,7 +151,6 @@ def shard_like(accelerator, module: nn.Module) -> nn.Module:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None) if accelerator is not None else None
     if plugin is not None and plugin.zero_stage == 3:
         import copy
-        import sys
 
         import deepspeed
 
@@ -160,11 +159,20 @@ def shard_like(accelerator, module: nn.Module) -> nn.Module:
             for k, v in copy.deepcopy(plugin.deepspeed_config).items()
             if k not in ("optimizer", "scheduler")
         }
-        module.chunk_size = sys.maxsize  # one LM-head call per batch in every process (see train.py)
+        one_head_call(module)
         engine, *_ = deepspeed.initialize(model=module, config=config)
         engine.eval()  # (DeepSpeed's eval() returns None)
         return engine
     return module
+
+
+def one_head_call(network: nn.Module) -> None:
+    """Under ZeRO-3, a CompletionLogps runs its LM head on all of a batch's completion tokens at once: ZeRO-3
+    gathers the head's weights at every call, so every process must call it equally often, and the number of
+    chunks of train.logps_chunk_size differs between processes (with it, runs hang)."""
+    import sys
+
+    network.chunk_size = sys.maxsize
 
 
 def lockstep(count: int, module: nn.Module) -> int:

@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -160,16 +159,15 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
             grad_norm = float(acc.clip_grad_norm_(policy.parameters(), t.max_grad_norm or math.inf))
             record = {"step": step, "epoch": step / steps_per_epoch, **sums.compute(acc)}
             if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
-                if sharding.steps_in_backward(acc):
-                    reason = non_finite_message(
-                        record["loss"], grad_norm, step, cfg, None, True, latest_checkpoint(run_dir)
-                    )
-                    summarize(reason, None, None)
-                    raise TrainingError(reason)
-                # the update is not applied: the weights are still those of the last good step
-                last_good = save(step - 1, name=f"step-{step - 1}-last-good")
-                reason = non_finite_message(record["loss"], grad_norm, step, cfg, last_good)
-                summarize(reason, None, last_good)
+                applied = sharding.steps_in_backward(acc)  # DeepSpeed stepped inside the last backward
+                # otherwise the update is not applied: the weights are still those of the last good step
+                kept = (
+                    latest_checkpoint(run_dir)
+                    if applied
+                    else save(step - 1, name=f"step-{step - 1}-last-good")
+                )
+                reason = non_finite_message(record["loss"], grad_norm, step, cfg, kept, applied)
+                summarize(reason, None, kept)
                 raise TrainingError(reason)
             optimizer.step()
             scheduler.step()
@@ -202,14 +200,14 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
 
 def prepare(s: Session, optimizer, schedule: list):
     """The policy and its optimizer through Accelerate's prepare (DDP, FSDP2 or DeepSpeed, as launched):
-    DeepSpeed's config is filled from the run first; under ZeRO-3 the LM head runs in one chunk, since
-    ZeRO-3 gathers its weights at every call and every process must call it equally often."""
+    DeepSpeed's config is filled from the run first; under ZeRO-3 the LM head runs in one chunk
+    (sharding.one_head_call)."""
     acc = s.accelerator
     micro_pairs = len(mine(schedule[0], acc.process_index, acc.num_processes)[0])
     fit_deepspeed(acc, micro_pairs, s.cfg.train.max_grad_norm)
     policy, optimizer = acc.prepare(s.policy, optimizer)
     if sharding.zero3(policy):
-        unwrap(policy).chunk_size = sys.maxsize
+        sharding.one_head_call(unwrap(policy))
     return policy, optimizer
 
 
@@ -373,29 +371,19 @@ def log_pair_samples(run_dir: Path, step: int, samples: list[dict], s: Session) 
 
 
 def non_finite_message(
-    loss: float,
-    grad_norm: float,
-    step: int,
-    cfg: Config,
-    last_good: Path | None,
-    in_backward: bool = False,
-    latest: Path | None = None,
+    loss: float, grad_norm: float, step: int, cfg: Config, kept: Path | None, applied: bool = False
 ) -> str:
-    """`in_backward`: DeepSpeed applied the update inside backward, before the loop saw the numbers; `latest`
-    is then the newest step checkpoint, if any."""
-    if in_backward:
-        applied = "and DeepSpeed applied the update inside backward"
-        kept = f"the newest checkpoint is {latest}" if latest else "no checkpoint was written before it"
+    """`kept`: the last good weights, saved now; or, when DeepSpeed `applied` the update inside backward
+    before the loop saw the numbers, the newest step checkpoint."""
+    if applied:
+        update = "and DeepSpeed applied the update inside backward"
+        said = f"the newest checkpoint is {kept}" if kept else "no checkpoint was written before it"
     else:
-        applied = "so the update was not applied"
-        kept = (
-            f"the last good weights (after step {step - 1}) are in {last_good}"
-            if last_good
-            else "nothing was saved"
-        )
+        update = "so the update was not applied"
+        said = f"the last good weights (after step {step - 1}) are in {kept}" if kept else "nothing was saved"
     return (
-        f"stopped at step {step}: loss={loss}, grad_norm={grad_norm} is not finite, {applied}; "
-        f"{kept}. Likely causes: train.lr={cfg.train.lr} too high, loss.beta={cfg.loss.beta} too high for the "
+        f"stopped at step {step}: loss={loss}, grad_norm={grad_norm} is not finite, {update}; "
+        f"{said}. Likely causes: train.lr={cfg.train.lr} too high, loss.beta={cfg.loss.beta} too high for the "
         "log-prob scale, an empty or fully truncated completion, or bf16 overflow. Fix: lower train.lr, lower "
         "loss.beta, check the data with `dpokit data check`, or set train.bf16=false."
     )

@@ -1,4 +1,4 @@
-"""Tokenized pairs kept on disk, so a second run on the same data skips tokenization (48 s at 100K HH pairs
+"""Tokenized pairs kept on disk, so a second run on the same data skips tokenization (25 s at 100K HH pairs
 on 2 cores, docs/performance.md).
 
 The key covers everything that decides the token ids: the pairs themselves (prompt, chosen, rejected,
