@@ -117,3 +117,71 @@ def kill_tree(pid: int) -> None:
     for proc in victims:
         proc.kill()
     psutil.wait_procs(victims, timeout=30)
+
+
+def engine_argv(config: str, *args: str) -> list[str]:
+    """2 processes of `dpokit ARGS` through `accelerate launch` with configs/accelerate/CONFIG.yaml, via
+    tests/accelerate_on_cpu.py (FSDP and DeepSpeed on CPU processes: see that file)."""
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(root / "configs" / "accelerate" / f"{config}.yaml"),
+        "--num_processes",
+        "2",
+        str(root / "tests" / "accelerate_on_cpu.py"),
+        *args,
+    ]
+
+
+def run_engine(config: str, *args: str) -> None:
+    """engine_argv run to its end; it must succeed."""
+    import subprocess
+
+    out = subprocess.run(engine_argv(config, *args), capture_output=True, text=True, timeout=300, env=ENV)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def two_processes_match_one(config: str, model_dir, tmp_path: Path, common: list[str], weights: str) -> Path:
+    """One process at batch 4 against two under `config` at batch 2 each: assert_same_run on `weights` (a
+    file of the final checkpoint, step 3). Returns the two-process run dir."""
+    from dpokit.train import train
+
+    one = train(load_cfg(model_dir, tmp_path / "one", *common)).run_dir
+    two = tmp_path / "two"
+    run_engine(config, "train", *run_overrides(model_dir, two, *common, "train.batch_size=2"))
+    assert_same_run(one, two, f"checkpoints/step-3/{weights}")
+    return two
+
+
+def killed_then_resumed_matches_one(config: str, model_dir, tmp_path: Path, common: list[str], weights: str):
+    """8 steps with a checkpoint after each, under `config`: SIGKILLed (launcher and workers) once step 3 is
+    saved, resumed with `train --resume`; equal to one uninterrupted process (metrics and `weights`)."""
+    import json
+    import subprocess
+    import time
+
+    from dpokit.checkpoint import latest_checkpoint
+    from dpokit.train import train
+
+    common = [*common, "train.max_steps=8", "train.checkpoint_every=1", "eval.every=3"]
+    one = train(load_cfg(model_dir, tmp_path / "one", *common)).run_dir
+    run = tmp_path / "killed"
+    argv = engine_argv(config, "train", *run_overrides(model_dir, run, *common, "train.batch_size=2"))
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "step-3").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    kill_tree(proc.pid)
+    proc.wait()
+    latest = latest_checkpoint(run)
+    assert 3 <= int(latest.name.split("-")[1]) < 8, latest
+    run_engine(config, "train", "--resume", str(run))
+    assert_same_run(one, run, f"checkpoints/step-8/{weights}")
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8
+    return latest

@@ -8,21 +8,25 @@ without CUDA, which tests/accelerate_on_cpu.py corrects (see its docstring). The
 test` (`make deepspeed`); without it these tests skip, except under CI=true, where they fail."""
 
 import importlib.util
+import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from dpokit.cli import main
 from dpokit.train import train
-from helpers import ENV, assert_same_run, cli_args, kill_tree, load_cfg, run_overrides
+from helpers import (
+    assert_same_run,
+    cli_args,
+    killed_then_resumed_matches_one,
+    load_cfg,
+    run_engine,
+    run_overrides,
+    two_processes_match_one,
+)
 
 pytestmark = pytest.mark.slow  # several processes per test
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -32,20 +36,6 @@ def deepspeed_installed():
         if os.environ.get("CI") == "true":
             pytest.fail(f"{reason}: `make test` installs it")
         pytest.skip(reason)
-
-
-def deepspeed_launch(stage: int, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "configs" / "accelerate" / f"deepspeed_zero{stage}.yaml"),
-        "--num_processes",
-        "2",
-        str(ROOT / "tests" / "accelerate_on_cpu.py"),
-        *args,
-    ]
 
 
 @pytest.mark.parametrize(
@@ -89,25 +79,13 @@ def test_two_deepspeed_processes_match_one(tmp_path, tiny_model_dir, tied_model_
         "train.device=auto",
         *extra,
     ]
-    one = train(load_cfg(model, tmp_path / "one", *common)).run_dir
-    two = tmp_path / "two"
-    out = subprocess.run(
-        deepspeed_launch(stage, "train", *run_overrides(model, two, *common, "train.batch_size=2")),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ENV,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
     name = "adapter_model.safetensors" if lora else "model.safetensors"
-    assert_same_run(one, two, f"checkpoints/step-3/{name}")
+    two = two_processes_match_one(f"deepspeed_zero{stage}", model, tmp_path, common, name)
     if model is tied_model_dir:
         assert "lm_head.weight" not in load_file(str(two / "checkpoints/step-3" / name))
 
 
 def test_precompute_ref_under_zero3_fills_the_cache_the_run_reads(tmp_path, tiny_model_dir):
-    import json
-
     common = [
         "lora.enabled=false",
         "train.lr=1e-4",
@@ -117,15 +95,10 @@ def test_precompute_ref_under_zero3_fills_the_cache_the_run_reads(tmp_path, tiny
         "train.device=auto",
     ]
     sharded = [*common, "train.batch_size=2"]
-    for command, run in (("precompute-ref", tmp_path / "unused"), ("train", tmp_path / "two")):
-        out = subprocess.run(
-            deepspeed_launch(3, command, *run_overrides(tiny_model_dir, run, *sharded)),
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=ENV,
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
+    run_engine(
+        "deepspeed_zero3", "precompute-ref", *run_overrides(tiny_model_dir, tmp_path / "unused", *sharded)
+    )
+    run_engine("deepspeed_zero3", "train", *run_overrides(tiny_model_dir, tmp_path / "two", *sharded))
     reference = json.loads((tmp_path / "two" / "summary.json").read_text())["reference"]
     assert reference["train"]["computed"] == reference["eval"]["computed"] == 0, reference
     one = train(load_cfg(tiny_model_dir, tmp_path / "one", *common)).run_dir
@@ -136,54 +109,21 @@ def test_precompute_ref_under_zero3_fills_the_cache_the_run_reads(tmp_path, tiny
 def test_sigkill_under_deepspeed_then_resume_gives_the_same_result(tmp_path, tiny_model_dir, stage, lora):
     """Each process writes its ZeRO partition with DeepSpeed's own checkpointing into the step checkpoint
     (`deepspeed/`); a run killed with SIGKILL resumes from it to the metrics and weights of one process."""
-    import json
-    import time
-
-    from dpokit.checkpoint import latest_checkpoint
-
     common = [
         "data.limit=40",
         "data.eval_fraction=0.2",
         f"lora.enabled={str(lora).lower()}",
         "train.lr=1e-3" if lora else "train.lr=1e-4",
-        "train.max_steps=8",
-        "train.checkpoint_every=1",
         "eval.batch_size=4",
-        "eval.every=3",
         "train.save_final=true",
         "train.device=auto",
     ]
-    one = train(load_cfg(tiny_model_dir, tmp_path / "one", *common)).run_dir
-    run = tmp_path / "killed"
-    proc = subprocess.Popen(
-        deepspeed_launch(stage, "train", *run_overrides(tiny_model_dir, run, *common, "train.batch_size=2")),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=ENV,
-    )
-    deadline = time.time() + 300
-    while not (run / "checkpoints" / "step-3").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.01)
-    kill_tree(proc.pid)
-    proc.wait()
-    latest = latest_checkpoint(run)
-    assert 3 <= int(latest.name.split("-")[1]) < 8, latest
+    name = "adapter_model.safetensors" if lora else "model.safetensors"
+    latest = killed_then_resumed_matches_one(f"deepspeed_zero{stage}", tiny_model_dir, tmp_path, common, name)
     assert sorted(p.name for p in (latest / "deepspeed" / "zero").iterdir() if "optim" in p.name) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
     ]
-    out = subprocess.run(
-        deepspeed_launch(stage, "train", "--resume", str(run)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ENV,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    name = "adapter_model.safetensors" if lora else "model.safetensors"
-    assert_same_run(one, run, f"checkpoints/step-8/{name}")
-    assert json.loads((run / "summary.json").read_text())["steps"] == 8
 
 
 def test_deepspeed_asked_for_without_the_package_is_one_clear_line(
@@ -197,3 +137,27 @@ def test_deepspeed_asked_for_without_the_package_is_one_clear_line(
     assert main(cli_args(tiny_model_dir, tmp_path / "run")) == 2
     assert "the deepspeed package is not installed: pip install deepspeed" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_non_finite_step_under_deepspeed_says_the_update_was_applied(tmp_path, tiny_model_dir):
+    """The engine steps inside backward, before the loop sees the loss: the run stops, says so, and names the
+    newest checkpoint instead of saving the weights of the last good step (they are gone)."""
+    import subprocess
+
+    from helpers import ENV, engine_argv
+
+    run = tmp_path / "run"
+    overrides = ["train.lr=1e30", "train.max_grad_norm=0", "train.max_steps=6", "lora.enabled=false"]
+    argv = engine_argv(
+        "deepspeed_zero2",
+        "train",
+        *run_overrides(tiny_model_dir, run, *overrides, "train.checkpoint_every=1", "train.batch_size=2"),
+    )
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=ENV)
+    assert out.returncode != 0
+    assert (
+        "is not finite, and DeepSpeed applied the update inside backward; the newest checkpoint is"
+        in out.stderr
+    )
+    summary = json.loads((run / "summary.json").read_text())
+    assert "last-good" not in (summary["checkpoint"] or "") and not list(run.glob("checkpoints/*last-good*"))
