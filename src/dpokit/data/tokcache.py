@@ -52,11 +52,13 @@ def load(folder: Path) -> tuple[list[TokenizedPair], TokenizeStats] | None:
         return None
     arrays = np.load(folder / "pairs.npz", allow_pickle=False)
     where = json.loads((folder / "where.json").read_text())
-    ids, lengths, weights = arrays["ids"].tolist(), arrays["lengths"].tolist(), arrays["weights"].tolist()
+    ids, lengths, weights = arrays["ids"], arrays["lengths"].tolist(), arrays["weights"].tolist()
     pairs, start = [], 0
+    # each pair's slices of the int32 array to lists: no list of every id at once (100K HH pairs: 1.8 s and
+    # 0.81 GiB peak against 2.3-2.6 s and 0.89 GiB)
     for (p, c, r), w, loc in zip(lengths, weights, where, strict=True):
         a, b, e = start + p, start + p + c, start + p + c + r
-        pairs.append(TokenizedPair(ids[start:a], ids[a:b], ids[b:e], w, loc))
+        pairs.append(TokenizedPair(ids[start:a].tolist(), ids[a:b].tolist(), ids[b:e].tolist(), w, loc))
         start = e
     raw = json.loads((folder / "stats.json").read_text())
     stats = TokenizeStats(**{**raw, "dropped": Counter(raw["dropped"])})
