@@ -101,7 +101,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from dpokit import models
-    from dpokit.evaluation import load_prompts
+    from dpokit.data.prompts import load_prompts
     from dpokit.generate import SamplingSettings, eos_ids
 
     path = models.resolve_model_path(models.SMOLLM2_ALIAS)

@@ -76,7 +76,7 @@ def select_pairs(n: int, max_length: int, max_prompt_length: int, out: Path) -> 
 
 
 def child_dpokit(args, extra: list[str]) -> dict:
-    from dpokit.train import train
+    from dpokit.loop import train
 
     run_dir = tempfile.mkdtemp(prefix="bench-dpokit-")
     overrides = [

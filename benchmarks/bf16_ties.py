@@ -47,7 +47,7 @@ def token_logps(model, tokenizer, n_texts: int) -> torch.Tensor:
 
 
 def margins(model_dir: str, bf16: bool) -> list[float]:
-    from dpokit.train import train
+    from dpokit.loop import train
 
     run = tempfile.mkdtemp(prefix="bf16-ties-")
     cfg = load_cfg(

@@ -51,10 +51,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from dpokit import models
-    from dpokit.evaluation import load_prompts
+    from dpokit.data.prompts import load_prompts
     from dpokit.generate import SamplingSettings, sample
-    from dpokit.iterate import pair_indices
     from dpokit.rewards import get_reward
+    from dpokit.rounds import pair_indices
     from dpokit.tokenize import TokenizedPair, encode_completion
 
     path = models.resolve_model_path(models.SMOLLM2_ALIAS)

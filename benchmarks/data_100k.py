@@ -122,7 +122,7 @@ import sys, time
 from dpokit.config import load_config
 from dpokit.schedule import step_schedule
 from dpokit.session import setup
-from dpokit.train import make_references
+from dpokit.loop import make_references
 t0 = time.perf_counter()
 cfg = load_config(None, ["data.train=" + sys.argv[1], "data.max_length=512", "data.max_prompt_length=256",
                          "train.batch_size=4", "train.progress=false", "train.run_dir=/tmp/unused"])

@@ -86,8 +86,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from dpokit import models
-    from dpokit.evaluation import load_prompts
-    from dpokit.export import export
+    from dpokit.data.prompts import load_prompts
+    from dpokit.exporter import export
     from dpokit.tokenize import encode_prompt
 
     work = Path(tempfile.mkdtemp(prefix="gguf-check-"))

@@ -43,3 +43,17 @@ def tied_model_dir(tiny_model_dir, tmp_path_factory):
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_run(tiny_model_dir, tmp_path_factory):
+    """One finished LoRA run of the tiny model, shared by the tests that read a run without changing it:
+    TINY_RUN (18 train / 6 eval pairs, 3 steps) at lr 5e-3, a resumable checkpoint after every step, the
+    final one at step 3. A test that writes into a run copies it first (copy_run)."""
+    from dpokit.loop import train
+    from helpers import load_cfg
+
+    out = tmp_path_factory.mktemp("lora-run") / "run"
+    return train(
+        load_cfg(tiny_model_dir, out, "train.save_final=true", "train.lr=5e-3", "train.checkpoint_every=1")
+    )

@@ -93,7 +93,7 @@ def assert_same_run(one: Path, two: Path, weights: str) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from dpokit.metrics import read_metrics
+    from dpokit.files import read_jsonl as read_metrics
 
     a, b = read_metrics(Path(one) / "metrics.jsonl"), read_metrics(Path(two) / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b]
@@ -149,7 +149,7 @@ def run_engine(config: str, *args: str) -> None:
 def two_processes_match_one(config: str, model_dir, tmp_path: Path, common: list[str], weights: str) -> Path:
     """One process at batch 4 against two under `config` at batch 2 each: assert_same_run on `weights` (a
     file of the final checkpoint, step 3). Returns the two-process run dir."""
-    from dpokit.train import train
+    from dpokit.loop import train
 
     one = train(load_cfg(model_dir, tmp_path / "one", *common)).run_dir
     two = tmp_path / "two"
@@ -165,8 +165,8 @@ def killed_then_resumed_matches_one(config: str, model_dir, tmp_path: Path, comm
     import subprocess
     import time
 
-    from dpokit.checkpoint import latest_checkpoint
-    from dpokit.train import train
+    from dpokit.loop import train
+    from dpokit.rundir import Run
 
     common = [*common, "train.max_steps=8", "train.checkpoint_every=1", "eval.every=3"]
     one = train(load_cfg(model_dir, tmp_path / "one", *common)).run_dir
@@ -179,9 +179,18 @@ def killed_then_resumed_matches_one(config: str, model_dir, tmp_path: Path, comm
         time.sleep(0.01)
     kill_tree(proc.pid)
     proc.wait()
-    latest = latest_checkpoint(run)
+    latest = Run(run).latest_checkpoint
     assert 3 <= int(latest.name.split("-")[1]) < 8, latest
     run_engine(config, "train", "--resume", str(run))
     assert_same_run(one, run, f"checkpoints/step-8/{weights}")
     assert json.loads((run / "summary.json").read_text())["steps"] == 8
     return latest
+
+
+def copy_run(result, dest: Path) -> Path:
+    """A copy of a finished run (the tiny_lora_run fixture's) that a test may change: run dirs are
+    relocatable (the summary names its checkpoint relative to the run dir)."""
+    import shutil
+
+    shutil.copytree(result.run_dir, dest)
+    return Path(dest)

@@ -2,7 +2,7 @@
 
 import os
 
-from dpokit.evaluation import load_prompts
+from dpokit.data.prompts import load_prompts
 
 BROKEN = "ITERATE_TEST_BROKEN"
 """When set, `nan_in_round_2` returns NaN for the prompts of round 2 (the user's bug); unset, it is fixed."""

@@ -21,6 +21,7 @@ def test_dice_hand_worked():
     assert dice(["x"], ["x"]) == 1.0 and dice(["x"], ["y"]) == 0.0
 
 
+@pytest.mark.slow
 def test_hh_helpful_identical_and_empty_pairs_found(shared_data):
     report = check_file(str(shared_data / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"))
     assert report["records"] == 2354 and report["valid"] == 2350
@@ -29,6 +30,7 @@ def test_hh_helpful_identical_and_empty_pairs_found(shared_data):
     assert any("chosen == rejected" in tip for tip in report["advice"])
 
 
+@pytest.mark.slow
 def test_pandalm_agreement_distribution(shared_data):
     report = check_file(str(shared_data / "pandalm" / "testset-v1.json"))
     # the data README: 999 comparisons, 894 with a majority; of its 105 ties, 2 also have an empty response
@@ -42,6 +44,7 @@ def test_kto_file_is_reported_as_unpaired(shared_data):
     assert report["kind"] == "unpaired" and report["labels"] == {"desirable": 150, "undesirable": 150}
 
 
+@pytest.mark.slow
 def test_every_shared_file_checks_cleanly(shared_data):
     files = sorted(p for p in shared_data.rglob("*") if p.suffix in (".json", ".jsonl", ".gz"))
     assert len(files) == 7
@@ -135,6 +138,7 @@ def test_rebalance_length_evens_out_the_bias(tmp_path):
     assert len(kept) == 4 and dropped == {"length rebalancing": 6}
 
 
+@pytest.mark.slow
 def test_data_check_and_filter_cli(tmp_path, shared_data, capsys):
     hh = str(shared_data / "hh-rlhf" / "helpful-base" / "test.jsonl.gz")
     assert main(["data", "check", hh, "--json"]) == 0
@@ -150,6 +154,7 @@ def test_data_check_and_filter_cli(tmp_path, shared_data, capsys):
     assert len(out.read_text().splitlines()) == 2347
 
 
+@pytest.mark.slow
 def test_filter_deduplicates_and_check_then_stops_advising_it(tmp_path, shared_data, capsys):
     demo = shared_data / "llama-factory" / "dpo_en_demo.json"
     out = tmp_path / "clean.jsonl"
@@ -206,9 +211,10 @@ def test_check_reports_length_bias_toward_the_rejected_side(capsys):
 def test_check_max_length_without_a_model_is_an_error(capsys):
     assert main(["data", "check", "builtin:demo", "--max-length", "128"]) == 2
     err = capsys.readouterr().err
-    assert "--max-length" in err and "give --model" in err and "Traceback" not in err
+    assert "--max-length" in err and "(--model)" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_check_text_report_shows_where_invalid_records_are(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
@@ -216,6 +222,7 @@ def test_check_text_report_shows_where_invalid_records_are(tmp_path, capsys):
     assert f"{bad}:line 2: rejected: missing field" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_check_reports_annotator_ties_as_ties(shared_data, capsys):
     main(["data", "check", str(shared_data / "pandalm" / "testset-v1.json")])
     out = " ".join(capsys.readouterr().out.split())
@@ -231,6 +238,7 @@ def test_filter_hint_names_its_own_flag(tmp_path, capsys):
     assert "--skip-invalid" in err and "data.skip_invalid" not in err
 
 
+@pytest.mark.slow
 def test_filter_counts_add_up(tmp_path, shared_data, capsys):
     pandalm = shared_data / "pandalm" / "testset-v1.json"
     out = tmp_path / "o.jsonl"

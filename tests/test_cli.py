@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from dpokit.cli import main
-from dpokit.metrics import read_metrics
+from dpokit.files import read_jsonl as read_metrics
 from helpers import cli_args
 
 
@@ -81,6 +81,7 @@ def test_hub_unreachable_fails_at_once(tmp_path, capsys, monkeypatch):
     one_line_error(capsys, "someone/not-cached-model", "unreachable", "not in the local cache")
 
 
+@pytest.mark.slow
 def test_lora_target_modules_that_match_nothing(tmp_path, tiny_model_dir, capsys):
     run = tmp_path / "r"
     assert main(cli_args(tiny_model_dir, run, "lora.target_modules=[q_prj,v_proj]")) == 2
@@ -105,6 +106,7 @@ def test_eval_of_a_missing_path(tmp_path, capsys):
 # --- config, data and run dir ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bad_config_and_bad_data_without_traceback(tmp_path, tiny_model_dir, capsys):
     assert main(["train", "data.train=x.jsonl", "loss.beta=-1", "train.lr=0"]) == 2
     err = capsys.readouterr().err
@@ -136,6 +138,7 @@ def test_missing_tracker_package_is_refused_before_training(tmp_path, tiny_model
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_on_its_data_leaves_no_run_dir(tmp_path, tiny_model_dir, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     empty = tmp_path / "empty.jsonl"
@@ -153,20 +156,20 @@ def test_a_run_that_fails_on_its_data_leaves_no_run_dir(tmp_path, tiny_model_dir
     assert not run.exists()
     # so --resume finds nothing to resume into
     assert main(["train", "--resume", str(run)]) == 2
-    one_line_error(capsys, "--resume", "no such folder")
+    one_line_error(capsys, f"resume='{run}'", "no such folder")
 
 
-def test_missing_files_are_named_by_the_option_that_gave_them(tmp_path, capsys, tiny_model_dir):
+@pytest.mark.slow
+def test_missing_files_are_named_by_the_option_that_gave_them(tmp_path, capsys, tiny_lora_run):
     missing = tmp_path / "missing.jsonl"
     assert main(["data", "check", str(missing)]) == 2
     assert "data.train" not in one_line_error(capsys, str(missing), "no such file")
-    run = tmp_path / "run"
-    assert main(cli_args(tiny_model_dir, run, "train.save_final=true", "data.eval_fraction=0")) == 0
-    capsys.readouterr()
+    run = tiny_lora_run.run_dir  # refused before anything is loaded or written
     assert main(["eval", str(run), "--data", str(missing)]) == 2
     assert "data.train" not in one_line_error(capsys, "--data", "no such file")
 
 
+@pytest.mark.slow
 def test_yaml_and_flag_overrides(tmp_path, tiny_model_dir):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model:\n  name: {tiny_model_dir}\ndata:\n  train: builtin:demo\n  limit: 8\n")
@@ -190,15 +193,17 @@ def test_yaml_and_flag_overrides(tmp_path, tiny_model_dir):
 
 
 def help_of(capsys, *args) -> str:
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         main([*args, "--help"])
+    assert info.value.code == 0
     return " ".join(capsys.readouterr().out.split())
 
 
+@pytest.mark.slow
 def test_help_says_what_each_option_does_and_its_default(capsys):
     text = help_of(capsys, "eval")
-    assert "--temperature TEMPERATURE sampling temperature (0 = greedy) (default: 1.0)" in text
-    assert "--max-new-tokens MAX_NEW_TOKENS most tokens sampled per completion (default: 48)" in text
+    assert "--temperature TEMPERATURE Sampling temperature (0 = greedy) (default: 1.0)" in text
+    assert "--max-new-tokens MAX_NEW_TOKENS Most tokens sampled per completion (default: 48)" in text
     text = help_of(capsys, "data", "filter")
     for flag in (
         "--max-similarity",
@@ -223,6 +228,7 @@ def run_cli(args, **env):
     )
 
 
+@pytest.mark.slow
 def test_long_phases_report_progress_when_not_on_a_terminal(tmp_path, tiny_model_dir):
     """Output to a pipe (a log file): the reference pass, evaluation and sampling each print count lines."""
     run = tmp_path / "r"
@@ -248,6 +254,7 @@ def test_long_phases_report_progress_when_not_on_a_terminal(tmp_path, tiny_model
     assert "policy samples: 6/6 sequences" in out.stderr, out.stderr
 
 
+@pytest.mark.slow
 def test_overrides_after_flags_and_flags_only_where_they_apply(tmp_path, tiny_model_dir, capsys):
     # `CONFIG --loss.beta 0.2 key=value`: argparse leaves the override after the flag unplaced; it still applies
     assert (

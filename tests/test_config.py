@@ -66,6 +66,7 @@ def test_override_syntax():
     assert nested == {"a": {"b": 1, "c": "x"}} and len(problems) == 1
 
 
+@pytest.mark.slow
 def test_every_field_has_a_docstring():
     missing = [key for key, _, _, doc in iter_fields() if not doc]
     assert missing == []

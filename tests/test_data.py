@@ -194,6 +194,7 @@ def test_builtin_demo_data():
 # --- the shared third-party files ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("subset, n_pairs", [("harmless-base", 2312), ("helpful-base", 2354)])
 def test_hh_rlhf_prompt_split(shared_data, subset, n_pairs):
     path = shared_data / "hh-rlhf" / subset / "test.jsonl.gz"
@@ -259,7 +260,7 @@ def test_scores_are_read_in_every_format(tmp_path):
 
 
 def test_training_drops_duplicate_pairs_and_counts_them(tmp_path, tiny_model_dir):
-    from dpokit.train import train
+    from dpokit.loop import train
     from helpers import load_cfg
 
     rows = [{"prompt": "p", "chosen": "good answer", "rejected": "bad answer"}] * 3
@@ -275,7 +276,7 @@ def test_training_drops_duplicate_pairs_and_counts_them(tmp_path, tiny_model_dir
 
 
 def test_heavy_truncation_is_said_on_the_console(tmp_path, tiny_model_dir, caplog):
-    from dpokit.train import train
+    from dpokit.loop import train
     from helpers import load_cfg
 
     rows = [{"prompt": f"word{i} " * 400, "chosen": "yes", "rejected": "no"} for i in range(6)]

@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from dpokit.cli import main
-from dpokit.train import train
+from dpokit.loop import train
 from helpers import (
     assert_same_run,
     cli_args,

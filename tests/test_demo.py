@@ -8,6 +8,7 @@ import pytest
 from dpokit.data import load_examples
 from dpokit.demo import DemoSettings, label_pairs, run_demo, summary_lines
 from dpokit.generate import Sample
+from dpokit.rundir import Run
 
 
 def _s(text):
@@ -33,6 +34,7 @@ def test_label_pairs_higher_wins_and_drops_ties():
     assert 150 < sum(p["chosen"] == "a" for p in flat) < 250
 
 
+@pytest.mark.slow
 def test_demo_pipeline_with_sweep(tmp_path, tiny_model_dir):
     ds = DemoSettings(
         train_prompts=12,
@@ -49,13 +51,27 @@ def test_demo_pipeline_with_sweep(tmp_path, tiny_model_dir):
         run_dir=str(out),
         settings=ds,
     )
-    pairs, _ = load_examples(str(out / "data" / "train_pairs.jsonl"))
+    run = Run(out)
+    pairs, _ = load_examples(str(run.data_file("train_pairs")))
     assert 0 < len(pairs) <= 12
-    assert all(e.meta["score_chosen"] > e.meta["score_rejected"] for e in pairs)
-    results = json.loads((out / "eval.json").read_text())
+    # reward=length: each pair's scores are its texts' lengths, and the longer one was chosen
+    assert all(
+        e.meta["score_chosen"] == len(e.chosen) > len(e.rejected) == e.meta["score_rejected"] for e in pairs
+    )
+    results = run.eval_results
     gen = results["generation"]
     assert gen["prompts"] == 4 and gen["samples_per_prompt"] == 2
     assert results["preference_before"]["loss"] == pytest.approx(0.6931, abs=1e-4)
+    # the held-out figures are those of the samples it kept: rewards recomputed from their texts
+    rows = run.eval_samples
+    assert [r["reward_policy"] for r in rows] == [[float(len(t)) for t in r["policy"]] for r in rows]
+    assert [r["reward_reference"] for r in rows] == [[float(len(t)) for t in r["reference"]] for r in rows]
+    policy = [x for r in rows for x in r["reward_policy"]]
+    assert gen["reward/policy"] == pytest.approx(sum(policy) / len(policy))
+    kl = [x for r in rows for x in r["kl_sequence"]]
+    assert gen["kl/sequence"] == pytest.approx(sum(kl) / len(kl))
+    main_point = result.frontier[0]  # the main run's point is its held-out measure
+    assert (main_point["reward"], main_point["kl"]) == (gen["reward/policy"], gen["kl/sequence"])
     methods = [(p["method"], p["label"].split(":")[0]) for p in result.frontier]
     assert methods == [
         ("DPO", "beta=0.1"),

@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from dpokit.cli import main
-from dpokit.metrics import read_metrics
-from dpokit.train import train
+from dpokit.files import read_jsonl as read_metrics
+from dpokit.loop import train
 from helpers import DISTRIBUTED_KEYS as KEYS
 from helpers import cli_args, load_cfg
 

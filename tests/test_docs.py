@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dpokit.cli import main
-from helpers import SHARED_DATA, TINY_ITERATE, cli_args
+from helpers import SHARED_DATA, TINY_ITERATE, copy_run
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -50,12 +50,12 @@ COMMANDS = doc_commands()
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, tiny_model_dir):
+def workspace(tmp_path_factory, tiny_model_dir, tiny_lora_run):
     """A checkout-like folder: configs/, ../shared/data, the example files and run dirs the docs name."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from dpokit.data import load_examples
-    from dpokit.metrics import write_jsonl
+    from dpokit.files import write_jsonl
 
     root = tmp_path_factory.mktemp("docs")
     work = root / "work"
@@ -85,8 +85,8 @@ def workspace(tmp_path_factory, tiny_model_dir):
             work / "path" / "to" / "reward-model"
         )
     tokenizer.save_pretrained(work / "path" / "to" / "reward-model")
-    for run, extra in (("my-run", ()), ("20261127-071002", ("train.checkpoint_every=1",))):
-        assert main(cli_args(tiny_model_dir, work / "runs" / run, "train.save_final=true", *extra)) == 0
+    for run in ("my-run", "20261127-071002"):  # the shared tiny LoRA run: step checkpoints and a final one
+        copy_run(tiny_lora_run, work / "runs" / run)
     return work
 
 
@@ -111,6 +111,7 @@ def shown_lines_appear(shown: list[str], printed: str) -> None:
         assert line in flat, (line, printed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("doc, command, shown", COMMANDS, ids=[f"{d}: {c[:60]}" for d, c, _ in COMMANDS])
 def test_documented_command_runs_as_written(
     doc, command, shown, workspace, tiny_model_dir, monkeypatch, capsys
@@ -139,3 +140,40 @@ def test_every_doc_command_is_collected():
     assert any(c.startswith(".venv/bin/dpokit train configs/tiny.yaml") for c in names)
     assert sum(c.startswith("dpokit eval") for c in names) == 3  # docs/evaluation.md
     assert any(c.startswith("dpokit data check") for c in names)
+
+
+# --- Python examples --------------------------------------------------------------------------------------
+
+REAL_MODEL = 'MODEL = "smollm2-135m-instruct"'
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.S | re.M)
+
+
+PYTHON_DOCS = [p for p in DOCS if python_blocks(p)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", PYTHON_DOCS, ids=[p.name for p in PYTHON_DOCS])
+def test_python_examples_run_as_written(path, tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """Each doc's Python blocks run in order in one namespace, as a notebook runs its cells, in a folder laid
+    out like a checkout; only the embedded model is swapped for the tiny one (`MODEL = ...`)."""
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in python_blocks(path):
+        exec(compile(block.replace(REAL_MODEL, f'MODEL = "{tiny_model_dir}"'), str(path), "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert "Traceback" not in printed
+    if path.name == "python.md":  # the notebook's figures are real: the run trained and every stage ran
+        run, rounds, result = namespace["run"], namespace["rounds"], namespace["result"]
+        assert run.history[0]["loss"] == pytest.approx(0.6931, abs=1e-4) and len(run.history) == 8
+        assert rounds.rounds[0].summary["data"]["samples"] == 24
+        assert result.generation["prompts"] == 6 and namespace["exported"].folder.is_dir()
+        assert "did you mean loss.beta" in printed
+        assert namespace["short"].summary["stopped"] in printed
+
+
+def test_every_python_doc_is_collected():
+    assert [p.name for p in PYTHON_DOCS] and "python.md" in [p.name for p in PYTHON_DOCS]

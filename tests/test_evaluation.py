@@ -9,14 +9,16 @@ import torch
 
 from dpokit.cli import main
 from dpokit.data import DataError
-from dpokit.evaluation import Compared, generation_metrics, load_for_eval, load_prompts, preference_metrics
+from dpokit.data.prompts import load_prompts
+from dpokit.evaluation import generation_metrics, preference_metrics
 from dpokit.generate import SamplingSettings, eos_ids, sample, sequence_logps
 from dpokit.logps import CompletionLogps
+from dpokit.loop import train
 from dpokit.models import add_lora, load_model
 from dpokit.reference import Reference
 from dpokit.rewards import get_reward
-from dpokit.train import train
-from helpers import cli_args, load_cfg
+from dpokit.trained import Trained, load_trained
+from helpers import copy_run, load_cfg
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +142,7 @@ def test_sampled_kl_estimates_the_exact_kl(tiny_model_dir, tiny_tokenizer):
     model = load_model(str(tiny_model_dir)).eval()
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(40.0)
-    pr = Compared(model, Reference.separate(reference), tiny_tokenizer)
+    pr = Trained(model, tiny_tokenizer, Reference.separate(reference))
     prompt = "the quick brown fox"
     metrics, records = generation_metrics(
         pr,
@@ -165,7 +167,7 @@ def test_identical_policy_and_reference_give_zero_kl_and_even_win_rate(tiny_mode
     model = add_lora(
         load_model(str(tiny_model_dir)), r=4, alpha=8, dropout=0.0, target_modules=["q_proj"]
     ).eval()
-    pr = Compared(model, Reference.adapters_off(CompletionLogps(model)), tiny_tokenizer)
+    pr = Trained(model, tiny_tokenizer, Reference.adapters_off(CompletionLogps(model)))
     m, _ = generation_metrics(
         pr, ["a b", "c d e"], get_reward("length"), 4, SamplingSettings(max_new_tokens=6), progress=False
     )
@@ -192,6 +194,7 @@ def _eval_pairs_file(tmp_path):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [True, False])
 def test_eval_of_a_saved_run_reproduces_its_final_metrics(tmp_path, tiny_model_dir, lora):
     heldout = _eval_pairs_file(tmp_path)
@@ -210,7 +213,7 @@ def test_eval_of_a_saved_run_reproduces_its_final_metrics(tmp_path, tiny_model_d
         "train.lr=5e-3" if lora else "train.lr=1e-4",
     )
     result = train(cfg)
-    pr = load_for_eval(str(result.run_dir))
+    pr = load_trained(str(result.run_dir), reference=True)
     assert (
         pr.reference.disable_adapters == lora
     )  # LoRA: the policy with adapters off; full: the starting model
@@ -228,10 +231,10 @@ def test_eval_of_a_saved_run_reproduces_its_final_metrics(tmp_path, tiny_model_d
     assert got["logratio/chosen"] * cfg.loss.beta == pytest.approx(got["rewards/chosen"], abs=1e-5)
 
 
-def test_cli_eval_writes_results_and_samples(tmp_path, tiny_model_dir, capsys):
+@pytest.mark.slow
+def test_cli_eval_writes_results_and_samples(tmp_path, tiny_lora_run, tiny_model_dir, capsys):
     heldout = _eval_pairs_file(tmp_path)
-    run = tmp_path / "run"
-    assert main(cli_args(tiny_model_dir, run, "train.save_final=true")) == 0
+    run = copy_run(tiny_lora_run, tmp_path / "run")
     rc = main(
         [
             "eval",

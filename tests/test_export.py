@@ -12,19 +12,19 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dpokit.cli import main
+from dpokit.data.prompts import load_prompts
 from dpokit.errors import UsageError
-from dpokit.evaluation import load_prompts
-from dpokit.export import export
+from dpokit.exporter import export
+from dpokit.loop import train
 from dpokit.models import load_adapter, load_model, load_tokenizer
-from dpokit.train import train
-from helpers import cli_args, load_cfg
+from helpers import cli_args, copy_run, load_cfg
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny_model_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("export") / "run"
-    result = train(load_cfg(tiny_model_dir, run, "train.save_final=true", "train.lr=5e-3"))
-    return run, result.checkpoint
+def lora_run(tiny_lora_run, tmp_path_factory):
+    """The shared tiny LoRA run, copied for this module (evaluations write into it)."""
+    run = copy_run(tiny_lora_run, tmp_path_factory.mktemp("export") / "run")
+    return run, run / tiny_lora_run.checkpoint.relative_to(tiny_lora_run.run_dir)
 
 
 def heldout_ids(tokenizer, n: int = 4) -> list[torch.Tensor]:
@@ -39,6 +39,7 @@ def logits(model, ids) -> torch.Tensor:
         return torch.cat([model(x).logits[0] for x in ids])
 
 
+@pytest.mark.slow
 def test_lora_merged_folder_loads_without_peft_and_equals_the_adapter_model(
     lora_run, tiny_model_dir, tmp_path
 ):
@@ -70,6 +71,7 @@ def test_lora_merged_folder_loads_without_peft_and_equals_the_adapter_model(
     assert (logits(back.eval(), ids) - want).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_full_finetuning_export_copies_the_weights(tiny_model_dir, tmp_path):
     result = train(load_cfg(tiny_model_dir, tmp_path / "full", "lora.enabled=false", "train.save_final=true"))
     done = export(str(tmp_path / "full"), str(tmp_path / "out"))
@@ -78,6 +80,7 @@ def test_full_finetuning_export_copies_the_weights(tiny_model_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "tolerance"), [("f32", 1e-5), ("f16", 2e-2), ("bf16", 5e-2), ("q8_0", 0.1), ("q4_1", 1.0)]
 )
@@ -97,6 +100,7 @@ def test_gguf_reads_back_to_the_merged_logits(lora_run, tmp_path, kind, toleranc
     assert "{{ range .Messages }}<|im_start|>{{ .Role }}" in modelfile
 
 
+@pytest.mark.slow
 def test_the_export_trains_and_evaluates_again(lora_run, tmp_path, capsys):
     run, _ = lora_run
     gguf = tmp_path / "policy.gguf"
@@ -123,6 +127,7 @@ def test_the_export_trains_and_evaluates_again(lora_run, tmp_path, capsys):
         assert results["preference"]["loss"] == pytest.approx(0.6931, abs=1e-4)  # policy == reference
 
 
+@pytest.mark.slow
 def test_export_mistakes_end_in_one_line(lora_run, tmp_path, capsys, monkeypatch):
     run, _ = lora_run
     assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
@@ -132,21 +137,22 @@ def test_export_mistakes_end_in_one_line(lora_run, tmp_path, capsys, monkeypatch
     assert main(["export", str(run), "--out", str(tmp_path / "full")]) == 2
     assert "not empty" in capsys.readouterr().err
 
-    import dpokit.export as ex
+    from dpokit import models
 
-    real = ex.models.load_model
+    real = models.load_model
 
     def quantized(path, *a, **k):
         model = real(path, *a, **k)
         model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
         return model
 
-    monkeypatch.setattr(ex.models, "load_model", quantized)
+    monkeypatch.setattr(models, "load_model", quantized)
     with pytest.raises(UsageError, match="is quantized"):
         export(str(run), str(tmp_path / "q"))
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.slow
 def test_cli_export_prints_where_everything_went(lora_run, tmp_path, capsys):
     run, _ = lora_run
     code = main(["export", str(run), "--out", str(tmp_path / "m"), "--gguf", str(tmp_path / "m.gguf")])

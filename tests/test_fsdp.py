@@ -12,7 +12,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from dpokit.train import train
+from dpokit.loop import train
 from helpers import (
     assert_same_run,
     killed_then_resumed_matches_one,

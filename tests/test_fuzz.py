@@ -73,6 +73,7 @@ def check_load(path, tokenizer, unpaired):
         assert tstats.kept == len(pairs) and tstats.kept + sum(tstats.dropped.values()) == len(examples)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(lines=st.lists(line, max_size=8), unpaired=st.booleans())
 def test_jsonl_lines(tmp_path_factory, tiny_tokenizer, lines, unpaired):
@@ -82,6 +83,7 @@ def test_jsonl_lines(tmp_path_factory, tiny_tokenizer, lines, unpaired):
     check_load(path, tiny_tokenizer, unpaired)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(value=json_values | st.lists(record, max_size=6), unpaired=st.booleans())
 def test_json_documents(tmp_path_factory, tiny_tokenizer, value, unpaired):
@@ -101,6 +103,7 @@ def test_raw_bytes_and_gzip(tmp_path_factory, tiny_tokenizer, raw, gz):
 VALID_GZ = gzip.compress(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n' * 50)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(
     edits=st.lists(
@@ -118,6 +121,7 @@ def test_corrupted_gzip(tmp_path_factory, tiny_tokenizer, edits, cut):
     check_load(path, tiny_tokenizer, False)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(
     rows=st.lists(

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
+from dpokit.errors import TrainingError
 from dpokit.guards import Guards
-from dpokit.train import TrainingError, train
+from dpokit.loop import train
 from helpers import load_cfg
 
 
@@ -24,6 +25,12 @@ def cfg(tmp_path, model_dir, *overrides):
 
 
 def test_nan_from_an_absurd_lr_stops_cleanly_with_the_last_good_checkpoint(tmp_path, tiny_model_dir):
+    """The checkpoint kept after a non-finite step holds exactly the weights of the step before it (the
+    update that broke them was not applied): equal to that step's own checkpoint, and finite."""
+    from safetensors.torch import load_file
+
+    from dpokit.rundir import Run
+
     with pytest.raises(TrainingError) as info:
         train(
             cfg(
@@ -32,20 +39,29 @@ def test_nan_from_an_absurd_lr_stops_cleanly_with_the_last_good_checkpoint(tmp_p
                 "train.lr=1e30",
                 "train.max_grad_norm=0",
                 "train.max_steps=6",
+                "train.checkpoint_every=1",
                 "lora.enabled=false",
             )
         )
     message = str(info.value)
-    print(message)
     assert (
         "is not finite" in message and "train.lr=1e+30 too high" in message and "last good weights" in message
     )
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["stopped"] == message
-    last_good = summary["checkpoint"]
-    assert last_good and (tmp_path / "run" / "checkpoints").exists() and "last-good" in last_good
+    run = Run(tmp_path / "run")
+    assert run.summary["stopped"] == message
+    last_good = run.final_checkpoint
+    good_step = int(last_good.name.removeprefix("step-").removesuffix("-last-good"))
+    assert last_good.name == f"step-{good_step}-last-good" and f"(after step {good_step})" in message
+    assert good_step >= 1, "the absurd lr should leave one finite step before the non-finite one"
+    kept = load_file(str(last_good / "model.safetensors"))
+    want = load_file(str(run.step_checkpoint(good_step) / "model.safetensors"))
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert kept.keys() == want.keys() and all(torch.equal(kept[k], want[k]) for k in want)
+    assert all(torch.isfinite(v).all() for v in kept.values())
+    assert any(not torch.equal(kept[k], start[k]) for k in start)  # the good step did move the weights
 
 
+@pytest.mark.slow
 def test_vanished_gradient_warning(tmp_path, tiny_model_dir):
     # with LoRA, lr 1e30 saturates the network instead (RMSNorm maps huge activations to 0): loss stays
     # finite but the gradient is exactly 0 from step 2 on
@@ -69,6 +85,7 @@ def test_drift_warning(tmp_path, tiny_model_dir, caplog):
     )
 
 
+@pytest.mark.slow
 def test_flat_margins_warning(tmp_path, tiny_model_dir):
     # lr so small that nothing moves: margins stay ~0
     result = train(
@@ -86,6 +103,7 @@ def test_flat_margins_warning(tmp_path, tiny_model_dir):
     assert any("rewards/margins is flat" in w and "no preference is being learned" in w for w in warnings)
 
 
+@pytest.mark.slow
 def test_learning_run_gives_no_flat_warning(tmp_path, tiny_model_dir):
     result = train(
         cfg(tmp_path, tiny_model_dir, "train.flat_window=2", "train.max_steps=4", "data.eval_fraction=0")
@@ -93,6 +111,7 @@ def test_learning_run_gives_no_flat_warning(tmp_path, tiny_model_dir):
     assert not any("flat" in w for w in json.loads((result.run_dir / "summary.json").read_text())["warnings"])
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_checkpoint(tmp_path, tiny_model_dir):
     # lr 1e-12: eval margins never improve after the first evaluation -> stop after `patience` more
     result = train(
@@ -134,6 +153,7 @@ def test_guard_unit_logic():
     assert math.isfinite(g.best)
 
 
+@pytest.mark.slow
 def test_bf16_full_finetuning_of_grid_weights_warns(tmp_path, tiny_model_dir):
     """Weights that are exactly bf16 values (a bf16-published or dequantized checkpoint) get the bf16 warning
     with the fix; random fp32 weights, fp32 training and LoRA do not."""

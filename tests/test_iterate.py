@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from dpokit.config import ConfigError, load_config
-from dpokit.iterate import FAULT_ENV, judge_scores, pair_indices, penalized, run_iterate
-from dpokit.metrics import read_metrics
+from dpokit.files import read_jsonl as read_metrics
 from dpokit.rewards import RewardError, get_judge
+from dpokit.rounds import FAULT_ENV, judge_scores, pair_indices, penalized, run_iterate
 from helpers import TINY_ITERATE
 
 HERE = Path(__file__).resolve().parent
@@ -82,6 +82,7 @@ def two_rounds(tiny_model_dir, tmp_path_factory):
     return root, iterate(tiny_model_dir, root)
 
 
+@pytest.mark.slow
 def test_two_rounds_write_every_file_and_continue_the_policy(two_rounds):
     root, results = two_rounds
     assert [r.round for r in results] == [1, 2]
@@ -91,7 +92,17 @@ def test_two_rounds_write_every_file_and_continue_the_policy(two_rounds):
         stats = json.loads((root / "rounds" / str(r) / "pair_stats.json").read_text())
         assert stats["prompts"] == 6 and stats["samples"] == 24
         assert stats["pairs"] + stats["ties_dropped"] + stats["identical_dropped"] == 6  # one per prompt
-        assert stats["score_margin/mean"] > 0
+        # each pair is its prompt's best sample against its worst, and the stats say so: recomputed here
+        samples = read_metrics(root / "rounds" / str(r) / "samples.jsonl")
+        scores = [s["scores"] for s in read_metrics(root / "rounds" / str(r) / "scores.jsonl")]
+        pairs = read_metrics(root / "rounds" / str(r) / "pairs.jsonl")
+        assert [s["raw"] for s in read_metrics(root / "rounds" / str(r) / "scores.jsonl")] == [
+            [float(len(c)) for c in s["completions"]] for s in samples
+        ]  # iterate.reward=length: characters
+        best = {json.dumps(s["prompt"]): (max(sc), min(sc)) for s, sc in zip(samples, scores, strict=True)}
+        assert all((p["score_chosen"], p["score_rejected"]) == best[json.dumps(p["prompt"])] for p in pairs)
+        margins = [p["score_chosen"] - p["score_rejected"] for p in pairs]
+        assert stats["score_margin/mean"] == pytest.approx(sum(margins) / len(margins))
         gen = json.loads((root / "rounds" / str(r) / "eval.json").read_text())
         for key in ("reward/policy", "win_rate/initial", "win_rate/previous", "kl/sequence", "kl/token"):
             assert math.isfinite(gen[key]), key
@@ -114,6 +125,7 @@ def step1_loss(root: Path, r: int) -> float:
     return read_metrics(root / "rounds" / str(r) / "train" / "metrics.jsonl")[0]["loss"]
 
 
+@pytest.mark.slow
 def test_reference_initial_or_previous_decides_round_2s_starting_loss(two_rounds, tiny_model_dir, tmp_path):
     root, _ = two_rounds
     ln2 = math.log(2)
@@ -141,6 +153,7 @@ def assert_same_runs(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_same_config_same_rounds(two_rounds, tiny_model_dir, tmp_path):
     root, _ = two_rounds
     torch.manual_seed(1234)  # nothing a run does may depend on the global RNG state it finds
@@ -176,6 +189,7 @@ def test_killed_in_any_phase_resumes_to_the_same_files_and_weights(
 # ---- user mistakes
 
 
+@pytest.mark.slow
 def test_a_reward_that_misbehaves_is_named_with_the_sample_and_nothing_is_lost(
     tiny_model_dir, tmp_path, monkeypatch
 ):
@@ -234,11 +248,13 @@ def test_config_mistakes_are_listed_before_anything_runs(tmp_path):
         assert needle in text, needle
 
 
+@pytest.mark.slow
 def test_cli_iterate_help_and_a_missing_prompt_file(tmp_path, capsys):
     from dpokit.cli import main
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         main(["iterate", "--help"])
+    assert info.value.code == 0
     out = capsys.readouterr().out
     assert "iterate.samples_per_prompt" in out and "iterate.min_score_gap" in out
     code = main(["iterate", "iterate.prompts=missing.jsonl", f"train.run_dir={tmp_path / 'x'}"])
@@ -247,6 +263,7 @@ def test_cli_iterate_help_and_a_missing_prompt_file(tmp_path, capsys):
     assert "Traceback" not in err and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_report_of_an_iterate_run_shows_each_round_beside_the_curves(two_rounds):
     from dpokit.report import collect, write_report
 

@@ -12,9 +12,9 @@ import torch
 
 from dpokit.batching import Layout
 from dpokit.logps import CompletionLogps
+from dpokit.loop import train
 from dpokit.models import load_model
 from dpokit.tokenize import TokenizedPair
-from dpokit.train import train
 from helpers import TEST_DEVICE, load_cfg, run_overrides
 
 LAYOUTS = {
@@ -99,7 +99,7 @@ def test_one_prompt_with_n_branches_equals_n_separate_sequences(model):
 def sampled_pairs(rule: str, prompts: int = 3, k: int = 4, seed: int = 5) -> list[TokenizedPair]:
     """Pairs drawn as a round of `dpokit iterate` draws them: k samples per prompt (a repeated one among
     them), paired best against worst or every pair, with random scores."""
-    from dpokit.iterate import pair_indices
+    from dpokit.rounds import pair_indices
 
     rng = random.Random(seed)
     ids = lambda n: [rng.randrange(3, 250) for _ in range(n)]  # noqa: E731
@@ -168,6 +168,7 @@ def test_group_by_prompt_keeps_a_prompts_pairs_together_and_changes_nothing_for_
     assert max(prompts_per_micro_batch(None)) > 1  # shuffled pairs mix prompts
 
 
+@pytest.mark.slow
 def test_training_trajectory_is_the_same_in_every_layout(tmp_path, tiny_model_dir):
     histories = {}
     dense = "train.attention=dense"
@@ -211,6 +212,7 @@ def assert_same_history(a, b, label):
                 assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (label, ra["step"], key)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_starts_at_ln2_and_tracks_fp32(tmp_path, tiny_model_dir):
     fp32 = train(small_cfg(tmp_path, tiny_model_dir, "fp32")).history
     bf16 = train(small_cfg(tmp_path, tiny_model_dir, "bf16", "train.bf16=true")).history
@@ -222,6 +224,7 @@ def test_bf16_autocast_starts_at_ln2_and_tracks_fp32(tmp_path, tiny_model_dir):
         assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], rel=0.2, abs=0.02)
 
 
+@pytest.mark.slow
 def test_fast_fp32_matmul_is_exact_or_refused(tmp_path, tiny_model_dir):
     from dpokit.backends import apply_matmul_backend
     from dpokit.errors import TrainingError
@@ -240,6 +243,7 @@ def test_fast_fp32_matmul_is_exact_or_refused(tmp_path, tiny_model_dir):
     apply_matmul_backend(False)
 
 
+@pytest.mark.slow
 def test_policy_trains_in_train_mode_and_checkpointing_is_exact(tmp_path, tiny_model_dir, monkeypatch):
     modes = []
     real = CompletionLogps.forward
@@ -258,11 +262,12 @@ def test_policy_trains_in_train_mode_and_checkpointing_is_exact(tmp_path, tiny_m
     assert_same_history(plain, checkpointed, "gradient_checkpointing")
 
 
+@pytest.mark.slow
 def test_low_memory_allocator_changes_nothing_but_memory(tmp_path, tiny_model_dir):
     import subprocess
     import sys
 
-    from dpokit.metrics import read_metrics
+    from dpokit.files import read_jsonl as read_metrics
 
     plain = train(small_cfg(tmp_path, tiny_model_dir, "plain")).history
     # a subprocess: the allocator setting is process-wide

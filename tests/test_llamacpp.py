@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dpokit.evaluation import load_prompts
-from dpokit.export import export
+from dpokit.data.prompts import load_prompts
+from dpokit.exporter import export
 
 try:
     from llama_cpp import Llama

@@ -9,8 +9,8 @@ import torch
 
 from dpokit.cli import main
 from dpokit.logps import CompletionLogps
+from dpokit.loop import train
 from dpokit.reference import Reference
-from dpokit.train import train
 from helpers import cli_args, load_cfg
 
 TIMING = {"tokens_per_s", "step_time_s"}
@@ -20,6 +20,7 @@ def strip(records):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
+@pytest.mark.slow
 def test_dpo_runs_one_reference_pass_per_micro_batch(tmp_path, tiny_model_dir, monkeypatch):
     calls = []
     real = Reference.sequence_logps
@@ -34,6 +35,7 @@ def test_dpo_runs_one_reference_pass_per_micro_batch(tmp_path, tiny_model_dir, m
     assert len(calls) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["simpo", "orpo", "cpo", "sft"])
 @pytest.mark.parametrize("lora", ["true", "false"])
 def test_reference_free_losses_build_and_run_no_reference(tmp_path, tiny_model_dir, monkeypatch, name, lora):
@@ -66,6 +68,7 @@ def test_reference_free_losses_build_and_run_no_reference(tmp_path, tiny_model_d
     assert created == [] and len(policy_calls) == 2
 
 
+@pytest.mark.slow
 def test_precomputed_reference_covers_only_the_scheduled_pairs(tmp_path, tiny_model_dir, monkeypatch):
     """2 steps x 4 pairs of 200: the reference pass runs on those 8 pairs, not on all 200."""
     seen = []
@@ -93,6 +96,7 @@ def test_precomputed_reference_covers_only_the_scheduled_pairs(tmp_path, tiny_mo
     assert seen == [8, 8]  # two micro-batches, padded: 4 chosen + 4 rejected rows each
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", ["true", "false"])
 def test_cached_reference_equals_the_live_one_and_builds_no_copy(tmp_path, tiny_model_dir, monkeypatch, lora):
     lr = "train.lr=1e-3" if lora == "true" else "train.lr=1e-4"
@@ -118,6 +122,7 @@ def test_cached_reference_equals_the_live_one_and_builds_no_copy(tmp_path, tiny_
     assert strip(cached) == strip(live)  # the same batches through the same kernels: equal, not close
 
 
+@pytest.mark.slow
 def test_a_longer_run_extends_the_cache_to_the_same_numbers(tmp_path, tiny_model_dir):
     """A 2-step run fills part of the cache; a 5-step run with that warm cache equals one with a cold cache,
     and both equal the live reference, in the packed, prefix-shared layout."""
@@ -164,6 +169,7 @@ def test_a_longer_run_extends_the_cache_to_the_same_numbers(tmp_path, tiny_model
     assert reference["eval"]["reused"] == reference["eval"]["batches"]
 
 
+@pytest.mark.slow
 def test_precompute_command_fills_what_training_reuses_and_settings_key_the_cache(
     tmp_path, tiny_model_dir, capsys
 ):
@@ -192,6 +198,7 @@ def test_precompute_command_fills_what_training_reuses_and_settings_key_the_cach
         assert stats["train"]["reused"] == 0 and stats["train"]["computed"] == 3, changed
 
 
+@pytest.mark.slow
 def test_bf16_step_one_is_ln2_with_the_cached_reference(tmp_path, tiny_model_dir):
     """The cache holds the very batches the loop runs, so even in bf16 the policy equals its reference at
     step 1 (a cache computed in other batches rounds differently: 0.6908 on the embedded model)."""
@@ -223,6 +230,7 @@ def sft_adapter(tiny_model_dir, tmp_path_factory):
     return result.checkpoint
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precompute", ["false", "true"])
 def test_training_from_an_adapter_starts_at_ln2_against_that_adapter(
     tmp_path, tiny_model_dir, sft_adapter, precompute
@@ -239,6 +247,7 @@ def test_training_from_an_adapter_starts_at_ln2_against_that_adapter(
     )  # same policy
 
 
+@pytest.mark.slow
 def test_a_separate_reference_checkpoint_is_the_reference(tmp_path, tiny_model_dir):
     # full fine-tuning of the tiny model against itself given as a separate checkpoint: step 1 is ln 2, and the
     # same run as with the default frozen copy
@@ -253,6 +262,7 @@ def test_a_separate_reference_checkpoint_is_the_reference(tmp_path, tiny_model_d
         assert b == pytest.approx(a, rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_starting_point_mistakes_end_in_one_line(tmp_path, tiny_model_dir, capsys):
     code = main(cli_args(tiny_model_dir, tmp_path / "a", f"model.adapter={tmp_path / 'nope'}"))
     assert code == 2 and "model.adapter=" in capsys.readouterr().err
@@ -266,6 +276,7 @@ def test_starting_point_mistakes_end_in_one_line(tmp_path, tiny_model_dir, capsy
     assert not any((tmp_path / x).exists() for x in "abcd")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["continue", "merge"])
 def test_the_reference_of_an_sft_adapter_is_the_merged_sft_model(tmp_path, tiny_model_dir, sft_adapter, mode):
     """Both adapter modes start at ln 2, and pi_ref's log-probs are the merged SFT model's (1e-5 per token)."""
@@ -294,11 +305,12 @@ def test_the_reference_of_an_sft_adapter_is_the_merged_sft_model(tmp_path, tiny_
     assert history[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_merge_mode_run_exports_and_evaluates_on_its_merged_base(tmp_path, tiny_model_dir, sft_adapter):
     from transformers import AutoModelForCausalLM
 
-    from dpokit.evaluation import load_for_eval
-    from dpokit.export import export
+    from dpokit.exporter import export
+    from dpokit.trained import load_trained
 
     run = tmp_path / "merge"
     flags = [
@@ -308,14 +320,15 @@ def test_a_merge_mode_run_exports_and_evaluates_on_its_merged_base(tmp_path, tin
         "train.lr=5e-3",
     ]
     result = train(load_cfg(tiny_model_dir, run, *flags))
-    c = load_for_eval(str(run), device="cpu")
+    c = load_trained(str(run), reference=True, device="cpu")
     merged = AutoModelForCausalLM.from_pretrained(export(str(run), str(tmp_path / "out")).folder).eval()
     ids = torch.tensor([[5, 40, 41, 42, 43, 44, 45, 46]])
     with torch.no_grad():
-        assert (merged(ids).logits - c.policy(ids).logits).abs().max() < 1e-4
+        assert (merged(ids).logits - c.model(ids).logits).abs().max() < 1e-4
     assert result.final_eval is not None
 
 
+@pytest.mark.slow
 def test_a_reference_other_than_the_start_is_said_with_its_measured_gap(
     tmp_path, tiny_model_dir, sft_adapter
 ):
@@ -329,19 +342,20 @@ def test_a_reference_other_than_the_start_is_said_with_its_measured_gap(
     assert loss == pytest.approx(first["loss"], abs=1e-4)  # the same first batch, dropout off either way
 
 
+@pytest.mark.slow
 def test_eval_of_a_run_measures_against_its_separate_reference(tmp_path, tiny_model_dir, sft_adapter):
     """model.reference = the merged SFT model (exported): training starts off ln 2 (the policy is the base),
     and `dpokit eval` of the run loads that same reference, not the policy with adapters off."""
     from transformers import AutoModelForCausalLM
 
-    from dpokit.evaluation import load_for_eval
-    from dpokit.export import export
+    from dpokit.exporter import export
+    from dpokit.trained import load_trained
 
     sft = export(str(sft_adapter), str(tmp_path / "sft")).folder
     run = tmp_path / "run"
     result = train(load_cfg(tiny_model_dir, run, f"model.reference={sft}", "train.save_final=true"))
     assert abs(result.history[0]["loss"] - 0.6931471805599453) > 1e-4
-    c = load_for_eval(str(run), device="cpu")
+    c = load_trained(str(run), reference=True, device="cpu")
     assert not c.reference.disable_adapters
     got = c.reference.network.model.state_dict()
     want = AutoModelForCausalLM.from_pretrained(sft).state_dict()

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from dpokit.cli import main
+from dpokit.files import read_jsonl as read_metrics
+from dpokit.loop import train
 from dpokit.losses import PairLogps, compute_loss
-from dpokit.metrics import read_metrics
 from dpokit.report import EXPLORER_LOSSES, write_report
-from dpokit.train import train
 from helpers import load_cfg
 
 
@@ -75,6 +75,7 @@ def run_dir(tmp_path_factory, tiny_model_dir):
     return out
 
 
+@pytest.mark.slow
 def test_pair_samples_hold_the_log_ratio_picture(run_dir):
     rows = read_metrics(run_dir / "pair_samples.jsonl")
     assert [r["step"] for r in rows] == [0, 2, 4]
@@ -96,6 +97,7 @@ def test_pair_samples_hold_the_log_ratio_picture(run_dir):
     assert any(p["logratio_chosen"] != 0.0 for p in end) and "eval/loss" in metrics
 
 
+@pytest.mark.slow
 def test_report_is_self_contained(run_dir):
     path = write_report(run_dir)
     text = path.read_text()
@@ -123,6 +125,7 @@ def test_report_is_self_contained(run_dir):
     } <= names
 
 
+@pytest.mark.slow
 def test_report_cli_and_errors(run_dir, tmp_path, capsys):
     out = tmp_path / "r.html"
     assert main(["report", str(run_dir), "--out", str(out)]) == 0 and out.is_file()
@@ -167,6 +170,7 @@ def _set_slider(drv, element_id: str, value: float) -> None:
     )
 
 
+@pytest.mark.slow
 def test_report_in_a_real_browser(run_dir, browser):
     path = write_report(run_dir)
     browser.get(Path(path).resolve().as_uri())
@@ -191,6 +195,7 @@ def test_report_in_a_real_browser(run_dir, browser):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("f_div", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
 def test_explorer_formulas_match_dpokit_losses(run_dir, browser, f_div):
     """The page's JavaScript losses against the PyTorch ones (lengths 1, so per-token inputs coincide)."""
@@ -232,6 +237,7 @@ def test_explorer_formulas_match_dpokit_losses(run_dir, browser, f_div):
             assert js == pytest.approx(want, rel=1e-9, abs=1e-9), (loss_type, f_div, c, r)
 
 
+@pytest.mark.slow
 def test_trackers_receive_every_logged_record(tmp_path, tiny_model_dir):
     from accelerate.tracking import GeneralTracker
 

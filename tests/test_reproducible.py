@@ -4,7 +4,7 @@ before or on what ran earlier in the process."""
 import pytest
 import torch
 
-from dpokit.train import train
+from dpokit.loop import train
 from helpers import load_cfg
 
 TIMING = {"tokens_per_s", "step_time_s"}
@@ -14,6 +14,7 @@ def strip(records):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
+@pytest.mark.slow
 def test_cold_and_warm_model_cache_give_the_same_run(tmp_path, monkeypatch):
     # the `tiny-random` alias is built into the model cache on first use; that must not move any RNG
     monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))

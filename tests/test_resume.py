@@ -12,12 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpokit.checkpoint import latest_checkpoint
 from dpokit.cli import main
 from dpokit.config import load_config
-from dpokit.metrics import read_metrics
-from dpokit.train import TrainingError, train
-from helpers import cli_args, run_overrides
+from dpokit.errors import TrainingError
+from dpokit.files import read_jsonl as read_metrics
+from dpokit.loop import train
+from dpokit.rundir import Run
+from helpers import cli_args, copy_run, run_overrides
 
 TIMING = {"tokens_per_s", "step_time_s"}
 
@@ -57,7 +58,7 @@ def test_sigkill_then_resume_gives_the_same_result(tmp_path, tiny_model_dir, ext
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    interrupted_at = int(latest_checkpoint(run_dir).name.split("-")[1])
+    interrupted_at = int(Run(run_dir).latest_checkpoint.name.split("-")[1])
     assert 4 <= interrupted_at < 30, interrupted_at
 
     assert main(["train", "--resume", str(run_dir)]) == 0
@@ -71,12 +72,14 @@ def test_sigkill_then_resume_gives_the_same_result(tmp_path, tiny_model_dir, ext
     assert summary["steps"] == 30 and summary["stopped"] == "completed all steps"
 
 
+@pytest.mark.slow
 def test_checkpoint_state_loads_without_unpickling(tmp_path, tiny_model_dir):
     result = train(load_config(None, overrides(tiny_model_dir, tmp_path / "r", "train.max_steps=2")))
     state = torch.load(result.checkpoint / "training_state.pt", weights_only=True)
     assert set(state) == {"optimizer", "scheduler", "torch_rng"}
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoints_is_refused(tmp_path, tiny_model_dir):
     train(
         load_config(
@@ -111,18 +114,22 @@ def test_full_disk_is_refused_before_training(tmp_path, tiny_model_dir, monkeypa
         train(load_config(None, overrides(tiny_model_dir, tmp_path / "r")))
 
 
-def test_resume_of_a_finished_run_changes_nothing(tmp_path, tiny_model_dir, capsys):
-    run = tmp_path / "r"
-    assert main(cli_args(tiny_model_dir, run, "train.save_final=true")) == 0
+@pytest.mark.slow
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, tiny_lora_run, capsys):
+    run = copy_run(tiny_lora_run, tmp_path / "r")
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     capsys.readouterr()
     assert main(["train", "--resume", str(run)]) == 0
     out = capsys.readouterr()
-    assert "the run is complete (completed all steps; checkpoint step-3); nothing to resume" in out.out
+    assert (
+        "the run is complete (completed all steps; checkpoint step-3, step 3 of 3); nothing to resume"
+        in out.err
+    )
     assert "nan" not in out.out + out.err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_resume_with_a_config_file_is_refused(tmp_path, tiny_model_dir, capsys):
     run = tmp_path / "r"
     assert main(cli_args(tiny_model_dir, run, "train.checkpoint_every=1", "train.max_steps=2")) == 0

@@ -5,9 +5,9 @@ import math
 import pytest
 
 from dpokit.data import load_examples
+from dpokit.loop import train
 from dpokit.models import SMOLLM2_ALIAS, load_tokenizer, resolve_model_path
 from dpokit.tokenize import tokenize_pairs
-from dpokit.train import train
 from helpers import load_cfg
 
 pytestmark = pytest.mark.slow  # converts and loads the embedded SmolLM2 model

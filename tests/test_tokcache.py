@@ -8,7 +8,7 @@ import pytest
 from dpokit import tokenize
 from dpokit.data import load_examples
 from dpokit.data.tokcache import cache_key, tokenize_pairs_cached
-from dpokit.train import train
+from dpokit.loop import train
 from helpers import load_cfg
 
 TIMING = {"tokens_per_s", "step_time_s"}
@@ -26,6 +26,7 @@ def test_a_hit_is_exactly_what_tokenization_gives(tmp_path, tiny_tokenizer, monk
     assert hit_stats.to_dict() == fresh_stats.to_dict() and fresh_stats.prompts_truncated > 0
 
 
+@pytest.mark.slow
 def test_every_input_of_tokenization_keys_the_cache(tiny_tokenizer):
     examples, _ = load_examples("builtin:demo")
     base = cache_key(examples, tiny_tokenizer, 64, 32, False)
@@ -42,6 +43,7 @@ def test_every_input_of_tokenization_keys_the_cache(tiny_tokenizer):
         tiny_tokenizer.chat_template = saved
 
 
+@pytest.mark.slow
 def test_a_second_run_tokenizes_nothing_and_trains_the_same(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))  # a cold cache of its own
     first = train(load_cfg(tiny_model_dir, tmp_path / "a")).history

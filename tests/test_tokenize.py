@@ -1,5 +1,7 @@
 """Tokenization: EOS, chat-template prefix property, truncation and drop counting."""
 
+import pytest
+
 from dpokit.data.formats import PreferenceExample
 from dpokit.tokenize import encode_example, tokenize_pairs
 
@@ -71,6 +73,7 @@ def one_at_a_time(examples, tokenizer, max_length, max_prompt_length):
     return out
 
 
+@pytest.mark.slow
 def test_batched_tokenization_equals_one_text_at_a_time(tiny_tokenizer, shared_data, monkeypatch):
     """Text and conversational pairs mixed, across batch boundaries (batches of 7 here), and 3,000 HH pairs
     with SmolLM2's tokenizer: the ids of the batched calls are those of one text at a time."""

@@ -9,11 +9,12 @@ import torch
 import yaml
 
 from dpokit.batching import Layout
+from dpokit.files import read_jsonl as read_metrics
 from dpokit.logps import CompletionLogps, sum_by_sequence
-from dpokit.metrics import PAIR_KEYS, read_metrics
+from dpokit.loop import train
+from dpokit.metrics import PAIR_KEYS
 from dpokit.models import load_model, load_tokenizer
 from dpokit.tokenize import tokenize_pairs
-from dpokit.train import train
 from helpers import load_cfg
 
 REQUIRED = ("step", "epoch", *PAIR_KEYS, "lr", "grad_norm", "tokens_per_s")
@@ -33,6 +34,7 @@ def tiny_cfg(tmp_path, model_dir, *overrides):
     )
 
 
+@pytest.mark.slow
 def test_step_one_ln2_metrics_and_run_dir(tmp_path, tiny_model_dir):
     result = train(tiny_cfg(tmp_path, tiny_model_dir, "data.limit=40", "train.grad_accum=2", "eval.every=2"))
     first = result.history[0]
@@ -52,6 +54,7 @@ def test_step_one_ln2_metrics_and_run_dir(tmp_path, tiny_model_dir):
     assert (result.run_dir / "checkpoints" / "step-3" / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
 def test_lora_changes_only_adapter_weights(tmp_path, tiny_model_dir):
     before = load_model(str(tiny_model_dir)).state_dict()
     result = train(tiny_cfg(tmp_path, tiny_model_dir, "data.limit=24"))
@@ -65,6 +68,7 @@ def test_lora_changes_only_adapter_weights(tmp_path, tiny_model_dir):
         assert torch.equal(after[name], value), name
 
 
+@pytest.mark.slow
 def test_full_finetune_updates_weights_against_frozen_reference(tmp_path, tiny_model_dir):
     before = load_model(str(tiny_model_dir)).state_dict()
     result = train(tiny_cfg(tmp_path, tiny_model_dir, "lora.enabled=false", "train.lr=1e-4", "data.limit=24"))
@@ -77,6 +81,7 @@ def test_full_finetune_updates_weights_against_frozen_reference(tmp_path, tiny_m
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in result.model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_loss_falls_on_learnable_pairs(tmp_path, tiny_model_dir):
     result = train(
         tiny_cfg(tmp_path, tiny_model_dir, "train.max_steps=20", "train.batch_size=8", "data.limit=200")
@@ -86,6 +91,7 @@ def test_loss_falls_on_learnable_pairs(tmp_path, tiny_model_dir):
     assert result.final_eval["eval/rewards/accuracies"] > 0.7
 
 
+@pytest.mark.slow
 def test_batch4_accum1_equals_batch1_accum4(tmp_path, tiny_model_dir):
     common = (
         "data.limit=40",
@@ -103,6 +109,7 @@ def test_batch4_accum1_equals_batch1_accum4(tmp_path, tiny_model_dir):
     assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
 
 
+@pytest.mark.slow
 def test_lora_checkpoint_reloads_with_peft_and_same_logps(tmp_path, tiny_model_dir):
     from peft import PeftModel
 
@@ -132,7 +139,7 @@ def test_lora_checkpoint_reloads_with_peft_and_same_logps(tmp_path, tiny_model_d
 def test_run_dir_is_not_overwritten(tmp_path, tiny_model_dir):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
-    from dpokit.train import TrainingError
+    from dpokit.errors import TrainingError
 
     with pytest.raises(TrainingError, match="train.overwrite=true"):
         train(tiny_cfg(tmp_path, tiny_model_dir))

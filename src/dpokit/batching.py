@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dpokit.config import TrainConfig
 from dpokit.logps import sum_by_sequence
 from dpokit.tokenize import TokenizedPair, TokenizedUnpaired
 
@@ -367,3 +368,28 @@ class UnpairedBatch:
 
     def to(self, device: torch.device | str) -> UnpairedBatch:
         return UnpairedBatch(self.targets.to(device), self.mismatched.to(device))
+
+
+def layout_for(
+    train: TrainConfig, models, max_length: int | None = None, share_completions: bool = True
+) -> Layout:
+    """The layout of train.prefix_sharing / packing / pack_tokens / attention for `models` (the policy and a
+    separate reference): block attention when asked for and every one of them can run it (they are switched
+    to it), else dense masks. `max_length`: the longest sequence (a sliding window narrower than it needs
+    dense masks); `share_completions`: off for per-pair token weights (LD-DPO)."""
+    from dpokit.attention import enable_blocks
+
+    attention = train.attention
+    if attention == "blocks" and (train.prefix_sharing or train.packing):
+        if not all(enable_blocks(m, max_length) for m in models):
+            log.info(
+                "train.attention=blocks: a model attends otherwise (eager, soft-capped or windowed); using dense masks"
+            )
+            attention = "dense"
+    return Layout(
+        train.prefix_sharing,
+        train.packing,
+        train.pack_tokens or 2 * (max_length or 1024),
+        attention,
+        share_completions=share_completions,
+    )

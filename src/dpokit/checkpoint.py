@@ -1,7 +1,7 @@
 """Checkpoints in Hugging Face format, written atomically (temp folder + rename: whole or absent).
 
-A checkpoint folder holds the model (a PEFT adapter or a full model, safetensors) and the tokenizer, so
-it loads with `from_pretrained`; plus, for exact resume, `training_state.pt` (optimizer, scheduler and
+A checkpoint folder (the run dir names and lists them: rundir.Run) holds the model (a PEFT adapter or a
+full model, safetensors) and the tokenizer, so it loads with `from_pretrained`; plus, for exact resume, `training_state.pt` (optimizer, scheduler and
 RNG states; only tensors and plain containers, read back with `torch.load(weights_only=True)`) and
 `dpokit_state.json` (the step, guard and loss state). Nothing user-supplied is unpickled. Under DeepSpeed
 the optimizer state is DeepSpeed's own checkpoint of its ZeRO partitions, in `deepspeed/`, which DeepSpeed
@@ -12,41 +12,34 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from dpokit.files import build_folder
 from dpokit.sharding import is_sharded, load_model_state
-
-STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def save_checkpoint(
     model,
     tokenizer,
-    run_dir: Path,
+    folder: Path,
     step: int,
     extra: dict | None = None,
-    name: str | None = None,
     training_state: dict | None = None,
     state_dict: dict | None = None,
     engine_state: Path | None = None,
 ) -> Path:
-    """Save to RUN_DIR/checkpoints/step-N (or `name`); `training_state` makes it resumable; `state_dict`:
-    the model's whole weights when it is sharded (sharding.model_state); `engine_state`: a folder DeepSpeed
-    wrote its partitions to (sharding.save_engine_state), moved in as `deepspeed/`.
+    """Save to `folder` (the run dir names it: Run.step_checkpoint), replacing one there, whole or not at
+    all. `training_state` makes it resumable; `state_dict`: the model's whole weights when it is sharded
+    (sharding.model_state); `engine_state`: a folder DeepSpeed wrote its partitions to
+    (sharding.save_engine_state), moved in as `deepspeed/`.
 
     The folder loads back with `AutoModelForCausalLM.from_pretrained` (full) or
     `PeftModel.from_pretrained(base, folder)` / `AutoPeftModelForCausalLM` (adapter).
     """
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / (name or f"step-{step}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    try:
+
+    def build(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if training_state is not None:
@@ -54,33 +47,18 @@ def save_checkpoint(
         if engine_state is not None:
             os.replace(engine_state, tmp / "deepspeed")
         (tmp / "dpokit_state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)  # atomic: the checkpoint is complete or absent
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if name is None:
-        (root / "latest").write_text(target.name + "\n")
-    return target
+
+    build_folder(Path(folder), build, "dpokit_state.json", replace=True)
+    return Path(folder)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest resumable step-N checkpoint (temp folders of an interrupted save are ignored)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    found = []
-    for d in root.iterdir():
-        m = STEP_DIR.match(d.name)
-        if m and (d / "training_state.pt").is_file() and (d / "dpokit_state.json").is_file():
-            found.append((int(m.group(1)), d))
-    return max(found)[1] if found else None
-
-
-def load_training_state(folder: Path) -> tuple[dict, dict]:
-    """(training_state, dpokit_state) of a checkpoint; tensors only, no pickled objects."""
-    state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
-    return state, json.loads((folder / "dpokit_state.json").read_text())
+def load_training_state(folder: Path, tensors: bool = True) -> tuple[dict | None, dict]:
+    """(training_state, dpokit_state) of a checkpoint; tensors only, no pickled objects. `tensors=False`:
+    the dpokit state alone (None for the tensors)."""
+    info = json.loads((folder / "dpokit_state.json").read_text())
+    if not tensors:
+        return None, info
+    return torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True), info
 
 
 def load_model_weights(model, folder: Path, lora: bool) -> None:

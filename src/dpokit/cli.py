@@ -1,35 +1,19 @@
-"""Command line: parses arguments and calls the public API; nothing else lives here."""
+"""Command line: parses arguments, calls the public API (api.py) and prints what it returns. A DpokitError
+becomes its one line and exit code 2; starting and ending processes is launch.py's."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
-import os
 import sys
 import typing
-from pathlib import Path
 
-from dpokit.config import ConfigError, DataConfig, field_docs, help_text, load_config
-from dpokit.data import DataError
-from dpokit.errors import TrainingError, UsageError
-from dpokit.generate import SamplingError
-from dpokit.models import ModelLoadError
-from dpokit.rewards import RewardError
+from dpokit import api, launch
+from dpokit.config import ConfigError, DataConfig, field_docs, help_text, parse_overrides
+from dpokit.errors import DpokitError
 from dpokit.validation import DEDUPLICATE
-
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrainingError, UsageError, RewardError, SamplingError)
-FILTER_FLAGS = (
-    "deduplicate",
-    "drop_identical",
-    "max_similarity",
-    "min_agreement",
-    "min_score_gap",
-    "min_confidence",
-    "rebalance_length",
-    "skip_invalid",
-)
-"""DataConfig fields that `dpokit data filter` takes as flags (same names, same docs, same defaults)."""
 
 
 class _Stderr(logging.Handler):
@@ -119,11 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("target", help="a run dir (its final checkpoint) or a checkpoint folder")
     ex.add_argument("--out", required=True, help="new folder for the merged model")
-    ex.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights of the folder")
+    from dpokit.exporter import DTYPES, GGUF_TYPES
+
+    ex.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights of the folder")
     ex.add_argument(
         "--gguf", metavar="FILE", help="also write a GGUF file (llama architecture) and FILE's Modelfile"
     )
-    ex.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_1"])
+    ex.add_argument("--gguf-type", default="f16", choices=list(GGUF_TYPES), help="tensor type of the GGUF")
     rp = sub.add_parser("report", help="write RUN_DIR/report.html: one self-contained page (works offline)")
     rp.add_argument("run_dir")
     rp.add_argument("--out", help="output file (default RUN_DIR/report.html)")
@@ -168,7 +154,7 @@ def add_data_parsers(sub) -> None:
     )
     f.add_argument("--seed", type=int, default=0, help="seed of the length rebalancing subsample")
     docs, hints = field_docs(DataConfig), typing.get_type_hints(DataConfig)
-    for name in FILTER_FLAGS:
+    for name in api.FILTERS:
         flag, default, doc = (
             "--" + name.replace("_", "-"),
             getattr(DataConfig, name),
@@ -225,35 +211,16 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--split", help="keep only prompt records whose `split` field equals this (e.g. eval)")
     e.add_argument("--reward", help="score completions sampled from policy and reference with this reward")
     e.add_argument("--ref", help="reference model (default: the run's starting model)")
-    e.add_argument("--num-prompts", type=int, default=64, help="prompts to sample on (0 = all)")
-    e.add_argument("--samples", type=int, default=2, help="completions per prompt from each model")
-    e.add_argument("--max-new-tokens", type=int, default=48, help="most tokens sampled per completion")
-    e.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
-    e.add_argument(
-        "--top-p",
-        type=float,
-        default=1.0,
-        help="nucleus sampling: keep the smallest token set of this probability",
-    )
-    e.add_argument(
-        "--batch-size", type=int, default=32, help="sequences per generation batch / pairs per scoring batch"
-    )
-    e.add_argument(
-        "--max-length", type=int, default=1024, help="most tokens of prompt + completion when scoring --data"
-    )
-    e.add_argument(
-        "--max-prompt-length", type=int, default=512, help="most prompt tokens when scoring --data"
-    )
-    e.add_argument("--seed", type=int, default=0, help="sampling seed")
-    e.add_argument(
-        "--bf16",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="bf16 autocast (default: as trained)",
-    )
     e.add_argument(
         "--out", help="folder for eval.json and eval_samples.jsonl (default: the run dir, else ./eval-<time>)"
     )
+    docs, hints = field_docs(api.EvalSettings), typing.get_type_hints(api.EvalSettings)
+    for f in dataclasses.fields(api.EvalSettings):
+        flag, doc = "--" + f.name.replace("_", "-"), docs[f.name].replace("%", "%%").rstrip(".")
+        if f.name == "bf16":
+            e.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
+        else:
+            e.add_argument(flag, type=hints[f.name], default=f.default, help=doc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,15 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or (flags and args.command not in ("train", "precompute-ref", "demo", "iterate")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or flags)}")
     configure_logging(args.verbose)
-    if args.command == "train" and args.num_processes > 1 and "RANK" not in os.environ:
-        return launch_data_parallel(args.num_processes, argv if argv is not None else sys.argv[1:])
+    if args.command == "train" and args.num_processes > 1 and not launch.launched():
+        return launch.data_parallel(args.num_processes, argv if argv is not None else sys.argv[1:])
     try:
         COMMANDS[args.command](args, flags)
-    except USER_ERRORS as err:
-        end_process_group(in_step=False)
+    except DpokitError as err:
+        launch.end_process_group(in_step=False)
         print(f"dpokit {args.command}: error: {err}", file=sys.stderr)
         return 2
-    end_process_group(in_step=True)
+    launch.end_process_group(in_step=True)
     return 0
 
 
@@ -286,68 +253,48 @@ def configure_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def end_process_group(in_step: bool) -> None:
-    """Tear the process group down before exit: gloo aborts a process (`terminate called without an active
-    exception`) that exits while another still talks to it. `in_step`: every process got here together (a
-    finished command), so they first wait for each other; after an error one may never come."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        if in_step:
-            dist.barrier()
-        dist.destroy_process_group()
-
-
-def train_config(args, flags: list[str]):
-    """The config of `train` / `precompute-ref`: a YAML file and overrides, or a run dir's own (--resume)."""
-    config, overrides = args.config, list(args.overrides)
+def config_args(args, flags: list[str]) -> tuple[str | None, dict]:
+    """(config file, overrides as dotted keys) of `train` / `precompute-ref` / `iterate`: a YAML file and
+    `key=value` overrides (the first may stand where the file would)."""
+    config, overrides = args.config, [*args.overrides, *flags]
     if config and "=" in config:  # only overrides were given
         config, overrides = None, [config, *overrides]
-    resume = getattr(args, "resume", None)
-    if resume:
-        if config:
-            raise UsageError(
-                f"--resume {resume} continues the run with its own config.yaml; a config file cannot be given too "
-                f"(got {config}). To change a setting, give it as an override, e.g. train.max_steps=200"
-            )
-        if not Path(resume).is_dir():
-            raise UsageError(f"--resume {resume}: no such folder")
-        if not (Path(resume) / "config.yaml").is_file():
-            raise UsageError(
-                f"--resume {resume}: holds no run (no config.yaml); a run that failed to start leaves none"
-            )
-        config = str(Path(resume) / "config.yaml")
-        overrides += ["train.resume=true", f"train.run_dir={resume}"]
-    command = "iterate" if args.command == "iterate" else "train"
-    return load_config(config, overrides + flags, command)
+    sections, problems = parse_overrides(overrides)
+    if problems:
+        raise ConfigError(problems)
+    return config, _dotted(sections)
 
 
-def cmd_iterate(args, flags) -> None:
-    from dpokit.iterate import round_line, run_iterate
-
-    results = run_iterate(train_config(args, flags))
-    for r in results:
-        print(f"round {r.round}: {round_line(r.summary)}")
-    if results:
-        print(f"run dir: {results[0].folder.parent.parent}")
+def _dotted(sections: dict, prefix: str = "") -> dict:
+    """Nested overrides as dotted keys (the API's `data` argument is data, not the data section)."""
+    out = {}
+    for key, value in sections.items():
+        if isinstance(value, dict) and value:
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def cmd_train(args, flags) -> None:
-    from dpokit.train import train
+    config, overrides = config_args(args, flags)
+    run = api.train(config, resume=args.resume, **overrides)
+    print(f"run dir: {run.path}")
 
-    result = train(train_config(args, flags))
-    if result.already_complete:
-        print(
-            f"{result.run_dir}: the run is complete ({result.stopped}; checkpoint {result.checkpoint.name}); nothing to resume"
-        )
-    else:
-        print(f"run dir: {result.run_dir}")
+
+def cmd_iterate(args, flags) -> None:
+    from dpokit.rounds import round_line
+
+    config, overrides = config_args(args, flags)
+    run = api.iterate(config, resume=args.resume, **overrides)
+    for r in run.rounds:
+        print(f"round {r.number}: {round_line(r.summary)}")
+    print(f"run dir: {run.path}")
 
 
 def cmd_precompute(args, flags) -> None:
-    from dpokit.train import precompute_reference
-
-    stats = precompute_reference(train_config(args, flags))
+    config, overrides = config_args(args, flags)
+    stats = api.precompute_ref(config, **overrides)
     if stats is None:
         print("this loss uses no reference model: nothing to compute")
         return
@@ -360,37 +307,29 @@ def cmd_precompute(args, flags) -> None:
 
 
 def cmd_data(args, flags) -> None:
-    import json
-
-    tokenizer = None
-    if args.data_command == "check" and (args.max_length or args.max_prompt_length) and not args.model:
-        raise UsageError(
-            "--max-length / --max-prompt-length count truncation in the model's tokens: give --model too"
-        )
-    if args.model:
-        from dpokit.models import load_tokenizer, resolve_model_path
-
-        tokenizer = load_tokenizer(resolve_model_path(args.model, "--model"))
     if args.data_command == "check":
-        from rich.console import Console
-
-        from dpokit.data.check import check_file
-        from dpokit.data.report import render
-
         reports = [
-            check_file(p, tokenizer, args.max_length, args.max_prompt_length, args.similarity_threshold)
+            api.check(
+                p,
+                model=args.model,
+                max_length=args.max_length,
+                max_prompt_length=args.max_prompt_length,
+                similarity_threshold=args.similarity_threshold,
+            )
             for p in args.data
         ]
         if args.json:
             print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
         else:
+            from rich.console import Console
+
+            from dpokit.data.report import render
+
             for report in reports:
                 render(report, Console())
         return
-    from dpokit.data.filters import filter_file
-
-    settings = dataclasses.replace(DataConfig(), **{k: getattr(args, k) for k in FILTER_FLAGS})
-    result = filter_file(args.data, Path(args.out), settings, tokenizer, args.seed)
+    filters = {k: getattr(args, k) for k in api.FILTERS}
+    result = api.filter(args.data, args.out, model=args.model, seed=args.seed, **filters)
     print(f"kept {result.kept} of {result.records} records -> {args.out}")
     for reason, n in result.dropped.items():
         print(f"  dropped {n}: {reason}")
@@ -407,42 +346,31 @@ def cmd_demo(args, flags) -> None:
 
 
 def cmd_eval(args, flags) -> None:
-    import json
+    from datetime import datetime
 
-    from dpokit.evaluation import run_eval
-    from dpokit.generate import SamplingSettings
+    from dpokit.rundir import Run
 
-    sampling = SamplingSettings(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
-    results, path = run_eval(
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(api.EvalSettings)}
+    out = args.out
+    if out is None and not Run(args.target).exists:  # a model's results need a folder of their own
+        out = datetime.now().strftime("eval-%Y%m%d-%H%M%S")
+    result = api.evaluate(
         args.target,
         data=args.data,
         prompts=args.prompts,
-        split=args.split,
         reward=args.reward,
         ref=args.ref,
-        num_prompts=args.num_prompts,
-        samples=args.samples,
-        sampling=sampling,
-        bf16=args.bf16,
-        max_length=args.max_length,
-        max_prompt_length=args.max_prompt_length,
-        batch_size=args.batch_size,
-        out=args.out,
+        split=args.split,
+        out=out,
+        **settings,
     )
-    print(json.dumps({k: v for k, v in results.items() if k in ("preference", "generation")}, indent=2))
-    print(f"results: {path}")
+    shown = {k: v for k, v in result.results.items() if k in ("preference", "generation")}
+    print(json.dumps(shown, indent=2))
+    print(f"results: {result.path}")
 
 
 def cmd_export(args, flags) -> None:
-    from dpokit.export import export
-
-    done = export(args.target, args.out, args.dtype, args.gguf, args.gguf_type)
+    done = api.export(args.target, args.out, dtype=args.dtype, gguf=args.gguf, gguf_type=args.gguf_type)
     print(f"merged model: {done.folder}")
     if done.gguf:
         print(f"GGUF ({args.gguf_type}): {done.gguf}   Ollama: ollama create NAME -f {done.modelfile}")
@@ -450,9 +378,9 @@ def cmd_export(args, flags) -> None:
 
 
 def cmd_report(args, flags) -> None:
-    from dpokit.report import write_report
+    from dpokit.rundir import Run
 
-    print(f"report: {write_report(args.run_dir, args.out)}")
+    print(f"report: {Run(args.run_dir).report(args.out)}")
 
 
 COMMANDS = {
@@ -467,55 +395,5 @@ COMMANDS = {
 }
 
 
-def launch_data_parallel(n: int, argv: list[str]) -> int:
-    """Re-run this command in `n` processes; Accelerate sets up the process group in each (no home-made one).
-
-    GPUs: `accelerate launch --multi_gpu`. CPU: `accelerate launch --cpu` starts a single process (its
-    multi-CPU path needs mpirun), so PyTorch's own launcher `torch.distributed.run` starts the processes
-    and `Accelerator(cpu=True)` joins them with gloo.
-    """
-    import subprocess
-
-    import torch
-
-    rest, skip = [], False
-    for a in argv:  # drop --num-processes N / --num-processes=N
-        if skip:
-            skip = False
-        elif a == "--num-processes":
-            skip = True
-        elif not a.startswith("--num-processes="):
-            rest.append(a)
-    if torch.cuda.is_available():
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(n),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-        ]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
-    threads = max(1, (os.cpu_count() or 1) // n)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
-    return subprocess.call([*cmd, "-m", "dpokit.cli", *rest], env=env)
-
-
 if __name__ == "__main__":
-    code = main()
-    if "RANK" in os.environ:  # a process of a data-parallel launch
-        # gloo's worker threads can abort interpreter finalization at random (SIGABRT: `terminate called without
-        # an active exception`), destroyed process group or not (seen 1 run in 4 here). Everything is written
-        # and flushed by now, so such a process leaves without finalizing.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    launch.exit_process(main())

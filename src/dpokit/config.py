@@ -19,14 +19,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """Every problem found in a config, one per line."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        listed = f" {problems[0]}" if len(problems) == 1 else "\n" + "\n".join(f"  - {p}" for p in problems)
-        super().__init__("invalid config:" + listed)
+from dpokit.errors import ConfigError
 
 
 @dataclass
@@ -135,7 +128,7 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     run_dir: str = ""
-    """Output folder (metrics.jsonl, config.yaml, checkpoints/). Empty = runs/<timestamp>."""
+    """Output folder: the run directory (config, metrics, checkpoints; see README). Empty = runs/<timestamp>."""
     overwrite: bool = False
     """Allow writing into a run_dir that already holds a run."""
     resume: bool = False
@@ -213,7 +206,7 @@ class TrainConfig:
     """Show a progress bar with the live loss and margin."""
     report_to: list[str] = field(default_factory=list)
     """Live metric sinks through Accelerate trackers, e.g. [tensorboard], [wandb], [mlflow], [trackio] or
-    [all] (each needs its package installed); metrics.jsonl is always written."""
+    [all] (each needs its package installed); the run's own metrics file is always written."""
 
 
 @dataclass
@@ -431,32 +424,82 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, command: str = "train"
-) -> Config:
-    """Read a YAML file, apply dotted overrides, type-check and validate for `command` (train, or iterate,
-    which builds data.train itself); raise one ConfigError."""
-    problems: list[str] = []
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError([f"config file {str(path)!r} does not exist"])
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError([f"{path}: not valid YAML: {err}"]) from err
-        if not isinstance(data, dict):
-            raise ConfigError([f"{path}: the top level must be a mapping of sections (model, data, ...)"])
-    extra, override_problems = parse_overrides(overrides or [])
-    problems += override_problems
-    cfg = _build(Config, _merge(data, extra), "", problems)
+def read_yaml(path: str | Path) -> dict:
+    """A config file's sections as a dict; a missing or malformed file is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {str(path)!r} does not exist"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{path}: not valid YAML: {err}"]) from err
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections (model, data, ...)"])
+    return data
+
+
+def nested(values: dict, problems: list[str]) -> dict:
+    """Settings from Python: dotted keys (`{"train.lr": 1e-5}`) and sections (`{"train": {"lr": 1e-5}}`,
+    `model="NAME"` for model.name) as one nested dict."""
+    out: dict = {}
+    for key, value in values.items():
+        parts = str(key).split(".")
+        if len(parts) == 1 and key == "model" and isinstance(value, str):
+            value = {"name": value}
+        if len(parts) == 1 and not isinstance(value, dict):
+            sections = [f.name for f in dataclasses.fields(Config)]
+            problems.append(
+                f"{key}={value!r}: expected a section ({', '.join(sections)}) as a dict, or a dotted key such as "
+                f"train.lr{did_you_mean(str(key), sections)}"
+            )
+            continue
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _merge(node.get(parts[-1], {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def config_source(source) -> dict:
+    """A config given as None, a YAML path, a dict (sections or dotted keys) or a Config, as a nested dict."""
+    if source is None:
+        return {}
+    if isinstance(source, Config):
+        return to_dict(source)
+    if isinstance(source, dict):
+        problems: list[str] = []
+        data = nested(source, problems)
+        if problems:
+            raise ConfigError(problems)
+        return data
+    if isinstance(source, (str, Path)):
+        return read_yaml(source)
+    raise ConfigError(
+        [f"config: expected a YAML path, a dict or a dpokit Config, got {type(source).__name__}"]
+    )
+
+
+def build_config(data: dict, command: str = "train", problems: list[str] | None = None) -> Config:
+    """The Config of nested `data`, type-checked and validated for `command`; one ConfigError listing every
+    problem (with those already found in `problems`)."""
+    problems = list(problems or [])
+    cfg = _build(Config, data, "", problems)
     from dpokit.validation import validate
 
     problems += validate(cfg, command)
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, command: str = "train"
+) -> Config:
+    """Read a YAML file, apply dotted overrides, type-check and validate for `command` (train, or iterate,
+    which builds data.train itself); raise one ConfigError."""
+    data = read_yaml(path) if path is not None else {}
+    extra, problems = parse_overrides(overrides or [])
+    return build_config(_merge(data, extra), command, problems)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -14,7 +14,6 @@ the reference, and draws the reward-vs-KL frontier of the paper's figure 2 in th
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -27,12 +26,15 @@ import torch
 
 from dpokit import models
 from dpokit.config import load_config
-from dpokit.evaluation import Compared, generation_metrics, load_prompts, write_results
+from dpokit.data.prompts import load_prompts
+from dpokit.evaluation import generation_metrics
+from dpokit.files import write_jsonl
 from dpokit.generate import Sample, SamplingSettings, sample
-from dpokit.metrics import write_jsonl
+from dpokit.loop import train
 from dpokit.reference import Reference
 from dpokit.rewards import get_reward
-from dpokit.train import train
+from dpokit.rundir import Run
+from dpokit.trained import load_trained
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +131,8 @@ def run_demo(
     started = time.perf_counter()
     ds = settings or DemoSettings()
     overrides = list(overrides or [])
-    root = Path(run_dir or Path("runs") / datetime.now().strftime("demo-%Y%m%d-%H%M%S"))
+    run = Run(run_dir or Path("runs") / datetime.now().strftime("demo-%Y%m%d-%H%M%S"))
+    root = run.path
     base_cfg = load_config(
         None, [*TRAIN_SETTINGS, "data.train=(sampled below)", *overrides]
     )  # model and precision
@@ -168,8 +171,8 @@ def run_demo(
         )
         scores = [flat[2 * i : 2 * i + 2] for i in range(len(prompts))]
         pairs = label_pairs(prompts, [row[:2] for row in samples], scores, ds.labeling, ds.bt_scale, rng)
-        (root / "data").mkdir(parents=True, exist_ok=True)
-        write_jsonl(root / "data" / f"{name}_pairs.jsonl", pairs)
+        run.data_file(name).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(run.data_file(f"{name}_pairs"), pairs)
         data[name] = len(pairs)
     log.info(
         "labeled %d train / %d eval pairs with reward %r in %.0f s of sampling",
@@ -178,16 +181,13 @@ def run_demo(
         ds.reward,
         sampling_s,
     )
-    _write_data_check(root, tokenizer, base_cfg)
+    _write_data_check(run, tokenizer, base_cfg)
 
-    data_args = [
-        f"data.train={root / 'data' / 'train_pairs.jsonl'}",
-        f"data.eval={root / 'data' / 'eval_pairs.jsonl'}",
-    ]
+    data_args = [f"data.train={run.data_file('train_pairs')}", f"data.eval={run.data_file('eval_pairs')}"]
     bench = Bench(
         data_args, overrides, tokenizer, reference, eval_prompts, eval_samples, reward, ds, sampling
     )
-    cfg, result, gen, records = train_and_compare(bench, root, [])
+    cfg, result, gen, records = train_and_compare(bench, run, [])
     results = {
         "reward": ds.reward,
         "demo": {k: v for k, v in ds.__dict__.items()},
@@ -200,13 +200,11 @@ def run_demo(
     frontier = None
     if sweep:
         del result
-        frontier = run_sweep(bench, root, cfg, gen)
-        (root / "frontier.json").write_text(json.dumps(frontier, indent=2))
+        frontier = run_sweep(bench, run, cfg, gen)
+        run.write_frontier(frontier)
     results["wall_s"] = time.perf_counter() - started
-    write_results(root, results, records)
-    from dpokit.report import write_report
-
-    write_report(root)
+    run.write_eval(results, records)
+    run.report()
     return DemoResult(
         root, gen, results["preference_before"], results["preference_after"], frontier, results["wall_s"]
     )
@@ -222,13 +220,13 @@ def _strip(metrics: dict | None) -> dict | None:
     return {k.removeprefix("eval/"): v for k, v in metrics.items()} if metrics else None
 
 
-def _write_data_check(root: Path, tokenizer, cfg) -> None:
+def _write_data_check(run: Run, tokenizer, cfg) -> None:
     from dpokit.data.check import check_file
 
     report = check_file(
-        str(root / "data" / "train_pairs.jsonl"), tokenizer, cfg.data.max_length, cfg.data.max_prompt_length
+        str(run.data_file("train_pairs")), tokenizer, cfg.data.max_length, cfg.data.max_prompt_length
     )
-    (root / "data_check.json").write_text(json.dumps(report, indent=2, default=str))
+    run.write_data_check(report)
 
 
 @dataclass
@@ -247,18 +245,14 @@ class Bench:
     sampling: SamplingSettings
 
 
-def train_and_compare(bench: Bench, run_dir: Path, extra: list[str]):
-    """Train on the demo pairs (with `extra` overrides) and compare the policy with its reference on the
-    held-out prompts: (config, run result, generation metrics, per-prompt records)."""
-    cfg = _train_config(run_dir, bench.data_args, bench.overrides + extra)
+def train_and_compare(bench: Bench, run: Run, extra: list[str]):
+    """Train on the demo pairs (with `extra` overrides) and compare the policy with its reference (the one
+    it trained against) on the held-out prompts: (config, run result, generation metrics, per-prompt
+    records)."""
+    cfg = _train_config(run.path, bench.data_args, bench.overrides + extra)
     result = train(cfg)
-    result.model.eval()
-    if cfg.lora.enabled:  # the reference of its training: adapters off
-        compared = Compared.lora_run(result.model, bench.tokenizer, cfg)
-    else:
-        compared = Compared(result.model, bench.reference, bench.tokenizer, cfg.loss, bf16=cfg.train.bf16)
     gen, records = generation_metrics(
-        compared,
+        load_trained(result.run, reference=True),
         bench.eval_prompts,
         bench.reward,
         bench.ds.eval_samples,
@@ -268,7 +262,7 @@ def train_and_compare(bench: Bench, run_dir: Path, extra: list[str]):
     return cfg, result, gen, records
 
 
-def run_sweep(bench: Bench, root: Path, cfg, main_gen: dict) -> list[dict]:
+def run_sweep(bench: Bench, run: Run, cfg, main_gen: dict) -> list[dict]:
     """One (KL, reward) point per method: DPO at each beta, preferred-FT, best-of-N from the reference."""
     points = [_point("DPO", f"beta={cfg.loss.beta:g}", main_gen, beta=cfg.loss.beta)]
     runs = [
@@ -278,19 +272,19 @@ def run_sweep(bench: Bench, root: Path, cfg, main_gen: dict) -> list[dict]:
     ]
     runs.append(("preferred-ft", ["loss.type=[sft]", "lora.enabled=true"], "Preferred-FT", "SFT on chosen"))
     for name, extra, method, label in runs:
-        sweep_cfg, result, gen, records = train_and_compare(bench, root / "sweep" / name, extra)
-        write_results(root / "sweep" / name, {"reward": bench.ds.reward, "generation": gen}, records)
+        sweep_cfg, result, gen, records = train_and_compare(bench, run.sweep(name), extra)
+        run.sweep(name).write_eval({"reward": bench.ds.reward, "generation": gen}, records)
         points.append(_point(method, label, gen, beta=sweep_cfg.loss.beta if method == "DPO" else None))
         del result
-    return points + iterative_points(bench, root) + best_of_n(bench)
+    return points + iterative_points(bench, run.sweep("iterative")) + best_of_n(bench)
 
 
-def iterative_points(bench: Bench, root: Path, rounds: int = 3) -> list[dict]:
+def iterative_points(bench: Bench, run: Run, rounds: int = 3) -> list[dict]:
     """On-policy iterative DPO (`dpokit iterate`) with the one-round run's budget: the same train prompts,
     split into `rounds` fresh slices, 2 samples per prompt (as many sampled completions, and so at most
     as many pairs), each round training 2 epochs on its pairs from the policy the last round trained,
     against the initial model. One frontier point per round, measured like every other point."""
-    from dpokit.iterate import Iteration, run_iterate
+    from dpokit.rounds import Iteration, run_iterate
 
     ds = bench.ds
     cfg = load_config(
@@ -298,7 +292,7 @@ def iterative_points(bench: Bench, root: Path, rounds: int = 3) -> list[dict]:
         [
             *TRAIN_SETTINGS,
             *bench.overrides,
-            f"train.run_dir={root / 'sweep' / 'iterative'}",
+            f"train.run_dir={run.path}",
             "train.overwrite=true",
             f"iterate.rounds={rounds}",
             "iterate.prompts=builtin:reviews",
@@ -313,18 +307,18 @@ def iterative_points(bench: Bench, root: Path, rounds: int = 3) -> list[dict]:
         "iterate",
     )
     results = run_iterate(cfg)
-    it = Iteration(cfg, results[0].folder.parent.parent)
+    it = Iteration(cfg, run.path)
     points = []
     for r in results:
         gen, records = generation_metrics(
-            it.compared(it.load_policy(r.round), bench.reference),
+            it.compared(r.round),
             bench.eval_prompts,
             bench.reward,
             ds.eval_samples,
             bench.sampling,
             reference_samples=bench.eval_samples,
         )
-        write_results(r.folder / "frontier", {"reward": ds.reward, "generation": gen}, records)
+        run.round(r.round).frontier.write_eval({"reward": ds.reward, "generation": gen}, records)
         label = f"round {r.round}: {r.summary['data']['pairs']} pairs"
         points.append(_point("Iterative DPO", label, gen, beta=cfg.loss.beta))
     return points

@@ -18,29 +18,32 @@ with other sampling settings it is the same statistic, not the KL of the samplin
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import warnings
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 
 import torch
 
-from dpokit import models
 from dpokit.batching import Layout
-from dpokit.config import Config, LossConfig, load_config
-from dpokit.data import DataError, load_examples, resolve_data_path
-from dpokit.data.readers import read_records
-from dpokit.errors import UsageError
+from dpokit.data import DataError, load_examples
 from dpokit.generate import Sample, SamplingSettings, sample, sequence_logps
 from dpokit.logps import CompletionLogps
-from dpokit.metrics import PairMetrics, write_jsonl
+from dpokit.metrics import PairMetrics
 from dpokit.objective import Objective
 from dpokit.progress import Progress
 from dpokit.reference import Reference, eval_mode
-from dpokit.schedule import eval_batches
-from dpokit.session import layout_for
+from dpokit.trained import Trained
+
+
+def eval_batches(num_examples: int, size: int, rank: int = 0, world: int = 1) -> list[tuple[list[int], bool]]:
+    """The eval batches process `rank` runs, as (example indices, counted). Every process runs the same
+    number of forwards, because a DDP forward is a collective (it broadcasts buffers) even under no_grad:
+    a process out of batches recomputes batch 0 and drops the result."""
+    n_batches = math.ceil(num_examples / size)
+    out = []
+    for b in range(rank, math.ceil(n_batches / world) * world, world):
+        start = (b if b < n_batches else 0) * size
+        out.append((list(range(start, min(start + size, num_examples))), b < n_batches))
+    return out
 
 
 @torch.no_grad()
@@ -98,166 +101,33 @@ def pair_samples(out, extras: dict, examples: list, k: int) -> list[dict]:
     return rows
 
 
-@dataclass
-class Compared:
-    """A policy and its reference, as `dpokit eval` and the demo compare them."""
-
-    policy: torch.nn.Module
-    """A causal LM; PEFT-wrapped when it is a LoRA run's policy."""
-    reference: Reference
-    tokenizer: object
-    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
-    """The loss the policy was trained with (its beta scales the implicit reward)."""
-    layout: Layout = dataclasses.field(default_factory=Layout)
-    """The batch layout of the run (exact: every layout gives the same numbers)."""
-    bf16: bool = False
-    source: str = ""
-
-    @classmethod
-    def lora_run(cls, policy, tokenizer, cfg, source: str = "") -> Compared:
-        """A LoRA policy against itself with its adapters off (the reference of its training)."""
-        clp = CompletionLogps(policy, cfg.train.logps_chunk_size, cfg.train.bf16)
-        return cls(
-            policy,
-            Reference.adapters_off(clp),
-            tokenizer,
-            cfg.loss,
-            layout_for(cfg, policy),
-            cfg.train.bf16,
-            source,
-        )
-
-
-def run_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint a run ended with (summary.json), else its newest step-N folder."""
-    from dpokit.checkpoint import latest_checkpoint
-
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        ckpt = json.loads(summary.read_text()).get("checkpoint")
-        if ckpt and Path(ckpt).is_dir():
-            return Path(ckpt)
-    found = latest_checkpoint(run_dir)
-    if found is None:
-        raise UsageError(
-            f"{run_dir}: no checkpoint (checkpoints/step-N); was the run saved (train.save_final)?"
-        )
-    return found
-
-
-def load_for_eval(
-    target: str, ref: str | None = None, device: str | None = None, bf16: bool | None = None
-) -> Compared:
-    """A run dir (its final checkpoint against its config's model) or a model (against `ref`)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    path = Path(target)
-    ref_model = None
-    if ref is not None:
-        ref_model = models.load_model(models.resolve_model_path(ref, "--ref"))
-    if not (path / "config.yaml").is_file():
-        resolved = models.resolve_model_path(target, "eval target")
-        if ref_model is None:
-            raise UsageError(
-                f"{target!r} is a model, not a run dir (no config.yaml): give the model it was "
-                "trained from with --ref MODEL"
-            )
-        policy = models.load_model(resolved).to(device).eval().requires_grad_(False)
-        return Compared(
-            policy,
-            Reference.separate(ref_model.to(device), bf16=bool(bf16)),
-            models.load_tokenizer(resolved),
-            layout=layout_for(Config(), policy, ref_model),  # the default (fast, exact) layout
-            bf16=bool(bf16),
-            source=target,
-        )
-    cfg = load_config(str(path / "config.yaml"))
-    if bf16 is not None:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, bf16=bf16))
-    ckpt = run_checkpoint(path)
-    tokenizer = models.load_tokenizer(str(ckpt), cfg.model.trust_remote_code)
-    source = f"{path} ({ckpt.name})"
-    if ref_model is None:  # the run's own reference when it was not the start of its policy
-        ref_model = models.load_reference_model(cfg, models.resolve_model_path(cfg.model.name))
-    if cfg.lora.enabled:
-        from peft import PeftModel
-
-        base = models.load_run_base(cfg)
-        with warnings.catch_warnings():  # peft calls a deprecated transformers name; nothing to act on
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            policy = PeftModel.from_pretrained(base, str(ckpt)).to(device).eval().requires_grad_(False)
-        if ref_model is None:
-            return Compared.lora_run(policy, tokenizer, cfg, source)
-    else:
-        policy = (
-            models.load_model(str(ckpt), cfg.model.trust_remote_code).to(device).eval().requires_grad_(False)
-        )
-        if ref_model is None:
-            ref_model = models.load_model(
-                models.resolve_model_path(cfg.model.name), cfg.model.trust_remote_code
-            )
-    reference = Reference.separate(ref_model.to(device), cfg.train.logps_chunk_size, cfg.train.bf16)
-    return Compared(
-        policy, reference, tokenizer, cfg.loss, layout_for(cfg, policy, ref_model), cfg.train.bf16, source
-    )
-
-
-def load_prompts(spec: str, split: str | None = None, limit: int = 0, key: str = "--prompts") -> list:
-    """Unique prompts of a file (any record with a `prompt` field: prompt files and preference files), in
-    first-seen order; `builtin:reviews` is the demo's movie-review openings. `split` keeps records whose
-    `split` field equals it."""
-    path = resolve_data_path(spec, "prompts")
-    if not path.exists():
-        raise DataError(str(path), f"no such file (given as {key})")
-    prompts, seen = [], set()
-    for rec in read_records(path):
-        if isinstance(rec, DataError):
-            raise rec
-        value = rec.value
-        if not isinstance(value, dict) or "prompt" not in value:
-            raise DataError(
-                rec.where, "missing (every record needs a prompt: text or a list of chat messages)", "prompt"
-            )
-        prompt = value["prompt"]
-        if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
-            raise DataError(
-                rec.where, "must be non-empty text or a non-empty list of chat messages", "prompt"
-            )
-        if split is not None and value.get("split") != split:
-            continue
-        key_ = json.dumps(prompt, sort_keys=True)
-        if key_ not in seen:
-            seen.add(key_)
-            prompts.append(prompt)
-        if limit and len(prompts) == limit:
-            break
-    if not prompts:
-        raise DataError(str(path), "no prompts" + (f" with split={split!r}" if split else ""))
-    return prompts
-
-
 def preference_metrics(
-    c: Compared, data: str, max_length: int = 1024, max_prompt_length: int = 512, batch_size: int = 8
+    c: Trained, data, max_length: int = 1024, max_prompt_length: int = 512, batch_size: int = 8
 ) -> dict:
-    """Accuracy, margins, log-ratios and per-token KL of the chosen completions on a preference file."""
+    """Accuracy, margins, log-ratios and per-token KL of the chosen completions on preference pairs (a file
+    or data.InMemory)."""
     from dpokit.tokenize import tokenize_pairs
 
     examples, _ = load_examples(data, key="--data")
     pairs, stats = tokenize_pairs(examples, c.tokenizer, max_length, max_prompt_length)
     if not pairs:
-        raise DataError(data, f"no pairs left after tokenization ({stats.to_dict()['dropped']})")
-    policy = CompletionLogps(c.policy, bf16=c.bf16)
-    device = next(c.policy.parameters()).device
+        where = data.name if hasattr(data, "records") else data
+        raise DataError(str(where), f"no pairs left after tokenization ({stats.to_dict()['dropped']})")
+    policy = CompletionLogps(c.model, bf16=c.bf16)
+    device = next(c.model.parameters()).device
     pad = c.tokenizer.pad_token_id
 
+    layout = c.layout or Layout()
+
     def collate(indices):
-        return c.layout.pairs([pairs[i] for i in indices], pad, ids=indices).to(device)
+        return layout.pairs([pairs[i] for i in indices], pad, ids=indices).to(device)
 
     metrics, _ = evaluate_pairs(policy, c.reference, Objective(c.loss), pairs, collate, batch_size=batch_size)
     return {**metrics, "pairs": len(pairs), "dropped": dict(stats.dropped)}
 
 
 def generation_metrics(
-    c: Compared,
+    c: Trained,
     prompts: list,
     reward,
     samples_per_prompt: int = 1,
@@ -272,7 +142,7 @@ def generation_metrics(
     """
     settings = settings or SamplingSettings(bf16=c.bf16)
     n, tok = samples_per_prompt, c.tokenizer
-    pol = sample(c.policy, tok, prompts, n, settings, progress, "policy samples")
+    pol = sample(c.model, tok, prompts, n, settings, progress, "policy samples")
     if reference_samples is None:
         with c.reference.module() as ref_model:
             reference_samples = sample(ref_model, tok, prompts, n, settings, progress, "reference samples")
@@ -289,7 +159,7 @@ def generation_metrics(
         len(prompts), n
     )
     pad = tok.pad_token_id
-    lp_pol = sequence_logps(c.policy, pol, pad, bf16=c.bf16)
+    lp_pol = sequence_logps(c.model, pol, pad, bf16=c.bf16)
     with c.reference.module() as ref_model:
         lp_ref = sequence_logps(ref_model, pol, pad, bf16=c.bf16)
     kl_seq = (lp_pol - lp_ref).double()
@@ -333,66 +203,3 @@ def generation_metrics(
 def _stderr(values: torch.Tensor) -> float:
     v = values.double().flatten()
     return float(v.std(unbiased=True) / math.sqrt(v.numel())) if v.numel() > 1 else 0.0
-
-
-def write_results(out_dir: Path, results: dict, records: list[dict] | None) -> Path:
-    """RUN_DIR/eval.json (+ eval_samples.jsonl): what `dpokit report` shows."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "eval.json"
-    path.write_text(json.dumps(results, indent=2, default=str))
-    if records is not None:
-        write_jsonl(out_dir / "eval_samples.jsonl", records)
-    return path
-
-
-def run_eval(
-    target: str,
-    *,
-    data: str | None = None,
-    prompts: str | None = None,
-    split: str | None = None,
-    reward: str | None = None,
-    ref: str | None = None,
-    num_prompts: int = 64,
-    samples: int = 2,
-    sampling: SamplingSettings | None = None,
-    bf16: bool | None = None,
-    max_length: int = 1024,
-    max_prompt_length: int = 512,
-    batch_size: int = 32,
-    out: str | None = None,
-) -> tuple[dict, Path]:
-    """`dpokit eval`: preference metrics on `data` and/or generation metrics with `reward` on `prompts` (or
-    the prompts of `data`); writes eval.json (+ eval_samples.jsonl) to `out`, the run dir, or ./eval-<time>.
-    Every option is checked before a model is loaded."""
-    from datetime import datetime
-
-    from dpokit.rewards import get_reward
-
-    if not data and not reward:
-        raise UsageError("nothing to evaluate: give --data (preference pairs) and/or --reward (with prompts)")
-    if reward and not (prompts or data):
-        raise UsageError("--reward needs prompts: give --prompts FILE (or --data)")
-    scorer = get_reward(reward) if reward else None
-    prompt_list = (
-        load_prompts(prompts or data, split, num_prompts, "--prompts" if prompts else "--data")
-        if scorer
-        else None
-    )
-    if data and not resolve_data_path(data).exists():
-        raise DataError(data, "no such file (given as --data)")
-    c = load_for_eval(target, ref, bf16=bf16)
-    results: dict = {"target": c.source, "reference": ref or "the run's starting model"}
-    records = None
-    if data:
-        results["preference"] = preference_metrics(c, data, max_length, max_prompt_length, batch_size)
-        results["data"] = data
-    if scorer is not None:
-        settings = dataclasses.replace(sampling or SamplingSettings(), bf16=c.bf16)
-        results["generation"], records = generation_metrics(c, prompt_list, scorer, samples, settings)
-        results["reward"] = reward
-    is_run = (Path(target) / "config.yaml").is_file()
-    folder = (
-        Path(out) if out else Path(target) if is_run else Path(datetime.now().strftime("eval-%Y%m%d-%H%M%S"))
-    )
-    return results, write_results(folder, results, records)

@@ -16,14 +16,11 @@ from transformers.cache_utils import DynamicLayer
 
 from dpokit.attention import enable_blocks
 from dpokit.batching import Doc, build_batch
+from dpokit.errors import SamplingError
 from dpokit.logps import CompletionLogps, sum_by_sequence
 from dpokit.progress import Progress
 from dpokit.reference import eval_mode
 from dpokit.tokenize import encode_prompt
-
-
-class SamplingError(ValueError):
-    """Sampling settings that cannot work; the message names the setting."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@
 - vanished gradient: a warning when the gradient norm is exactly 0 after the first step (a saturated
   network after a huge learning rate, or pairs with no signal);
 - early stopping: stop when `eval/rewards/margins` has not improved by `eval.min_delta` for
-  `eval.patience` evaluations; the best checkpoint is kept in checkpoints/best.
+  `eval.patience` evaluations; the best checkpoint is kept (rundir.Run.best_checkpoint).
 Non-finite losses and gradients are caught in the loop itself (train.non_finite_message).
 """
 

@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import torch
 
 from dpokit.config import did_you_mean
+from dpokit.errors import ModelLoadError
 from dpokit.files import build_folder
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,6 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-class ModelLoadError(RuntimeError):
-    """The model named in the config cannot be found or loaded."""
 
 
 CONVERSION = "conv2"

@@ -1,9 +1,9 @@
 """`dpokit report RUN_DIR`: one self-contained HTML page (plotly.js inlined, works offline).
 
-Everything shown is read from files the run dir already holds: metrics.jsonl (curves), pair_samples.jsonl
-(the log-ratio picture of real held-out pairs), config.yaml, summary.json (why the run stopped),
-data_stats.json / data_check.json, eval.json + eval_samples.jsonl (`dpokit eval` or the demo), and
-frontier.json (`dpokit demo --sweep`). Missing files leave their section out.
+Everything shown is read from files the run dir already holds, through rundir.Run: the metrics (curves), the
+pair samples (the log-ratio picture of real held-out pairs), the config, the summary (why the run stopped),
+the data stats and data check, the eval results and samples (`dpokit eval` or the demo), the frontier
+(`dpokit demo --sweep`) and an iterate run's rounds. Missing files leave their section out.
 
 Figures are built with plotly in Python and drawn by plotly.js in the page; the loss explorer evaluates the
 loss formulas of docs/losses.md in JavaScript (the browser test checks it against dpokit.losses).
@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from dpokit.errors import UsageError
-from dpokit.metrics import read_metrics
+from dpokit.rundir import Run
 
 # Loss types the explorer can evaluate from (chosen, rejected) inputs; the others fall back to sigmoid.
 EXPLORER_LOSSES = (
@@ -55,47 +55,38 @@ CURVES = [
 COLORS = {"chosen": "#2a9d8f", "rejected": "#e76f51", "train": "#264653", "eval": "#e9c46a"}
 
 
-def _read_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return read_metrics(path) if path.is_file() else []
-
-
-def collect(run_dir: Path) -> dict:
+def collect(run: Run | Path) -> dict:
     """Everything the report shows, from the run dir's files."""
     import yaml
 
-    config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    run = run if isinstance(run, Run) else Run(run)
+    config_text = run.config_text
     return {
-        "name": run_dir.resolve().name,
+        "name": run.path.resolve().name,
         "config_text": config_text,
         "config": yaml.safe_load(config_text) if config_text else {},
-        "metrics": _read_jsonl(run_dir / "metrics.jsonl"),
-        "pair_samples": _read_jsonl(run_dir / "pair_samples.jsonl"),
-        "summary": _read_json(run_dir / "summary.json"),
-        "data_stats": _read_json(run_dir / "data_stats.json"),
-        "data_check": _read_json(run_dir / "data_check.json"),
-        "eval": _read_json(run_dir / "eval.json"),
-        "eval_samples": _read_jsonl(run_dir / "eval_samples.jsonl"),
-        "frontier": _read_json(run_dir / "frontier.json"),
-        **_rounds(run_dir),
+        "metrics": run.metrics,
+        "pair_samples": run.pair_samples,
+        "summary": run.summary,
+        "data_stats": run.data_stats,
+        "data_check": run.data_check,
+        "eval": run.eval_results,
+        "eval_samples": run.eval_samples,
+        "frontier": run.frontier,
+        **_rounds(run),
     }
 
 
-def _rounds(run_dir: Path) -> dict:
-    """An iterate run (iterate.json): its rounds, and their training metrics on one step axis (round r's
-    steps follow round r - 1's), each record tagged with its round."""
-    rounds = (_read_json(run_dir / "iterate.json") or {}).get("rounds")
+def _rounds(run: Run) -> dict:
+    """An iterate run: its rounds, and their training metrics on one step axis (round r's steps follow
+    round r - 1's), each record tagged with its round."""
+    rounds = (run.iterate_summary or {}).get("rounds")
     if not rounds:
         return {"rounds": None}
     metrics, offset = [], 0
     for summary in rounds:
-        records = _read_jsonl(run_dir / "rounds" / str(summary["round"]) / "train" / "metrics.jsonl")
-        metrics += [
-            {**r, "step": r["step"] + offset, "round": summary["round"]} for r in records if r["step"] > 0
-        ]
+        records = run.round(summary["round"]).train.history
+        metrics += [{**r, "step": r["step"] + offset, "round": summary["round"]} for r in records]
         offset += summary["train"]["steps"]
     return {"rounds": rounds, "metrics": metrics}
 
@@ -559,13 +550,14 @@ def _flatten(d, prefix: str = "") -> dict:
 
 
 def write_report(run_dir, out: str | Path | None = None) -> Path:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UsageError(f"{run_dir}: no such run dir")
-    data = collect(run_dir)
+    """Write the report of a run dir to `out` (default: the run's report page); returns its path."""
+    run = Run(run_dir)
+    if not run.path.is_dir():
+        raise UsageError(f"{run.path}: no such run dir")
+    data = collect(run)
     if not data["metrics"] and not data["eval"]:
-        raise UsageError(f"{run_dir}: nothing to report (no metrics.jsonl or eval.json); is this a run dir?")
-    path = Path(out) if out else run_dir / "report.html"
+        raise UsageError(f"{run.path}: nothing to report (no metrics or eval results); is this a run dir?")
+    path = Path(out) if out else run.report_path
     path.write_text(build_html(data), encoding="utf-8")
     return path
 

@@ -21,11 +21,9 @@ import math
 import re
 from collections.abc import Callable, Sequence
 
+from dpokit.errors import RewardError
+
 RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]
-
-
-class RewardError(ValueError):
-    """A reward spec that cannot be built; the message says which spec and how to fix it."""
 
 
 def vader(on: str = "completion") -> RewardFn:
@@ -151,9 +149,26 @@ BUILTIN = {
 }
 
 
+PYTHON = "python"
+"""The spec prefix a run's config records for a function given from Python (`python:NAME`)."""
+
+
+def python_spec(fn) -> str:
+    return f"{PYTHON}:{getattr(fn, '__qualname__', None) or type(fn).__name__}"
+
+
+def as_reward(reward) -> RewardFn:
+    """A reward spec, or a Python callable `fn(prompts, completions) -> list[float]` (checked the same way)."""
+    if callable(reward):
+        return _checked(python_spec(reward), reward)
+    return get_reward(reward)
+
+
 def get_reward(spec: str) -> RewardFn:
     """Build the reward named by `spec` (see the module docstring); the result checks what it returns."""
     name, _, arg = spec.partition(":")
+    if name == PYTHON:
+        raise RewardError(_python_only("reward", spec))
     if name in BUILTIN:
         fn = BUILTIN[name](arg)
     elif arg:
@@ -195,9 +210,29 @@ def checked_number(who: str, value, index: int, text: str) -> float:
 Judge = Callable[[str, str, str], float]
 
 
+def _python_only(kind: str, spec: str) -> str:
+    return (
+        f"{kind} {spec!r} was a Python function given to the Python API; a config cannot name it. Give it "
+        f"again from Python ({kind}=fn, e.g. dpokit.iterate(resume=RUN, {kind}=fn)), or name an importable "
+        "module:function in the config"
+    )
+
+
+def as_judge(judge) -> Judge:
+    """A judge spec, or a Python callable `fn(prompt, a, b) -> P(a better than b)` (checked the same way)."""
+    if callable(judge):
+        return _checked_judge(python_spec(judge), judge)
+    return get_judge(judge)
+
+
 def get_judge(spec: str) -> Judge:
     """A pairwise judge `module:function(prompt, a, b) -> P(a better than b)`, checked per call."""
-    fn = user_function(spec, "judge")
+    if spec.partition(":")[0] == PYTHON:
+        raise RewardError(_python_only("judge", spec))
+    return _checked_judge(spec, user_function(spec, "judge"))
+
+
+def _checked_judge(spec: str, fn) -> Judge:
 
     def judge(prompt: str, a: str, b: str) -> float:
         p = checked_number(f"judge {spec!r}", fn(prompt, a, b), 0, a)

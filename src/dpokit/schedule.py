@@ -62,15 +62,3 @@ def step_schedule(
 def mine(micro_batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
     """The micro-batches of one step that process `rank` runs."""
     return micro_batches[rank::world]
-
-
-def eval_batches(num_examples: int, size: int, rank: int = 0, world: int = 1) -> list[tuple[list[int], bool]]:
-    """The eval batches process `rank` runs, as (example indices, counted). Every process runs the same
-    number of forwards, because a DDP forward is a collective (it broadcasts buffers) even under no_grad:
-    a process out of batches recomputes batch 0 and drops the result."""
-    n_batches = math.ceil(num_examples / size)
-    out = []
-    for b in range(rank, math.ceil(n_batches / world) * world, world):
-        start = (b if b < n_batches else 0) * size
-        out.append((list(range(start, min(start + size, num_examples))), b < n_batches))
-    return out

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dpokit import batching as layouts
 from dpokit import models
 from dpokit.attention import enable_blocks
 from dpokit.backends import apply_matmul_backend, use_low_memory_allocator
@@ -36,11 +37,10 @@ class Session:
     data: PreparedData
     layout: Layout
     warnings: list[str] = field(default_factory=list)
-    """Said once at setup; the run keeps them in summary.json."""
+    """Said once at setup; the run keeps them in its summary."""
     reference_model: torch.nn.Module | None = None
     """pi_ref when it is neither the policy with adapters off nor a copy of its start
     (models.load_reference_model)."""
-    """Said once at setup; the run keeps them in summary.json."""
 
     def reload_start(self) -> torch.nn.Module:
         """The starting model of full fine-tuning, loaded again and set up as at setup (its attention)."""
@@ -70,8 +70,11 @@ class Session:
         return built.to(self.accelerator.device)
 
 
-def setup(cfg: Config, run_dir_hint: str | None = None, trackers: list | None = None) -> Session:
-    """Build the session. `run_dir_hint`: the Accelerate project dir (trackers write there later)."""
+def setup(
+    cfg: Config, run_dir_hint: str | None = None, trackers: list | None = None, given: dict | None = None
+) -> Session:
+    """Build the session. `run_dir_hint`: the Accelerate project dir (trackers write there later); `given`:
+    records in memory by split (read_splits)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -86,7 +89,7 @@ def setup(cfg: Config, run_dir_hint: str | None = None, trackers: list | None = 
     check_distributed(accelerator)
     objective = Objective(cfg.loss, _mean_reduce(accelerator))
     # bad data stops the run before a model is converted or loaded
-    splits = read_splits(cfg, objective.unpaired)
+    splits = read_splits(cfg, objective.unpaired, given)
     model_path = models.resolve_model_path(cfg.model.name)
     if cfg.model.adapter:
         models.resolve_adapter(cfg.model.adapter)
@@ -230,25 +233,8 @@ def check_distributed(accelerator) -> None:
 
 
 def layout_for(cfg: Config, model, *more) -> Layout:
-    """The run's layout for these models; block attention when asked for and every one can run it (they are
-    switched to it), else dense masks."""
-    models_ = (model, *more)
-    t = cfg.train
-    attention = t.attention
-    if attention == "blocks" and (t.prefix_sharing or t.packing):
-        if not all(enable_blocks(m, cfg.data.max_length) for m in models_):
-            log.info(
-                "train.attention=blocks: this model attends otherwise (%s); using dense masks",
-                cfg.model.attn_implementation,
-            )
-            attention = "dense"
-    return Layout(
-        t.prefix_sharing,
-        t.packing,
-        t.pack_tokens or 2 * cfg.data.max_length,
-        attention,
-        share_completions=cfg.loss.ld_alpha == 1.0,
-    )
+    """The run's layout for these models (batching.layout_for with the run's settings)."""
+    return layouts.layout_for(cfg.train, (model, *more), cfg.data.max_length, cfg.loss.ld_alpha == 1.0)
 
 
 def bf16_grid_warning(model) -> str | None:

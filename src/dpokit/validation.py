@@ -224,7 +224,7 @@ def _environment_problems(cfg: Config) -> list[str]:
     if missing:
         p.append(
             f"train.report_to={t.report_to}: {', '.join(missing)} is not installed. Fix: pip install "
-            f"{' '.join(missing)}, or drop it from train.report_to (metrics.jsonl is always written)"
+            f"{' '.join(missing)}, or drop it from train.report_to (the run dir always gets the metrics)"
         )
     if t.device == "cuda" or (t.bf16 and t.device == "auto"):
         import torch

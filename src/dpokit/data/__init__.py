@@ -17,14 +17,16 @@ from dpokit.data.formats import (
     normalize_unpaired,
     split_implicit_prompt,
 )
-from dpokit.data.readers import DataError, RawRecord, read_records
+from dpokit.data.readers import DataError, InMemory, RawRecord, in_memory, read_records
 
 __all__ = [
     "FORMATS",
     "DataError",
+    "InMemory",
     "LoadStats",
     "PreferenceExample",
     "UnpairedExample",
+    "in_memory",
     "load_examples",
     "normalize_records",
     "reason_of",
@@ -82,7 +84,7 @@ FORMATS = {
 
 
 def load_examples(
-    spec: str,
+    spec: str | InMemory,
     skip_invalid: bool = False,
     unpaired: bool = False,
     key: str = "",
@@ -93,11 +95,13 @@ def load_examples(
     Invalid records raise one DataError listing the first problems (file:line: field: what), unless
     `skip_invalid`, in which case they are skipped and counted by reason in the returned stats. `key` names
     where the file was given (data.train, --data) and `skip_hint` how to skip invalid records, in messages.
+    `spec` may be records in memory (InMemory), named in messages by their name.
     """
-    path = resolve_data_path(spec)
-    if not path.exists():
+    path = spec if isinstance(spec, InMemory) else resolve_data_path(spec)
+    if not isinstance(path, InMemory) and not path.exists():
         raise DataError(str(path), "no such file" + (f" (given as {key})" if key else ""))
     records = list(read_records(path))
+    path = path.name if isinstance(path, InMemory) else path
     examples, errors, stats = normalize_records(records, unpaired)
     if stats.records == 0:
         raise DataError(str(path), "no records in the file" + (f" (given as {key})" if key else ""))

@@ -23,10 +23,9 @@ import re
 import statistics
 import time
 from collections import Counter
-from pathlib import Path
 
 from dpokit.data import foreign_format_hint, normalize_records, resolve_data_path
-from dpokit.data.readers import DataError, read_records
+from dpokit.data.readers import DataError, InMemory, read_records
 
 WORD = re.compile(r"\w+|[^\w\s]")
 SIMILARITY_BINS = (0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0)
@@ -78,7 +77,7 @@ def _histogram(values: list[float], edges=SIMILARITY_BINS) -> dict:
     return counts
 
 
-def _read(path: Path):
+def _read(path):
     """Normalized examples (paired, or unpaired when most records are completion/label ones), stats, and
     the fields-vs-formats hint when no record is usable."""
     records = list(read_records(path))
@@ -98,20 +97,63 @@ def _read(path: Path):
     return examples, stats, unpaired, hint
 
 
+class DataReport(dict):
+    """`dpokit data check`'s report: a JSON-ready dict (every measure by name, see the module docstring)
+    with the main figures as attributes and its terminal rendering as `text()`."""
+
+    @property
+    def records(self) -> int:
+        return self["records"]
+
+    @property
+    def valid(self) -> int:
+        return self["valid"]
+
+    @property
+    def invalid(self) -> int:
+        return self["invalid"]["count"]
+
+    @property
+    def advice(self) -> list[str]:
+        """What to change, with the config keys, for every problem found (empty: nothing found)."""
+        return self["advice"]
+
+    @property
+    def trainable(self) -> bool:
+        """At least one usable record."""
+        return self["valid"] > 0
+
+    def text(self, width: int = 110) -> str:
+        """The report as `dpokit data check` prints it."""
+        import io
+
+        from rich.console import Console
+
+        from dpokit.data.report import render
+
+        buffer = io.StringIO()
+        render(self, Console(file=buffer, width=width, force_terminal=False, color_system=None))
+        return buffer.getvalue()
+
+    def __repr__(self) -> str:
+        return f"DataReport({self['file']!r}: {self['valid']} of {self['records']} valid, {len(self['advice'])} advice)"
+
+
 def check_file(
-    spec: str,
+    spec,
     tokenizer=None,
     max_length: int | None = None,
     max_prompt_length: int | None = None,
     similarity_threshold: float = 0.9,
-) -> dict:
-    """The full report as a JSON-ready dict (see the module docstring for every measure). Truncation is
-    counted when a tokenizer and at least one of the two lengths are given (the other takes its default)."""
+) -> DataReport:
+    """The full report (see the module docstring for every measure) of a file or of records in memory
+    (InMemory). Truncation is counted when a tokenizer and at least one of the two lengths are given (the
+    other takes its default)."""
     started = time.perf_counter()
-    path = resolve_data_path(spec)
+    path = spec if isinstance(spec, InMemory) else resolve_data_path(spec)
     examples, stats, unpaired, hint = _read(path)  # a missing file: the reader's "no such file"
     report = {
-        "file": str(path),
+        "file": path.name if isinstance(path, InMemory) else str(path),
         "records": stats.records,
         "valid": stats.valid,
         "kind": "unpaired" if unpaired else "paired",
@@ -136,7 +178,7 @@ def check_file(
             report["truncation"] = _truncation(examples, tokenizer, *lengths)
     report["advice"] = advice(report, similarity_threshold)
     report["seconds"] = time.perf_counter() - started
-    return report
+    return DataReport(report)
 
 
 def _pair_stats(examples, tokenizer, threshold: float) -> dict:

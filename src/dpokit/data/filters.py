@@ -92,16 +92,18 @@ def filter_pairs(
 @dataclass
 class FilterResult:
     records: int
+    """Records read."""
     kept: int
     dropped: Counter = field(default_factory=Counter)
-    """Every record not written, by reason: invalid records (skipped) and filtered pairs."""
+    """Every record not kept, by reason: invalid records (skipped) and filtered pairs."""
+    rows: list[dict] = field(default_factory=list, repr=False)
+    """The kept pairs as records (standard or message format, with their weight, scores and votes)."""
 
 
-def filter_file(spec: str, out: Path, settings: DataConfig, tokenizer=None, seed: int = 0) -> FilterResult:
-    """`dpokit data filter`: write the kept pairs of `spec` to `out` (JSONL, standard or message format,
-    with their weight, scores and votes); every record of the file is kept or counted by reason."""
+def filter_records(spec, settings: DataConfig, tokenizer=None, seed: int = 0) -> FilterResult:
+    """`dpokit data filter`: the kept pairs of a file (or of records in memory: InMemory) as records; every
+    record is kept or counted by reason."""
     from dpokit.data import load_examples
-    from dpokit.metrics import write_jsonl
 
     examples, stats = load_examples(spec, settings.skip_invalid, skip_hint="--skip-invalid")
     kept, dropped = filter_pairs(examples, settings, tokenizer, seed)
@@ -121,9 +123,18 @@ def filter_file(spec: str, out: Path, settings: DataConfig, tokenizer=None, seed
             }
         )
         rows.append(row)
-    write_jsonl(out, rows)
     return FilterResult(
         stats.records,
         len(kept),
         Counter({**{f"invalid: {r}": n for r, n in stats.skip_reasons.items()}, **dropped}),
+        rows,
     )
+
+
+def filter_file(spec, out: Path, settings: DataConfig, tokenizer=None, seed: int = 0) -> FilterResult:
+    """filter_records, written to `out` (JSONL)."""
+    from dpokit.files import write_jsonl
+
+    result = filter_records(spec, settings, tokenizer, seed)
+    write_jsonl(out, result.rows)
+    return result

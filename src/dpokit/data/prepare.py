@@ -10,7 +10,7 @@ from functools import partial
 from pathlib import Path
 
 from dpokit.config import Config
-from dpokit.data import DataError, load_examples, split_by_prompt
+from dpokit.data import DataError, InMemory, load_examples, split_by_prompt
 from dpokit.data.filters import filter_pairs
 from dpokit.data.tokcache import tokenize_pairs_cached
 from dpokit.tokenize import TokenizeStats, tokenize_pairs, tokenize_unpaired
@@ -38,16 +38,19 @@ class Splits:
     stats: dict
 
 
-def read_splits(cfg: Config, unpaired: bool = False) -> Splits:
+def read_splits(cfg: Config, unpaired: bool = False, given: dict[str, InMemory] | None = None) -> Splits:
     """Read and validate the data files, apply data.limit and hold out the eval prompts (cheap: no
-    tokenizer), so that bad data stops a run before a model is loaded or converted."""
-    d = cfg.data
-    examples, load_stats = load_examples(d.train, d.skip_invalid, unpaired, key="data.train")
+    tokenizer), so that bad data stops a run before a model is loaded or converted. `given`: records in
+    memory for `train` and/or `eval`, read instead of the files the config names."""
+    d, given = cfg.data, given or {}
+    train = given.get("train", d.train)
+    examples, load_stats = load_examples(train, d.skip_invalid, unpaired, key="data.train")
     if d.limit:
         examples = examples[: d.limit]
     stats = {"train_file": load_stats.to_dict()}
-    if d.eval:
-        eval_examples, eval_stats = load_examples(d.eval, d.skip_invalid, unpaired, key="data.eval")
+    if d.eval or "eval" in given:
+        evals = given.get("eval", d.eval)
+        eval_examples, eval_stats = load_examples(evals, d.skip_invalid, unpaired, key="data.eval")
         stats["eval_file"] = eval_stats.to_dict()
     else:
         examples, eval_examples = split_by_prompt(examples, d.eval_fraction, cfg.train.seed)
@@ -55,12 +58,11 @@ def read_splits(cfg: Config, unpaired: bool = False) -> Splits:
 
 
 def prepare_data(
-    cfg: Config, tokenizer, unpaired: bool = False, splits: Splits | None = None, cache: Path | None = None
+    cfg: Config, tokenizer, unpaired: bool, splits: Splits, cache: Path | None = None
 ) -> PreparedData:
-    """Filter (pairs) and tokenize the splits (read here unless given). `cache`: a folder of tokenized pairs
+    """Filter (pairs) and tokenize the splits (read_splits). `cache`: a folder of tokenized pairs
     (tokcache.py) used when data.tokenized_cache is on."""
     d = cfg.data
-    splits = splits or read_splits(cfg, unpaired)
     examples, eval_examples, stats = splits.train, splits.eval, dict(splits.stats)
     if not unpaired:
         filtered = {}

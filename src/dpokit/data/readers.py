@@ -1,7 +1,8 @@
 """Read raw records from preference files, each tagged with where it came from (`file:line`).
 
 Supported: JSON arrays (`.json`), JSON Lines (`.jsonl`, `.json` with one object per line), any of those
-gzipped (`.gz`), Parquet, CSV, and folders written by `datasets.Dataset.save_to_disk`.
+gzipped (`.gz`), Parquet, CSV, and folders written by `datasets.Dataset.save_to_disk`; and records given in
+memory (`InMemory`: a list of dicts or a `datasets.Dataset`, from the Python API), tagged `NAME:row N`.
 """
 
 from __future__ import annotations
@@ -15,13 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-class DataError(ValueError):
-    """A record (or file) that cannot be used, with its location: `file:line: field: problem`."""
-
-    def __init__(self, where: str, message: str, field: str | None = None):
-        self.where, self.field, self.message = where, field, message
-        super().__init__(f"{where}: {field}: {message}" if field else f"{where}: {message}")
+from dpokit.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -32,11 +27,62 @@ class RawRecord:
     """The decoded record; normally a dict, anything else is reported by the format layer."""
 
 
-def read_records(path: str | Path) -> Iterator[RawRecord | DataError]:
-    """Yield every record of a file in order; undecodable records are yielded as DataError (not raised).
+@dataclass(frozen=True)
+class InMemory:
+    """Records given in memory, named in messages as `name:row N`."""
+
+    name: str
+    records: list
+
+
+def in_memory(value, name: str) -> InMemory:
+    """A list of records, a `datasets.Dataset` or an InMemory as InMemory; every record must be a JSON value
+    (the run saves it), else DataError naming the row and the field."""
+    if isinstance(value, InMemory):
+        return value
+    if hasattr(value, "to_list") and hasattr(value, "column_names"):  # datasets.Dataset
+        records = value.to_list()
+    elif isinstance(value, (list, tuple)):
+        records = list(value)
+    else:
+        raise DataError(
+            name, f"expected a file path, a list of records or a datasets.Dataset, got {type(value).__name__}"
+        )
+    for i, record in enumerate(records):
+        _check_json(f"{name}:row {i}", record)
+    return InMemory(name, records)
+
+
+def _check_json(where: str, record) -> None:
+    try:
+        json.dumps(record, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        bad = [k for k, v in record.items() if not _is_json(v)] if isinstance(record, dict) else []
+        raise DataError(
+            where,
+            f"not a JSON value ({err}); give plain str/int/float/bool/None, lists and dicts (e.g. float(x) "
+            "for a numpy number)",
+            bad[0] if bad else None,
+        ) from None
+
+
+def _is_json(value) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def read_records(path: str | Path | InMemory) -> Iterator[RawRecord | DataError]:
+    """Yield every record of a file (or of records in memory) in order; undecodable records are yielded as
+    DataError (not raised).
 
     File-level problems (missing file, unknown extension, unreadable compression) raise DataError.
     """
+    if isinstance(path, InMemory):
+        yield from (RawRecord(f"{path.name}:row {i}", r) for i, r in enumerate(path.records))
+        return
     path = Path(path)
     if not path.exists():
         raise DataError(str(path), "no such file")

@@ -4,16 +4,12 @@ DPO learns only from the pairs it is given; here each round draws them from the 
 trained (RLHFlow's Online-RLHF recipe: K samples per prompt at temperature 1, best against worst by a
 reward, ties dropped, the reference fixed at the initial model).
 
-    RUN/config.yaml          the iterate config
-    RUN/eval_initial.jsonl   held-out completions of the initial model (sampled once)
-    RUN/rounds/R/            R = 1, 2, ...
-        samples.jsonl        K completions per prompt, from the policy round R starts from
-        scores.jsonl         their scores (reward or judge, minus the missing-EOS penalty)
-        pairs.jsonl          the pairs (a preference file) and pair_stats.json
-        train/               the round's training run (a run dir: report / eval / resume work on it)
-        eval.json            held-out figures (+ eval_samples.jsonl)
-        round.json           the round's summary: written last, it marks the round done
-    RUN/iterate.json         every finished round's summary (`dpokit report RUN` shows it)
+Its run dir (rundir.Run, rundir.Round name the files) holds the config, the initial model's held-out
+completions (sampled once), and per round R = 1, 2, ...: K completions per prompt from the policy the round
+starts from, their scores (reward or judge, minus the missing-EOS penalty), the pairs (a preference file)
+and their counts, the round's training run (a run dir: report / eval / resume work on it), held-out
+figures, and the round's summary, written last, which marks the round done; and every finished round's
+summary together (`dpokit report RUN` shows it).
 
 Every phase reads its inputs from the files of the phases before it and writes its output atomically, and
 every random draw is seeded by (iterate.seed, round): a run killed at any moment and started again redoes
@@ -23,27 +19,24 @@ always read back from the previous round's checkpoint, in a fresh run as in a re
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import signal
 from dataclasses import dataclass, replace
-from datetime import datetime
 from pathlib import Path
-
-from accelerate.tracking import GeneralTracker
 
 from dpokit import models
 from dpokit.config import Config, ConfigError, dump_yaml
+from dpokit.data.prompts import load_prompts
+from dpokit.data.readers import InMemory
 from dpokit.errors import UsageError
-from dpokit.evaluation import Compared, generation_metrics, load_prompts
-from dpokit.files import write_file
+from dpokit.evaluation import generation_metrics
+from dpokit.files import read_jsonl, write_jsonl
 from dpokit.generate import Sample, SamplingSettings, sample
-from dpokit.metrics import read_metrics, write_jsonl
-from dpokit.reference import Reference
-from dpokit.rewards import get_judge, get_reward
-from dpokit.session import layout_for
+from dpokit.rewards import as_judge, as_reward
+from dpokit.rundir import Run, with_run_dir
+from dpokit.trained import Trained, load_start, load_trained
 from dpokit.validation import validate
 
 log = logging.getLogger(__name__)
@@ -98,72 +91,51 @@ def judge_scores(judge, prompt: str, completions: list[str]) -> list[float]:
     return [w / (2 * (k - 1)) for w in wins]
 
 
-def _jsonl(path: Path, records: list[dict]) -> None:
-    write_file(path, lambda tmp: write_jsonl(tmp, records))
-
-
-def _json(path: Path, value) -> None:
-    write_file(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2, default=str)))
-
-
 def _fault(phase: str, r: int) -> None:
     if os.environ.get(FAULT_ENV) == f"{phase}:{r}":
         log.warning("%s=%s: killing this process", FAULT_ENV, os.environ[FAULT_ENV])
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class _KillAtStep(GeneralTracker):
-    """A tracker for `train(trackers=...)`: the training fault, at step 2 (after step 1's checkpoint when
+def _kill_at_step(r: int, step: int = 2):
+    """A training callback: the training fault, at step 2 (after step 1's checkpoint when
     train.checkpoint_every=1)."""
 
-    name = "fault"
-    requires_logging_directory = False
-    main_process_only = True
+    def kill(record: dict) -> None:
+        if record["step"] == step:
+            _fault("training", r)
 
-    def __init__(self, r: int, step: int = 2):
-        super().__init__()
-        self.r, self.step = r, step
-
-    def store_init_configuration(self, values):
-        pass
-
-    def log(self, values, step=None, **kwargs):
-        if step == self.step:
-            _fault("training", self.r)
-
-    @property
-    def tracker(self):
-        return self
+    return kill
 
 
 class Iteration:
-    """One `dpokit iterate` run: its config, folder, prompts and scorer."""
+    """One `dpokit iterate` run: its config, run dir, prompts and scorer. Prompts, reward and judge may be
+    given in memory (the Python API); else the config names them."""
 
-    def __init__(self, cfg: Config, root: Path):
-        self.cfg, self.it, self.root = cfg, cfg.iterate, root
+    def __init__(self, cfg: Config, root: Path, prompts=None, eval_prompts=None, reward=None, judge=None):
+        self.cfg, self.it, self.run = cfg, cfg.iterate, Run(root)
         it = self.it
         # every user-supplied piece is checked before a model is loaded or a file written
-        self.prompts = load_prompts(it.prompts, it.prompts_split or None, 0, "iterate.prompts")
+        self.given = {
+            k: v for k, v in (("prompts", prompts), ("eval_prompts", eval_prompts)) if v is not None
+        }
+        self.prompts = load_prompts(prompts or it.prompts, it.prompts_split or None, 0, "iterate.prompts")
+        held_out = eval_prompts or it.eval_prompts
         self.eval_prompts = (
-            load_prompts(it.eval_prompts, it.eval_split or None, it.eval_num_prompts, "iterate.eval_prompts")
-            if it.eval_prompts
+            load_prompts(held_out, it.eval_split or None, it.eval_num_prompts, "iterate.eval_prompts")
+            if held_out
             else []
         )
-        self.judge = get_judge(it.judge) if it.judge else None
-        self.reward = get_reward(it.reward) if it.reward else None
+        self.judge = as_judge(judge or it.judge) if (judge or it.judge) else None
+        self.reward = as_reward(reward or it.reward) if (reward or it.reward) else None
         self.model_path = models.resolve_model_path(cfg.model.name)
         self.tokenizer = models.load_tokenizer(self.model_path, cfg.model.trust_remote_code)
-
-    # ---- where things are
-    def folder(self, r: int) -> Path:
-        return self.root / "rounds" / str(r)
+        self.callbacks: list = []
+        """Called with every step record of every round's training (the API's callbacks)."""
 
     def checkpoint(self, r: int) -> Path | None:
         """The final checkpoint of round r's training (None for r = 0: the initial model)."""
-        if r == 0:
-            return None
-        summary = json.loads((self.folder(r) / "train" / "summary.json").read_text())
-        return Path(summary["checkpoint"])
+        return None if r == 0 else self.run.round(r).train.checkpoint()
 
     def round_prompts(self, r: int) -> list:
         n = self.it.prompts_per_round or len(self.prompts)
@@ -184,35 +156,24 @@ class Iteration:
     # ---- models
     def load_policy(self, r: int):
         """The policy after round r (r = 0: the initial model), for sampling; frozen, eval mode."""
-        m, ckpt = self.cfg.model, self.checkpoint(r)
-        full_ft = ckpt is not None and not self.cfg.lora.enabled
-        model = models.load_model(
-            str(ckpt) if full_ft else self.model_path, m.trust_remote_code, m.attn_implementation
-        )
-        if ckpt is not None and self.cfg.lora.enabled:
-            model = models.load_adapter(model, str(ckpt), trainable=False)
-        return model.eval().requires_grad_(False)
+        if r == 0:
+            return load_start(self.cfg).model
+        return load_trained(self.run.round(r).train).model
 
-    def compared(self, policy, initial: Reference | None = None) -> Compared:
-        """A round's policy against the initial model: its adapter switched off (LoRA), else `initial` or
-        the initial model loaded now."""
-        cfg = self.cfg
-        if cfg.lora.enabled:
-            return Compared.lora_run(policy, self.tokenizer, cfg)
-        initial = initial or Reference.separate(
-            self.load_policy(0), cfg.train.logps_chunk_size, cfg.train.bf16
-        )
-        return Compared(policy, initial, self.tokenizer, cfg.loss, layout_for(cfg, policy), cfg.train.bf16)
+    def compared(self, r: int) -> Trained:
+        """Round r's policy against the initial model: its adapter switched off (LoRA), else the initial
+        model itself."""
+        initial = "base" if self.cfg.lora.enabled else self.cfg.model.name
+        return load_trained(self.run.round(r).train, reference=initial)
 
     # ---- phases
     def sample_round(self, r: int) -> list[dict]:
-        path = self.folder(r) / "samples.jsonl"
-        if path.exists():
-            return read_metrics(path)
+        done = self.run.round(r).read("samples")
+        if done is not None:
+            return done
         prompts = self.round_prompts(r)
-        policy = self.load_policy(r - 1)
         drawn = sample(
-            policy,
+            self.load_policy(r - 1),
             self.tokenizer,
             prompts,
             self.it.samples_per_prompt,
@@ -222,13 +183,13 @@ class Iteration:
         )
         _fault("sampling", r)
         records = [_sample_record(p, row) for p, row in zip(prompts, drawn, strict=True)]
-        _jsonl(path, records)
+        self.run.round(r).write("samples", records)
         return records
 
     def score_round(self, r: int, samples: list[dict]) -> list[dict]:
-        path = self.folder(r) / "scores.jsonl"
-        if path.exists():
-            return read_metrics(path)
+        done = self.run.round(r).read("scores")
+        if done is not None:
+            return done
         texts = [self.prompt_text(s["prompt"]) for s in samples]
         if self.judge is not None:
             raw = [judge_scores(self.judge, t, s["completions"]) for t, s in zip(texts, samples, strict=True)]
@@ -244,13 +205,13 @@ class Iteration:
             {"raw": row, "scores": penalized(row, s["finished"], self.it.eos_penalty)}
             for row, s in zip(raw, samples, strict=True)
         ]
-        _jsonl(path, records)
+        self.run.round(r).write("scores", records)
         return records
 
     def pair_round(self, r: int, samples: list[dict], scores: list[dict]) -> dict:
-        folder = self.folder(r)
-        if (folder / "pair_stats.json").exists():
-            return json.loads((folder / "pair_stats.json").read_text())
+        done = self.run.round(r).read("pair_stats")
+        if done is not None:
+            return done
         pairs, ties, identical, margins = [], 0, 0, []
         for s, sc in zip(samples, scores, strict=True):
             found, t = pair_indices(sc["scores"], self.it.pairing, self.it.min_score_gap)
@@ -276,29 +237,16 @@ class Iteration:
                 f"prompt all scored within iterate.min_score_gap={self.it.min_score_gap}. Raise "
                 "iterate.samples_per_prompt or iterate.temperature, or lower min_score_gap"
             )
-        all_scores = [x for sc in scores for x in sc["scores"]]
-        finished = [f for s in samples for f in s["finished"]]
-        lengths = [n for s in samples for n in s["lengths"]]
-        stats = {
-            "prompts": len(samples),
-            "samples": len(all_scores),
-            "pairs": len(pairs),
-            "ties_dropped": ties,
-            "identical_dropped": identical,
-            "score/mean": sum(all_scores) / len(all_scores),
-            "score_margin/mean": sum(margins) / len(margins),
-            "eos_share": sum(finished) / len(finished),
-            "length/mean": sum(lengths) / len(lengths),
-        }
+        stats = pair_stats(samples, scores, pairs, ties, identical, margins)
         _fault("pairing", r)
-        _jsonl(folder / "pairs.jsonl", pairs)
-        _json(folder / "pair_stats.json", stats)  # last: marks the phase done
+        self.run.round(r).write("pairs", pairs)
+        self.run.round(r).write("pair_stats", stats)  # last: marks the phase done
         return stats
 
     def round_config(self, r: int, resume: bool) -> Config:
         """The run config of round r's training: the iterate config's sections, with this round's pairs,
         run dir and starting point, checked as any training config."""
-        cfg, folder, prev = self.cfg, self.folder(r), self.checkpoint(r - 1)
+        cfg, round_, prev = self.cfg, self.run.round(r), self.checkpoint(r - 1)
         model, initial = cfg.model, self.it.reference == "initial"
         if (
             prev is not None and cfg.lora.enabled
@@ -309,11 +257,11 @@ class Iteration:
         round_cfg = replace(
             cfg,
             model=model,
-            data=replace(cfg.data, train=str(folder / "pairs.jsonl")),
+            data=replace(cfg.data, train=str(round_.pairs_path)),
             # a prompt's pairs share micro-batches, where its samples are computed once
             train=replace(
                 cfg.train,
-                run_dir=str(folder / "train"),
+                run_dir=str(round_.train.path),
                 group_by_prompt=True,
                 resume=resume,
                 overwrite=not resume,
@@ -325,24 +273,21 @@ class Iteration:
         return round_cfg
 
     def train_round(self, r: int) -> dict:
-        from dpokit.checkpoint import latest_checkpoint
-        from dpokit.train import train
+        from dpokit.loop import train
 
-        run = self.folder(r) / "train"
-        summary = run / "summary.json"
-        if summary.exists() and json.loads(summary.read_text()).get("checkpoint"):
-            return json.loads(summary.read_text())
-        resume = latest_checkpoint(run) is not None
-        trackers = [_KillAtStep(r)] if os.environ.get(FAULT_ENV) == f"training:{r}" else None
-        train(self.round_config(r, resume), trackers=trackers)
-        return json.loads(summary.read_text())
+        run = self.run.round(r).train
+        if (run.summary or {}).get("checkpoint"):
+            return run.summary
+        resume = run.latest_checkpoint is not None
+        fault = [_kill_at_step(r)] if os.environ.get(FAULT_ENV) == f"training:{r}" else []
+        train(self.round_config(r, resume), callbacks=[*self.callbacks, *fault])
+        return run.summary
 
     def initial_eval_samples(self) -> list[list[Sample]]:
-        path = self.root / "eval_initial.jsonl"
-        if not path.exists():
-            model = self.load_policy(0)
+        done = self.run.initial_samples
+        if done is None:
             drawn = sample(
-                model,
+                self.load_policy(0),
                 self.tokenizer,
                 self.eval_prompts,
                 self.it.eval_samples,
@@ -350,8 +295,9 @@ class Iteration:
                 self.cfg.train.progress,
                 "initial model: held-out samples",
             )
-            _jsonl(path, [_sample_record(p, row) for p, row in zip(self.eval_prompts, drawn, strict=True)])
-        return [_samples_of(rec) for rec in read_metrics(path)]
+            done = [_sample_record(p, row) for p, row in zip(self.eval_prompts, drawn, strict=True)]
+            self.run.write_initial_samples(done)
+        return [_samples_of(rec) for rec in done]
 
     def eval_sampling(self) -> SamplingSettings:
         # the same draws every round (common random numbers): rounds differ by their policy only
@@ -360,12 +306,13 @@ class Iteration:
     def evaluate_round(self, r: int) -> dict | None:
         if not self.eval_prompts:
             return None
-        folder = self.folder(r)
-        if (folder / "eval.json").exists():
-            return json.loads((folder / "eval.json").read_text())
+        round_ = self.run.round(r)
+        done = round_.read("eval")
+        if done is not None:
+            return done
         initial = self.initial_eval_samples()
         gen, records = generation_metrics(
-            self.compared(self.load_policy(r)),
+            self.compared(r),
             self.eval_prompts,
             self.reward,
             self.it.eval_samples,
@@ -376,15 +323,15 @@ class Iteration:
         gen["win_rate/initial"] = gen.pop("win_rate")
         gen["win_rate/previous"] = self.win_rate_over_previous(r, records)
         _fault("eval", r)
-        _jsonl(folder / "eval_samples.jsonl", records)
-        _json(folder / "eval.json", gen)
+        round_.write("eval_samples", records)
+        round_.write("eval", gen)
         return gen
 
     def win_rate_over_previous(self, r: int, records: list[dict]) -> float:
         if r == 1:
             key, prev = "reward_reference", records
         else:
-            key, prev = "reward_policy", read_metrics(self.folder(r - 1) / "eval_samples.jsonl")
+            key, prev = "reward_policy", self.run.round(r - 1).read("eval_samples")
         wins = [
             1.0 if a > b else 0.5 if a == b else 0.0
             for now, before in zip(records, prev, strict=True)
@@ -398,25 +345,43 @@ class Iteration:
         )
 
     def run_round(self, r: int) -> RoundResult:
-        folder = self.folder(r)
-        if (folder / "round.json").exists():
-            return RoundResult(r, folder, json.loads((folder / "round.json").read_text()))
-        folder.mkdir(parents=True, exist_ok=True)
+        round_ = self.run.round(r)
+        if round_.done:
+            return RoundResult(r, round_.path, round_.summary)
+        round_.path.mkdir(parents=True, exist_ok=True)
         samples = self.sample_round(r)
         scores = self.score_round(r, samples)
         pairs = self.pair_round(r, samples, scores)
         train_summary = self.train_round(r)
         gen = self.evaluate_round(r)
         summary = {"round": r, "data": pairs, "train": _train_figures(train_summary), "eval": gen}
-        _json(folder / "round.json", summary)
-        return RoundResult(r, folder, summary)
+        round_.write("summary", summary)
+        return RoundResult(r, round_.path, summary)
+
+
+def pair_stats(samples, scores, pairs, ties: int, identical: int, margins: list[float]) -> dict:
+    """What pair_stats.json holds: counts, mean score and margin, EOS share and length of the samples."""
+    all_scores = [x for sc in scores for x in sc["scores"]]
+    finished = [f for s in samples for f in s["finished"]]
+    lengths = [n for s in samples for n in s["lengths"]]
+    return {
+        "prompts": len(samples),
+        "samples": len(all_scores),
+        "pairs": len(pairs),
+        "ties_dropped": ties,
+        "identical_dropped": identical,
+        "score/mean": sum(all_scores) / len(all_scores),
+        "score_margin/mean": sum(margins) / len(margins),
+        "eos_share": sum(finished) / len(finished),
+        "length/mean": sum(lengths) / len(lengths),
+    }
 
 
 TIMING = ("tokens_per_s", "step_time_s")
 
 
 def _train_figures(summary: dict) -> dict:
-    """What round.json keeps of a round's training: the figures a rerun reproduces (no timings)."""
+    """What the round summary keeps of a round's training: the figures a rerun reproduces (no timings)."""
     final = {k: v for k, v in (summary.get("final_train") or {}).items() if k not in TIMING}
     return {"steps": summary["steps"], "stopped": summary["stopped"], "final_train": final}
 
@@ -439,39 +404,52 @@ def _samples_of(rec: dict) -> list[Sample]:
     ]
 
 
-def prepare_root(cfg: Config) -> Path:
-    """The run folder: new, or the same config's unfinished run (continued), or refused."""
+def prepare_root(cfg: Config, given: dict[str, InMemory] | None = None) -> Run:
+    """The run folder: new, or the same config's unfinished run (continued), or refused. Prompts given in
+    memory are saved with a new run (where the config names them) and must equal those of a continued one."""
     t = cfg.train
-    root = Path(t.run_dir or Path("runs") / datetime.now().strftime("iterate-%Y%m%d-%H%M%S"))
-    saved = root / "config.yaml"
-    text = dump_yaml(replace(cfg, train=replace(t, run_dir=str(root), resume=False, overwrite=False)))
-    if saved.exists() and not t.overwrite:
-        if saved.read_text() != text:
+    run = Run(t.run_dir)
+    text = dump_yaml(replace(cfg, train=replace(t, resume=False, overwrite=False)))
+    if run.exists and not t.overwrite:
+        if run.config_text != text:
             raise UsageError(
-                f"{root} holds an iterate run with another config; continue it with `dpokit iterate --resume "
-                f"{root}`, or set train.overwrite=true to start over, or choose another train.run_dir"
+                f"{run.path} holds an iterate run with another config; continue it with `dpokit iterate --resume "
+                f"{run.path}`, or set train.overwrite=true to start over, or choose another train.run_dir"
             )
-    elif root.exists() and any(root.iterdir()) and not t.overwrite:
+        for name, records in (given or {}).items():
+            if read_jsonl(run.data_file(name)) != records.records:
+                raise UsageError(
+                    f"{run.path} holds an iterate run with other {name}: continue it with the same ones, or set "
+                    "train.overwrite=true to start over, or choose another train.run_dir"
+                )
+        return run
+    if run.path.exists() and any(run.path.iterdir()) and not t.overwrite:
         raise UsageError(
-            f"{root} exists and is not empty; set train.overwrite=true or choose another train.run_dir"
+            f"{run.path} exists and is not empty; set train.overwrite=true or choose another train.run_dir"
         )
-    if t.overwrite and root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    saved.write_text(text)
-    return root
+    if t.overwrite and run.path.exists():
+        shutil.rmtree(run.path)
+    run.path.mkdir(parents=True, exist_ok=True)
+    for name, records in (given or {}).items():
+        run.data_file(name).parent.mkdir(exist_ok=True)
+        write_jsonl(run.data_file(name), records.records, atomic=True)
+    run.write_config(text)
+    return run
 
 
-def run_iterate(cfg: Config) -> list[RoundResult]:
-    """Run (or continue) every round of `cfg`; returns each round's summary and writes RUN/iterate.json."""
-    root = Path(cfg.train.run_dir) if cfg.train.run_dir else None
-    it = Iteration(cfg, root or Path("."))  # inputs are checked before the folder is made
-    it.root = prepare_root(cfg)
+def run_iterate(cfg: Config, **given) -> list[RoundResult]:
+    """Run (or continue) every round of `cfg`; returns each round's summary. `given`: prompts, eval_prompts
+    (data.InMemory), reward, judge (callables) and callbacks, from the Python API."""
+    cfg = with_run_dir(cfg, "iterate-")
+    callbacks = given.pop("callbacks", [])
+    it = Iteration(cfg, Path(cfg.train.run_dir), **given)  # inputs are checked before the folder is made
+    it.callbacks = list(callbacks)
+    it.run = prepare_root(cfg, it.given)
     results = []
     for r in range(1, cfg.iterate.rounds + 1):
         result = it.run_round(r)
         results.append(result)
-        _json(it.root / "iterate.json", {"rounds": [x.summary for x in results]})
+        it.run.write_iterate_summary([x.summary for x in results])
         log.info("round %d: %s", r, round_line(result.summary))
     return results
 

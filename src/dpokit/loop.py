@@ -1,20 +1,21 @@
 """The training loop: one explicit function, read top to bottom.
 
     pairs -> micro-batches -> reference logps (no_grad) + policy logps -> loss -> backward (accumulate)
-          -> clip -> AdamW step -> lr schedule -> metrics.jsonl -> eval / checkpoint
+          -> clip -> AdamW step -> lr schedule -> one metrics record -> callbacks -> eval / checkpoint
 
 Everything before the loop is built elsewhere: the session (data, model, objective: session.py), the
 reference (reference.py), the step schedule (schedule.py), evaluation (evaluation.py), the run directory
-(rundir.py) and checkpoints (checkpoint.py).
+(rundir.py) and checkpoints (checkpoint.py). The public entry is `dpokit.train` (api.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
+import resource
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,27 +23,30 @@ import torch
 
 from dpokit import reference as references
 from dpokit import sharding
-from dpokit.checkpoint import latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
+from dpokit.checkpoint import load_model_weights, load_training_state, save_checkpoint
 from dpokit.config import Config
 from dpokit.errors import TrainingError
-from dpokit.evaluation import evaluate_pairs
+from dpokit.evaluation import eval_batches, evaluate_pairs
 from dpokit.guards import Guards
-from dpokit.metrics import MetricsWriter, PairMetrics, StepReporter, read_metrics, write_jsonl
+from dpokit.metrics import PairMetrics
 from dpokit.objective import ld_token_weights
 from dpokit.optim import build_optimizer, build_scheduler
+from dpokit.progress import StepReporter
 from dpokit.reference import unwrap
-from dpokit.rundir import check_disk_space, check_run_dir, create_run_dir, with_run_dir, write_summary
-from dpokit.schedule import epoch_steps, eval_batches, mine, step_schedule
+from dpokit.rundir import Run, with_run_dir
+from dpokit.schedule import epoch_steps, mine, step_schedule
 from dpokit.session import Session, fit_deepspeed, setup
 
-__all__ = ["RunResult", "TrainingError", "precompute_reference", "train"]
+__all__ = ["RunResult", "precompute_reference", "train"]
 
 log = logging.getLogger(__name__)
+Callback = Callable[[dict], object]
+"""Called with each optimizer step's metrics record; a truthy return stops the run after that step."""
 
 
 @dataclass
 class RunResult:
-    run_dir: Path
+    run: Run
     history: list[dict]
     initial_eval: dict | None
     final_eval: dict | None
@@ -50,26 +54,34 @@ class RunResult:
     model: torch.nn.Module | None = None
     """The trained model (PEFT-wrapped for LoRA), unwrapped from Accelerate."""
     stopped: str = "completed all steps"
-    """Why the run ended (also in summary.json)."""
+    """Why the run ended (also in the run's summary)."""
     already_complete: bool = False
     """A resume found the run finished: nothing was run or written."""
 
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
 
-def train(cfg: Config, trackers: list | None = None) -> RunResult:
+
+def train(
+    cfg: Config, trackers: list | None = None, callbacks: Sequence[Callback] = (), given: dict | None = None
+) -> RunResult:
     """Train the policy described by `cfg` and return where everything was written.
 
-    Metrics go to RUN_DIR/metrics.jsonl, and live to the Accelerate trackers of train.report_to and
-    `trackers` (GeneralTracker objects)."""
+    Metrics go to the run's metrics file, live to the Accelerate trackers of train.report_to and `trackers`
+    (GeneralTracker objects), and to each of `callbacks`. `given`: records in memory by split (train, eval),
+    read instead of the config's data files and saved where those name, in the run dir, at its start."""
     started = time.perf_counter()
     cfg = with_run_dir(cfg)
-    run_dir = check_run_dir(cfg)
-    s = setup(cfg, str(run_dir), trackers)
-    check_disk_space(cfg, s.policy)
+    run = Run(cfg.train.run_dir)
+    run.check(cfg.train.resume, cfg.train.overwrite)
+    s = setup(cfg, str(run.path), trackers, given)
+    run.check_space(checkpoint_bytes(cfg, s.policy))
     acc, t, e = s.accelerator, cfg.train, cfg.eval
     schedule = list(step_schedule(len(s.data.train), t, acc.num_processes, s.train_groups()))
-    resume = resume_point(run_dir, len(schedule)) if t.resume else None
+    resume = resume_point(run, len(schedule)) if t.resume else None
     if resume is not None and resume["complete"]:
-        return finished_run(run_dir, resume)
+        return finished_run(run, resume)
     optimizer = build_optimizer(s.policy.parameters(), t)
     scheduler = build_scheduler(optimizer, t, len(schedule))
     # full fine-tuning's frozen reference is copied before prepare, which may shard the policy in place
@@ -80,7 +92,8 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
     start_step = resume["step"] if resume else 0
     # Built before any update (and before a resumed run loads its weights): every strategy sees the start.
     train_ref, eval_ref, ref_stats = make_references(s, policy, schedule, start_step, frozen)
-    create_run_dir(cfg, s.data.stats)
+    if acc.is_main_process and not resume:
+        run.start(cfg, s.data.stats, {name: d.records for name, d in (given or {}).items()})
     guards = Guards(t.drift_warn, t.flat_window, t.flat_min_delta, e.patience, e.min_delta)
     guards.warnings += s.warnings
     if cfg.model.reference and train_ref is not None and not resume:
@@ -88,7 +101,8 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
         log.warning(guards.warnings[-1])
     history, initial_eval = [], None
     if resume:
-        history, initial_eval = restore(resume["folder"], run_dir, s, policy, optimizer, scheduler, guards)
+        history, initial_eval = restore(resume["folder"], run, s, policy, optimizer, scheduler, guards)
+    saver = Saver(run, s, policy, optimizer, scheduler, guards)
 
     def run_eval(step: int) -> dict:
         metrics, samples = evaluate_pairs(
@@ -103,50 +117,30 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
             progress=t.progress,
         )
         if samples and acc.is_main_process:
-            log_pair_samples(run_dir, step, samples, s)
+            run.append_pair_samples(step, with_texts(samples, s))
         return {f"eval/{k}": v for k, v in metrics.items()}
-
-    def save(step: int, name: str | None = None) -> Path | None:
-        # every process: sharded weights and optimizer states are gathered to process 0, which writes
-        weights = sharding.model_state(acc, policy, unwrap(policy).model)
-        state, engine = None, None
-        if name is None:  # step checkpoints are resumable
-            state = {"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
-            if sharding.steps_in_backward(acc):  # DeepSpeed: each process writes its own ZeRO partition
-                engine = sharding.save_engine_state(
-                    acc, policy, run_dir / "checkpoints" / f".deepspeed-{step}"
-                )
-            else:
-                state["optimizer"] = sharding.optimizer_state(policy, optimizer)
-        if not acc.is_main_process:
-            return None
-        extra = {"guards": guards.state_dict(), "objective": s.objective.state_dict()}
-        return save_checkpoint(
-            unwrap(policy).model,
-            s.tokenizer,
-            run_dir,
-            step,
-            extra=extra,
-            name=name,
-            training_state=state,
-            state_dict=weights,
-            engine_state=engine,
-        )
 
     def summarize(stopped: str, final_eval: dict | None, ckpt: Path | None) -> None:
         if acc.is_main_process:
-            wall = time.perf_counter() - started
-            write_summary(run_dir, history, initial_eval, final_eval, ckpt, wall, stopped, guards, ref_stats)
+            run.write_summary(
+                summary(
+                    history,
+                    initial_eval,
+                    final_eval,
+                    run.relative(ckpt),
+                    time.perf_counter() - started,
+                    stopped,
+                    guards,
+                )
+                | {"reference": ref_stats}
+            )
 
-    live = bool(t.report_to or trackers)
-    if live:
-        acc.init_trackers(run_dir.name, config=flat_config(cfg))
-    writer = MetricsWriter(run_dir / "metrics.jsonl" if acc.is_main_process else None, acc if live else None)
+    log_record = record_sinks(run, cfg, acc, trackers)
     reporter = StepReporter(len(schedule), enabled=t.progress and acc.is_main_process, done=start_step)
     ckpt, steps_per_epoch = None, epoch_steps(len(s.data.train), t, acc.num_processes)
     if e.at_start and s.data.eval and not resume:
         initial_eval = run_eval(0)
-        writer.write({"step": 0, "epoch": 0.0, **initial_eval})
+        log_record({"step": 0, "epoch": 0.0, **initial_eval})
         reporter.print_eval(0, initial_eval)
     with reporter:
         for step, micro_batches in enumerate(schedule, start=1):
@@ -162,9 +156,7 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
                 applied = sharding.steps_in_backward(acc)  # DeepSpeed stepped inside the last backward
                 # otherwise the update is not applied: the weights are still those of the last good step
                 kept = (
-                    latest_checkpoint(run_dir)
-                    if applied
-                    else save(step - 1, name=f"step-{step - 1}-last-good")
+                    run.latest_checkpoint if applied else saver.save(step - 1, f"step-{step - 1}-last-good")
                 )
                 reason = non_finite_message(record["loss"], grad_norm, step, cfg, kept, applied)
                 summarize(reason, None, kept)
@@ -179,23 +171,128 @@ def train(cfg: Config, trackers: list | None = None) -> RunResult:
                 record.update(run_eval(step))
                 reporter.print_eval(step, record)
                 if guards.on_eval(record) and e.patience:
-                    save(step, name="best")
-            writer.write(record)
+                    saver.save(step, Run.BEST)
+            log_record(record)
             history.append(record)
             reporter.update(record)
+            guards.stop_reason = guards.stop_reason or asked_to_stop(callbacks, record, acc)
             if guards.stop_reason:
                 break
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < len(schedule):
-                save(step)
-    writer.close()
-    if live:
+                saver.save(step)
+    if cfg.train.report_to or trackers:
         acc.end_training()
     final_eval = {k: v for k, v in history[-1].items() if k.startswith("eval/")} or None
     if t.save_final:
-        ckpt = save(len(history))
+        ckpt = saver.save(len(history))
     stopped = guards.stop_reason or "completed all steps"
     summarize(stopped, final_eval, ckpt)
-    return RunResult(run_dir, history, initial_eval, final_eval, ckpt, unwrap(policy).model, stopped)
+    return RunResult(run, history, initial_eval, final_eval, ckpt, unwrap(policy).model, stopped)
+
+
+def checkpoint_bytes(cfg: Config, model) -> int:
+    """A rough lower bound on one checkpoint: the weights for full fine-tuning, and optimizer states twice
+    that; 64 MiB for an adapter."""
+    needed = 64 * 2**20
+    if not cfg.lora.enabled and (cfg.train.checkpoint_every or cfg.train.save_final):
+        needed += 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    return needed
+
+
+def record_sinks(run: Run, cfg: Config, acc, trackers: list | None):
+    """`log(record)`: one record to the run's metrics file (process 0) and the live trackers."""
+    live = bool(cfg.train.report_to or trackers)
+    if live:
+        acc.init_trackers(run.path.name, config=flat_config(cfg))
+
+    def log_record(record: dict) -> None:
+        if acc.is_main_process:
+            run.append_metrics(record)
+        if live:
+            acc.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    return log_record
+
+
+def asked_to_stop(callbacks: Sequence[Callback], record: dict, acc) -> str | None:
+    """The first callback that asks to stop after this step (process 0 decides for every process)."""
+    reason = None
+    for fn in callbacks:
+        if fn(dict(record)):
+            reason = f"stopped by callback {getattr(fn, '__name__', repr(fn))} after step {record['step']}"
+            break
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        reason = broadcast_object_list([reason])[0]
+    return reason
+
+
+class Saver:
+    """Checkpoints of a running loop: resumable step-N, the best one, the last good weights."""
+
+    def __init__(self, run: Run, s: Session, policy, optimizer, scheduler, guards: Guards):
+        self.run, self.s, self.policy, self.optimizer, self.scheduler, self.guards = (
+            run,
+            s,
+            policy,
+            optimizer,
+            scheduler,
+            guards,
+        )
+
+    def save(self, step: int, name: str | None = None) -> Path | None:
+        """Every process calls it: sharded weights and optimizer states are gathered to process 0, which
+        writes. Step checkpoints (no `name`) are resumable and become the run's latest."""
+        acc, policy = self.s.accelerator, self.policy
+        weights = sharding.model_state(acc, policy, unwrap(policy).model)
+        state, engine = None, None
+        if name is None:
+            state = {"scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+            if sharding.steps_in_backward(acc):  # DeepSpeed: each process writes its own ZeRO partition
+                engine = sharding.save_engine_state(acc, policy, self.run.scratch(f"deepspeed-{step}"))
+            else:
+                state["optimizer"] = sharding.optimizer_state(policy, self.optimizer)
+        if not acc.is_main_process:
+            return None
+        extra = {"guards": self.guards.state_dict(), "objective": self.s.objective.state_dict()}
+        folder = self.run.checkpoint_path(name) if name else self.run.step_checkpoint(step)
+        save_checkpoint(
+            unwrap(policy).model,
+            self.s.tokenizer,
+            folder,
+            step,
+            extra=extra,
+            training_state=state,
+            state_dict=weights,
+            engine_state=engine,
+        )
+        if name is None:
+            self.run.mark_latest(folder)
+        return folder
+
+
+def summary(
+    history, initial_eval, final_eval, ckpt: str | None, wall_s: float, stopped: str, guards: Guards
+) -> dict:
+    """What the run's summary holds: why and how it ended; `ckpt`: the final checkpoint, relative to the run
+    dir."""
+    out = {
+        "steps": len(history),
+        "stopped": stopped,
+        "warnings": guards.warnings,
+        "best_eval_margin": guards.best,
+        "best_eval_step": guards.best_step,
+        "final_train": history[-1] if history else None,
+        "initial_eval": initial_eval,
+        "final_eval": final_eval,
+        "checkpoint": ckpt,
+        "wall_s": wall_s,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if torch.cuda.is_initialized():  # the memory that limits a GPU run: this process's peak on its device
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 def prepare(s: Session, optimizer, schedule: list):
@@ -235,7 +332,7 @@ def accumulate_gradients(
 
 
 def make_references(s: Session, policy, schedule: list, start_step: int, frozen=None):
-    """(train reference, eval reference, counts for summary.json): None for reference-free losses (nothing
+    """(train reference, eval reference, counts for the summary): None for reference-free losses (nothing
     is built or run); cached log-probs of exactly the micro-batches this process will run, with
     train.precompute_ref; else the live reference (`frozen`: references.frozen_start's copy)."""
     cfg, acc = s.cfg, s.accelerator
@@ -286,13 +383,16 @@ def reference_gap_warning(s: Session, policy, reference, first_step: list[list[i
     )
 
 
-def precompute_reference(cfg: Config) -> dict:
+def precompute_reference(cfg: Config, given: dict | None = None) -> dict | None:
     """`dpokit precompute-ref`: fill the on-disk reference cache for the micro-batches the config's run will
-    visit and for its eval batches; returns the counts and the cache folder."""
+    visit and for its eval batches; returns the counts and the cache folder (None: the loss uses no
+    reference). `given`: records in memory, as for `train`."""
     import dataclasses
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precompute_ref=True))
-    s = setup(cfg)
+    s = setup(cfg, given=given)
+    if not s.objective.needs_reference:
+        return None
     schedule = list(
         step_schedule(len(s.data.train), cfg.train, s.accelerator.num_processes, s.train_groups())
     )
@@ -302,15 +402,15 @@ def precompute_reference(cfg: Config) -> dict:
     return make_references(s, policy, schedule, 0)[2]
 
 
-def resume_point(run_dir: Path, total_steps: int) -> dict:
+def resume_point(run: Run, total_steps: int) -> dict:
     """Where a resumed run starts: its latest resumable checkpoint, and whether the run is already done."""
-    folder = latest_checkpoint(run_dir)
+    folder = run.latest_checkpoint
     if folder is None:
         raise TrainingError(
-            f"train.resume=true but {run_dir}/checkpoints holds no resumable checkpoint (step-N with "
-            "training_state.pt); set train.checkpoint_every to write them, or start without train.resume"
+            f"train.resume=true but {run.path} holds no resumable checkpoint (a step checkpoint with its "
+            "training state); set train.checkpoint_every to write them, or start without train.resume"
         )
-    info = json.loads((folder / "dpokit_state.json").read_text())
+    _, info = load_training_state(folder, tensors=False)
     stopped = info.get("guards", {}).get("stop_reason")
     return {
         "folder": folder,
@@ -321,16 +421,21 @@ def resume_point(run_dir: Path, total_steps: int) -> dict:
     }
 
 
-def finished_run(run_dir: Path, resume: dict) -> RunResult:
-    records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
-    history = [r for r in records if r["step"] > 0]
-    log.info("%s is complete (step %d of %d); nothing to resume", run_dir, resume["step"], resume["total"])
+def finished_run(run: Run, resume: dict) -> RunResult:
+    log.warning(
+        "%s: the run is complete (%s; checkpoint %s, step %d of %d); nothing to resume",
+        run.path,
+        resume["stopped"],
+        resume["folder"].name,
+        resume["step"],
+        resume["total"],
+    )
     return RunResult(
-        run_dir, history, None, None, resume["folder"], None, resume["stopped"], already_complete=True
+        run, run.history, None, None, resume["folder"], None, resume["stopped"], already_complete=True
     )
 
 
-def restore(folder: Path, run_dir: Path, s: Session, policy, optimizer, scheduler, guards: Guards):
+def restore(folder: Path, run: Run, s: Session, policy, optimizer, scheduler, guards: Guards):
     """Load a resumable checkpoint into the run; returns (metrics so far, the initial eval)."""
     state, info = load_training_state(folder)
     if sharding.steps_in_backward(s.accelerator):  # DeepSpeed restores the weights and its partitions itself
@@ -342,32 +447,24 @@ def restore(folder: Path, run_dir: Path, s: Session, policy, optimizer, schedule
     torch.set_rng_state(state["torch_rng"])
     guards.load_state_dict(info["guards"])
     s.objective.load_state_dict(info["objective"])
-    step = info["step"]
     if s.accelerator.is_main_process:
-        for name in ("metrics.jsonl", "pair_samples.jsonl"):  # forget what was logged after the checkpoint
-            kept = (
-                [r for r in read_metrics(run_dir / name) if r["step"] <= step]
-                if (run_dir / name).exists()
-                else []
-            )
-            write_jsonl(run_dir / name, kept)
-    records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+        run.forget_after(info["step"])
+    records = run.metrics
     initial = next((r for r in records if r["step"] == 0), None)
-    log.info("resumed from %s (step %d)", folder, step)
-    return [r for r in records if r["step"] > 0], (
+    log.info("resumed from %s (step %d)", folder, info["step"])
+    return [r for r in records if 0 < r["step"] <= info["step"]], (
         {k: v for k, v in initial.items() if k.startswith("eval/")} if initial else None
     )
 
 
-def log_pair_samples(run_dir: Path, step: int, samples: list[dict], s: Session) -> None:
-    """Append the held-out pairs' per-pair values, with their text, to pair_samples.jsonl."""
+def with_texts(samples: list[dict], s: Session) -> list[dict]:
+    """The held-out pairs' per-pair values with their text (the report's log-ratio picture)."""
     for row in samples:
         pair = s.data.eval[row["index"]]
         row.update(
             {k: s.tokenizer.decode(getattr(pair, f"{k}_ids")) for k in ("prompt", "chosen", "rejected")}
         )
-    with open(run_dir / "pair_samples.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"step": step, "pairs": samples}) + "\n")
+    return samples
 
 
 def non_finite_message(

@@ -1,4 +1,5 @@
-"""`dpokit export`: a trained policy to what serves it. Reads a checkpoint; imports nothing from training.
+"""`dpokit export`: a trained policy to what serves it. Loads it through trained.py; imports nothing from
+training.
 
 - A merged Hugging Face folder: LoRA merged into the base (PEFT's merge), or the fully fine-tuned weights,
   saved as plain safetensors with config, generation config and tokenizer (chat template included): it
@@ -20,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpokit import models
 from dpokit.errors import UsageError
 from dpokit.files import build_folder, write_file
+from dpokit.trained import load_trained
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""--dtype choices: the weights of the merged folder."""
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_1")
 """--gguf-type choices (see _types)."""
 
@@ -38,56 +40,26 @@ class Exported:
     seconds: float
 
 
-def checkpoint_of(target: str) -> tuple[Path, object, bool]:
-    """(checkpoint folder, the run's config or the adapter's base model name, is a LoRA adapter) of a run
-    dir or a checkpoint folder."""
-    from dpokit.config import load_config
-    from dpokit.evaluation import run_checkpoint
-
-    path = Path(target)
-    if not path.is_dir():
+def merged_model(target):
+    """The policy of `target` (trained.load_trained) as one plain causal LM in fp32 on the CPU, and its
+    tokenizer: a LoRA adapter merged into its base (PEFT's merge), a full model as it is."""
+    if not Path(target).exists():
         raise UsageError(f"{target}: no such folder (give a run dir or a checkpoint folder)")
-    if (path / "config.yaml").is_file():  # a run dir: its final checkpoint
-        ckpt, run = run_checkpoint(path), path
-    else:
-        ckpt, run = path, path.parent.parent  # RUN/checkpoints/step-N
-    adapter = (ckpt / "adapter_config.json").is_file()
-    if not adapter:
-        if not (ckpt / "config.json").is_file():
+    trained = load_trained(target, device="cpu")
+    if trained.is_lora:
+        base = trained.model.get_base_model()
+        quantized = getattr(base.config, "quantization_config", None)
+        if quantized is not None:
             raise UsageError(
-                f"{ckpt}: neither a LoRA adapter (adapter_config.json) nor a model (config.json)"
+                f"the base of {trained.source!r} is quantized ({type(quantized).__name__}): merging LoRA weights "
+                "into quantized weights rounds them away. Export from the unquantized base (the same model in "
+                "fp32/bf16)"
             )
-        return ckpt, str(ckpt), False
-    if (run / "config.yaml").is_file():
-        base = load_config(run / "config.yaml")
-    else:
-        base = json.loads((ckpt / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
-    if not base:
-        raise UsageError(f"{ckpt}: a LoRA adapter whose base model is unknown (no run config.yaml beside it)")
-    return ckpt, base, True
-
-
-def merged_model(ckpt: Path, base, adapter: bool):
-    """The policy as one plain causal LM (fp32) and its tokenizer; `base`: the run's config (its base may
-    hold a merged SFT adapter) or a model name."""
-    if not adapter:
-        return models.load_model(str(ckpt)), models.load_tokenizer(str(ckpt))
-    if isinstance(base, str):
-        base_model = models.load_model(models.resolve_model_path(base))
-    else:
-        base_model = models.load_run_base(base)
-    quantized = getattr(base_model.config, "quantization_config", None)
-    if quantized is not None:
-        raise UsageError(
-            f"the base {base if isinstance(base, str) else base.model.name!r} is quantized ({type(quantized).__name__}): merging LoRA weights into quantized "
-            "weights rounds them away. Export from the unquantized base (the same model in fp32/bf16)"
-        )
-    merged = models.load_adapter(base_model, str(ckpt), trainable=False).merge_and_unload()
-    return merged.eval(), models.load_tokenizer(str(ckpt))
+    return trained.merged().eval(), trained.tokenizer
 
 
 def export(
-    target: str, out: str, dtype: str = "fp32", gguf: str | None = None, gguf_type: str = "f16"
+    target, out: str, dtype: str = "fp32", gguf: str | None = None, gguf_type: str = "f16"
 ) -> Exported:
     """Write the merged folder to `out` (and a GGUF + Modelfile when `gguf` is given)."""
     if dtype not in DTYPES:
@@ -95,11 +67,10 @@ def export(
     if gguf_type not in GGUF_TYPES:
         raise UsageError(f"--gguf-type {gguf_type}: choose one of {list(GGUF_TYPES)}")
     started = time.perf_counter()
-    ckpt, base, adapter = checkpoint_of(target)
     folder = Path(out)
     if folder.exists() and any(folder.iterdir()):
         raise UsageError(f"--out {out}: exists and is not empty; choose a new folder")
-    model, tokenizer = merged_model(ckpt, base, adapter)
+    model, tokenizer = merged_model(target)
     if gguf:
         check_gguf_arch(model)
     gguf_path = modelfile = None
