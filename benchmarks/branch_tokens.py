@@ -53,8 +53,8 @@ def main() -> None:
     from dpokit import models
     from dpokit.data.prompts import load_prompts
     from dpokit.generate import SamplingSettings, sample
+    from dpokit.pairing import pair_indices
     from dpokit.rewards import get_reward
-    from dpokit.rounds import pair_indices
     from dpokit.tokenize import TokenizedPair, encode_completion
 
     path = models.resolve_model_path(models.SMOLLM2_ALIAS)

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 
 from dpokit.config import ConfigError, load_config
 from dpokit.files import read_jsonl as read_metrics
+from dpokit.pairing import judge_scores, pair_indices, penalized
 from dpokit.rewards import RewardError, get_judge
-from dpokit.rounds import FAULT_ENV, judge_scores, pair_indices, penalized, run_iterate
+from dpokit.rounds import FAULT_ENV, run_iterate
 from helpers import TINY_ITERATE
 
 HERE = Path(__file__).resolve().parent

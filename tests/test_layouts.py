@@ -99,7 +99,7 @@ def test_one_prompt_with_n_branches_equals_n_separate_sequences(model):
 def sampled_pairs(rule: str, prompts: int = 3, k: int = 4, seed: int = 5) -> list[TokenizedPair]:
     """Pairs drawn as a round of `dpokit iterate` draws them: k samples per prompt (a repeated one among
     them), paired best against worst or every pair, with random scores."""
-    from dpokit.rounds import pair_indices
+    from dpokit.pairing import pair_indices
 
     rng = random.Random(seed)
     ids = lambda n: [rng.randrange(3, 250) for _ in range(n)]  # noqa: E731

@@ -11,13 +11,20 @@ reads back with pickle on resume (its files hold objects of its own).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 
+from dpokit import sharding
+from dpokit.errors import TrainingError
 from dpokit.files import build_folder
+from dpokit.reference import unwrap
+from dpokit.rundir import Run
 from dpokit.sharding import is_sharded, load_model_state
+
+log = logging.getLogger(__name__)
 
 
 def save_checkpoint(
@@ -89,3 +96,93 @@ def load_model_weights(model, folder: Path, lora: bool) -> None:
         raise RuntimeError(
             f"checkpoint {folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+
+
+# ---- a running loop's checkpoints, and where a resumed run starts
+
+
+class Saver:
+    """Checkpoints of a running loop: resumable step-N, the best one, the last good weights."""
+
+    def __init__(self, run: Run, s, policy, optimizer, scheduler, guards):
+        """`s`: the run's session.Session (tokenizer, objective, accelerator); `guards`: its guards.Guards."""
+        self.run, self.s, self.policy, self.optimizer, self.scheduler, self.guards = (
+            run,
+            s,
+            policy,
+            optimizer,
+            scheduler,
+            guards,
+        )
+
+    def save(self, step: int, name: str | None = None) -> Path | None:
+        """Every process calls it: sharded weights and optimizer states are gathered to process 0, which
+        writes. Step checkpoints (no `name`) are resumable and become the run's latest."""
+        acc, policy = self.s.accelerator, self.policy
+        weights = sharding.model_state(acc, policy, unwrap(policy).model)
+        state, engine = None, None
+        if name is None:
+            state = {"scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+            if sharding.steps_in_backward(acc):  # DeepSpeed: each process writes its own ZeRO partition
+                engine = sharding.save_engine_state(acc, policy, self.run.scratch(f"deepspeed-{step}"))
+            else:
+                state["optimizer"] = sharding.optimizer_state(policy, self.optimizer)
+        if not acc.is_main_process:
+            return None
+        extra = {"guards": self.guards.state_dict(), "objective": self.s.objective.state_dict()}
+        folder = self.run.checkpoint_path(name) if name else self.run.step_checkpoint(step)
+        save_checkpoint(
+            unwrap(policy).model,
+            self.s.tokenizer,
+            folder,
+            step,
+            extra=extra,
+            training_state=state,
+            state_dict=weights,
+            engine_state=engine,
+        )
+        if name is None:
+            self.run.mark_latest(folder)
+        return folder
+
+
+def resume_point(run: Run, total_steps: int) -> dict:
+    """Where a resumed run starts: its latest resumable checkpoint, and whether the run is already done."""
+    folder = run.latest_checkpoint
+    if folder is None:
+        raise TrainingError(
+            f"train.resume=true but {run.path} holds no resumable checkpoint (a step checkpoint with its "
+            "training state); set train.checkpoint_every to write them, or start without train.resume"
+        )
+    _, info = load_training_state(folder, tensors=False)
+    stopped = info.get("guards", {}).get("stop_reason")
+    return {
+        "folder": folder,
+        "step": info["step"],
+        "complete": info["step"] >= total_steps or bool(stopped),
+        "stopped": stopped or "completed all steps",
+        "total": total_steps,
+    }
+
+
+def restore(folder: Path, run: Run, s, policy, optimizer, scheduler, guards):
+    """Load a resumable checkpoint into a run (`s`: its session, `guards`: its Guards); returns (metrics so
+    far, the initial eval)."""
+    state, info = load_training_state(folder)
+    if sharding.steps_in_backward(s.accelerator):  # DeepSpeed restores the weights and its partitions itself
+        sharding.load_engine_state(policy, folder / sharding.ENGINE_STATE)
+    else:
+        load_model_weights(unwrap(policy).model, folder, lora=s.cfg.lora.enabled)
+        sharding.load_optimizer_state(policy, optimizer, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    guards.load_state_dict(info["guards"])
+    s.objective.load_state_dict(info["objective"])
+    if s.accelerator.is_main_process:
+        run.forget_after(info["step"])
+    records = run.metrics
+    initial = next((r for r in records if r["step"] == 0), None)
+    log.info("resumed from %s (step %d)", folder, info["step"])
+    return [r for r in records if 0 < r["step"] <= info["step"]], (
+        {k: v for k, v in initial.items() if k.startswith("eval/")} if initial else None
+    )

@@ -23,7 +23,7 @@ import torch
 
 from dpokit import reference as references
 from dpokit import sharding
-from dpokit.checkpoint import load_model_weights, load_training_state, save_checkpoint
+from dpokit.checkpoint import Saver, restore, resume_point
 from dpokit.config import Config
 from dpokit.errors import TrainingError
 from dpokit.evaluation import eval_batches, evaluate_pairs
@@ -228,50 +228,6 @@ def asked_to_stop(callbacks: Sequence[Callback], record: dict, acc) -> str | Non
     return reason
 
 
-class Saver:
-    """Checkpoints of a running loop: resumable step-N, the best one, the last good weights."""
-
-    def __init__(self, run: Run, s: Session, policy, optimizer, scheduler, guards: Guards):
-        self.run, self.s, self.policy, self.optimizer, self.scheduler, self.guards = (
-            run,
-            s,
-            policy,
-            optimizer,
-            scheduler,
-            guards,
-        )
-
-    def save(self, step: int, name: str | None = None) -> Path | None:
-        """Every process calls it: sharded weights and optimizer states are gathered to process 0, which
-        writes. Step checkpoints (no `name`) are resumable and become the run's latest."""
-        acc, policy = self.s.accelerator, self.policy
-        weights = sharding.model_state(acc, policy, unwrap(policy).model)
-        state, engine = None, None
-        if name is None:
-            state = {"scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
-            if sharding.steps_in_backward(acc):  # DeepSpeed: each process writes its own ZeRO partition
-                engine = sharding.save_engine_state(acc, policy, self.run.scratch(f"deepspeed-{step}"))
-            else:
-                state["optimizer"] = sharding.optimizer_state(policy, self.optimizer)
-        if not acc.is_main_process:
-            return None
-        extra = {"guards": self.guards.state_dict(), "objective": self.s.objective.state_dict()}
-        folder = self.run.checkpoint_path(name) if name else self.run.step_checkpoint(step)
-        save_checkpoint(
-            unwrap(policy).model,
-            self.s.tokenizer,
-            folder,
-            step,
-            extra=extra,
-            training_state=state,
-            state_dict=weights,
-            engine_state=engine,
-        )
-        if name is None:
-            self.run.mark_latest(folder)
-        return folder
-
-
 def summary(
     history, initial_eval, final_eval, ckpt: str | None, wall_s: float, stopped: str, guards: Guards
 ) -> dict:
@@ -402,25 +358,6 @@ def precompute_reference(cfg: Config, given: dict | None = None) -> dict | None:
     return make_references(s, policy, schedule, 0)[2]
 
 
-def resume_point(run: Run, total_steps: int) -> dict:
-    """Where a resumed run starts: its latest resumable checkpoint, and whether the run is already done."""
-    folder = run.latest_checkpoint
-    if folder is None:
-        raise TrainingError(
-            f"train.resume=true but {run.path} holds no resumable checkpoint (a step checkpoint with its "
-            "training state); set train.checkpoint_every to write them, or start without train.resume"
-        )
-    _, info = load_training_state(folder, tensors=False)
-    stopped = info.get("guards", {}).get("stop_reason")
-    return {
-        "folder": folder,
-        "step": info["step"],
-        "complete": info["step"] >= total_steps or bool(stopped),
-        "stopped": stopped or "completed all steps",
-        "total": total_steps,
-    }
-
-
 def finished_run(run: Run, resume: dict) -> RunResult:
     log.warning(
         "%s: the run is complete (%s; checkpoint %s, step %d of %d); nothing to resume",
@@ -432,28 +369,6 @@ def finished_run(run: Run, resume: dict) -> RunResult:
     )
     return RunResult(
         run, run.history, None, None, resume["folder"], None, resume["stopped"], already_complete=True
-    )
-
-
-def restore(folder: Path, run: Run, s: Session, policy, optimizer, scheduler, guards: Guards):
-    """Load a resumable checkpoint into the run; returns (metrics so far, the initial eval)."""
-    state, info = load_training_state(folder)
-    if sharding.steps_in_backward(s.accelerator):  # DeepSpeed restores the weights and its partitions itself
-        sharding.load_engine_state(policy, folder / sharding.ENGINE_STATE)
-    else:
-        load_model_weights(unwrap(policy).model, folder, lora=s.cfg.lora.enabled)
-        sharding.load_optimizer_state(policy, optimizer, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    guards.load_state_dict(info["guards"])
-    s.objective.load_state_dict(info["objective"])
-    if s.accelerator.is_main_process:
-        run.forget_after(info["step"])
-    records = run.metrics
-    initial = next((r for r in records if r["step"] == 0), None)
-    log.info("resumed from %s (step %d)", folder, info["step"])
-    return [r for r in records if 0 < r["step"] <= info["step"]], (
-        {k: v for k, v in initial.items() if k.startswith("eval/")} if initial else None
     )
 
 

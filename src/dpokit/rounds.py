@@ -34,6 +34,7 @@ from dpokit.errors import UsageError
 from dpokit.evaluation import generation_metrics
 from dpokit.files import read_jsonl, write_jsonl
 from dpokit.generate import Sample, SamplingSettings, sample
+from dpokit.pairing import judge_scores, make_pairs, pair_stats, penalized
 from dpokit.rewards import as_judge, as_reward
 from dpokit.rundir import Run, with_run_dir
 from dpokit.trained import Trained, load_start, load_trained
@@ -50,45 +51,6 @@ class RoundResult:
     round: int
     folder: Path
     summary: dict
-
-
-def pair_indices(scores: list[float], rule: str, min_gap: float) -> tuple[list[tuple[int, int]], int]:
-    """(chosen index, rejected index) pairs of one prompt's samples, and how many were ties (score gap <=
-    min_gap) and dropped. best_worst: the first highest against the first lowest score; all_pairs: every
-    pair of samples, better one first."""
-    if rule == "best_worst":
-        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-        worst = min(range(len(scores)), key=lambda i: (scores[i], i))
-        if scores[best] - scores[worst] <= min_gap:
-            return [], 1
-        return [(best, worst)], 0
-    pairs, ties = [], 0
-    for i in range(len(scores)):
-        for j in range(i + 1, len(scores)):
-            if abs(scores[i] - scores[j]) <= min_gap:
-                ties += 1
-            else:
-                pairs.append((i, j) if scores[i] > scores[j] else (j, i))
-    return pairs, ties
-
-
-def penalized(scores: list[float], finished: list[bool], penalty: float) -> list[float]:
-    """TRL's missing_eos_penalty: a completion cut at max_new_tokens loses `penalty`."""
-    return [s if done else s - penalty for s, done in zip(scores, finished, strict=True)]
-
-
-def judge_scores(judge, prompt: str, completions: list[str]) -> list[float]:
-    """Each completion's mean probability of beating the prompt's other completions (a round robin, both
-    orders, so a judge's position bias cancels)."""
-    k = len(completions)
-    wins = [0.0] * k
-    for i in range(k):
-        for j in range(k):
-            if i != j:
-                p = judge(prompt, completions[i], completions[j])
-                wins[i] += p
-                wins[j] += 1.0 - p
-    return [w / (2 * (k - 1)) for w in wins]
 
 
 def _fault(phase: str, r: int) -> None:
@@ -212,25 +174,7 @@ class Iteration:
         done = self.run.round(r).read("pair_stats")
         if done is not None:
             return done
-        pairs, ties, identical, margins = [], 0, 0, []
-        for s, sc in zip(samples, scores, strict=True):
-            found, t = pair_indices(sc["scores"], self.it.pairing, self.it.min_score_gap)
-            ties += t
-            for i, j in found:
-                chosen, rejected = s["completions"][i], s["completions"][j]
-                if chosen.strip() == rejected.strip():  # a reward of the text cannot tell them apart
-                    identical += 1
-                    continue
-                margins.append(sc["scores"][i] - sc["scores"][j])
-                pairs.append(
-                    {
-                        "prompt": s["prompt"],
-                        "chosen": chosen,
-                        "rejected": rejected,
-                        "score_chosen": sc["scores"][i],
-                        "score_rejected": sc["scores"][j],
-                    }
-                )
+        pairs, ties, identical, margins = make_pairs(samples, scores, self.it.pairing, self.it.min_score_gap)
         if not pairs:
             raise UsageError(
                 f"round {r}: every pair was a tie ({ties} ties, {identical} identical texts): the samples of a "
@@ -357,24 +301,6 @@ class Iteration:
         summary = {"round": r, "data": pairs, "train": _train_figures(train_summary), "eval": gen}
         round_.write("summary", summary)
         return RoundResult(r, round_.path, summary)
-
-
-def pair_stats(samples, scores, pairs, ties: int, identical: int, margins: list[float]) -> dict:
-    """What pair_stats.json holds: counts, mean score and margin, EOS share and length of the samples."""
-    all_scores = [x for sc in scores for x in sc["scores"]]
-    finished = [f for s in samples for f in s["finished"]]
-    lengths = [n for s in samples for n in s["lengths"]]
-    return {
-        "prompts": len(samples),
-        "samples": len(all_scores),
-        "pairs": len(pairs),
-        "ties_dropped": ties,
-        "identical_dropped": identical,
-        "score/mean": sum(all_scores) / len(all_scores),
-        "score_margin/mean": sum(margins) / len(margins),
-        "eos_share": sum(finished) / len(finished),
-        "length/mean": sum(lengths) / len(lengths),
-    }
 
 
 TIMING = ("tokens_per_s", "step_time_s")
