@@ -174,6 +174,8 @@ def test_evaluate_with_a_python_reward_writes_into_the_run(tiny_lora_run, tmp_pa
     lengths = [len(c) for r in result.samples for c in r["policy"]]
     assert gen["reward/policy"] == pytest.approx(sum(lengths) / len(lengths))  # the lambda scored them
     assert result.path == run.path / "eval.json" and run.eval_results["reward"].startswith("python:")
+    page = run.report()
+    assert page == run.path / "report.html" and "Training curves" in page.read_text()
     with pytest.raises(dpokit.UsageError, match="unknown setting 'sample'.*did you mean samples"):
         dpokit.evaluate(run, data=demo_records(8), sample=2)
 
@@ -212,6 +214,27 @@ def test_iterate_with_python_prompts_and_reward_then_continue(tmp_path, tiny_mod
     before = round1.summary
     again = dpokit.iterate(resume=run, reward=reward, prompts=prompts, eval_prompts=prompts[:2])
     assert again.rounds[0].summary == before  # done rounds are not redone
+    calls = []
+
+    def longer(prompt, a, b):
+        calls.append(prompt)
+        return 1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5
+
+    judged = dpokit.iterate(
+        prompts=prompts, judge=longer, **{**settings, "train.run_dir": str(tmp_path / "judged")}
+    )
+    assert (
+        len(calls) == 6 * 4 * 3
+        and judged.config.iterate.judge
+        == "python:test_iterate_with_python_prompts_and_reward_then_continue.<locals>.longer"
+    )
+    (judged_round,) = judged.rounds
+    for s, sc in zip(judged_round.read("samples"), judged_round.read("scores"), strict=True):
+        lengths = [len(c) for c in s["completions"]]
+        # a sample's score is its mean win probability: the longest one scores highest
+        assert max(range(4), key=lambda i: (sc["raw"][i], -i)) == max(
+            range(4), key=lambda i: (lengths[i], -i)
+        )
 
 
 def test_check_and_filter_return_objects(tmp_path):

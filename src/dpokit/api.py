@@ -398,19 +398,3 @@ def load(
     from dpokit.trained import load_trained
 
     return load_trained(target, checkpoint=checkpoint, reference=reference, device=device)
-
-
-__all__ = [
-    "EvalSettings",
-    "Evaluation",
-    "Run",
-    "check",
-    "config",
-    "evaluate",
-    "export",
-    "filter",
-    "iterate",
-    "load",
-    "precompute_ref",
-    "train",
-]
