@@ -111,6 +111,8 @@ def test_user_mistakes_raise_dpokit_errors_with_the_cli_message_and_write_nothin
         dpokit.train(data=demo_records(), **tiny(tmp_path / "no-model", run))
     with pytest.raises(dpokit.UsageError, match="a config cannot be given too"):
         dpokit.train({"loss": {"beta": 0.2}}, resume=tmp_path)
+    with pytest.raises(dpokit.UsageError, match="data / eval_data cannot be given too"):
+        dpokit.train(resume=tmp_path, data=demo_records())
     assert not run.exists()
     for err in (dpokit.ConfigError, dpokit.DataError, dpokit.ModelLoadError, dpokit.UsageError):
         assert issubclass(err, dpokit.DpokitError)

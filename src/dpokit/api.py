@@ -20,22 +20,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpokit.config import Config, build_config, config_source, did_you_mean, nested
-from dpokit.errors import UsageError
+from dpokit.config import Config, build_config, config_source, did_you_mean, merge, nested
+from dpokit.errors import ConfigError, UsageError
 from dpokit.rundir import Run, with_run_dir
-
-PATH_TYPES = (str, Path)
 
 
 def _is_path(value) -> bool:
-    return isinstance(value, PATH_TYPES) or isinstance(value, Run)
+    """A file or folder given by name (else: data in memory)."""
+    return isinstance(value, (str, Path, Run))
 
 
 def _merged(config, overrides: dict, resume) -> dict:
     """The config source with the overrides on top, as a nested dict; `resume`: a run dir whose own config
     continues (a config may not be given too)."""
-    from dpokit.config import _merge
-
     if resume is not None:
         run = resume if isinstance(resume, Run) else Run(resume)
         if config is not None:
@@ -52,10 +49,8 @@ def _merged(config, overrides: dict, resume) -> dict:
         config = run.path / Run.CONFIG
         overrides = {**overrides, "train.resume": True, "train.run_dir": str(run.path)}
     problems: list[str] = []
-    data = _merge(config_source(config), nested(overrides, problems))
+    data = merge(config_source(config), nested(overrides, problems))
     if problems:
-        from dpokit.errors import ConfigError
-
         raise ConfigError(problems)
     return data
 
@@ -116,8 +111,9 @@ def train(
     """Train a policy; returns its run (`run.metrics`, `run.summary`, `run.load()`, `run.report()`).
 
     `data` / `eval_data`: a preference file, a list of records or a `datasets.Dataset` / `DatasetDict`, in
-    any format dpokit reads (they set data.train / data.eval); a dict is the data section's settings. `resume`: continue that run dir from its
-    latest checkpoint, to the same result (overrides may follow). `callbacks`: functions called with each
+    any format dpokit reads (they set data.train / data.eval); a dict is the data section's settings.
+    `resume`: continue that run dir from its latest checkpoint, to the same result, on the data it saved
+    (overrides may follow). `callbacks`: functions called with each
     optimizer step's metrics record; one that returns something true stops the run after that step (it
     saves its final checkpoint as usual). `trackers`: Accelerate GeneralTracker objects for live metrics."""
     from dpokit.loop import train as run_training
@@ -129,6 +125,11 @@ def train(
 def _train_config(config, overrides: dict, resume, data, eval_data) -> tuple[Config, dict]:
     if isinstance(data, dict) and not hasattr(data, "column_names"):  # the data section, not a DatasetDict
         overrides, data = {**overrides, "data": data}, None
+    if resume is not None and (data is not None or eval_data is not None):
+        raise UsageError(
+            f"resume={str(resume)!r} continues the run on the data it trained on (its config names it); "
+            "data / eval_data cannot be given too"
+        )
     raw = _merged(config, overrides, resume)
     keys, given = _training_data(data, eval_data)
     for key, value in keys.items():
@@ -212,29 +213,13 @@ def evaluate(
     `target`: a run (its final checkpoint, against the reference it trained with) or a model (with `ref`).
     Writes eval.json (+ eval_samples.jsonl) to `out`, else into the run dir (nothing for a model target
     without `out`). `settings`: the fields of EvalSettings. Everything is checked before a model loads."""
-    from dpokit.data import in_memory, resolve_data_path
-    from dpokit.data.prompts import load_prompts, prompts_in_memory
-    from dpokit.errors import DataError
     from dpokit.evaluation import generation_metrics, preference_metrics
     from dpokit.generate import SamplingSettings
-    from dpokit.rewards import as_reward, python_spec
+    from dpokit.rewards import python_spec
     from dpokit.trained import load_trained
 
     opts = _settings(EvalSettings, settings, "evaluate")
-    if data is None and reward is None:
-        raise UsageError("nothing to evaluate: give data (preference pairs) and/or a reward (with prompts)")
-    if reward is not None and prompts is None and data is None:
-        raise UsageError("a reward needs prompts: give prompts (or data)")
-    pairs = None if data is None or _is_path(data) else in_memory(data, "data")
-    if data is not None and pairs is None and not resolve_data_path(str(data)).exists():
-        raise DataError(str(data), "no such file (given as --data)")
-    scorer = as_reward(reward) if reward is not None else None
-    prompt_list = None
-    if scorer is not None and prompts is not None:
-        source = str(prompts) if _is_path(prompts) else prompts_in_memory(prompts, "prompts")
-        prompt_list = load_prompts(source, split, opts.num_prompts, "--prompts")
-    elif scorer is not None:
-        prompt_list = load_prompts(pairs or str(data), split, opts.num_prompts, "--data")
+    pairs, scorer, prompt_list = _eval_inputs(data, prompts, reward, split, opts.num_prompts)
     trained = load_trained(target, reference=ref or True, bf16=opts.bf16)
     results: dict = {"target": trained.source, "reference": ref or "the run's starting model"}
     records = None
@@ -254,6 +239,29 @@ def evaluate(
     folder = Path(out) if out is not None else (Path(target) if Run(target).exists else None)
     path = Run(folder).write_eval(results, records) if folder is not None else None
     return Evaluation(results, records, path)
+
+
+def _eval_inputs(data, prompts, reward, split: str | None, num_prompts: int):
+    """(pairs in memory or None, the reward, the prompts to sample on) of `evaluate`, checked before any
+    model loads."""
+    from dpokit.data import in_memory, resolve_data_path
+    from dpokit.data.prompts import load_prompts, prompts_in_memory
+    from dpokit.errors import DataError
+    from dpokit.rewards import as_reward
+
+    if data is None and reward is None:
+        raise UsageError("nothing to evaluate: give data (preference pairs) and/or a reward (with prompts)")
+    if reward is not None and prompts is None and data is None:
+        raise UsageError("a reward needs prompts: give prompts (or data)")
+    pairs = None if data is None or _is_path(data) else in_memory(data, "data")
+    if data is not None and pairs is None and not resolve_data_path(str(data)).exists():
+        raise DataError(str(data), "no such file (given as --data)")
+    if reward is None:
+        return pairs, None, None
+    if prompts is not None:
+        source = str(prompts) if _is_path(prompts) else prompts_in_memory(prompts, "prompts")
+        return pairs, as_reward(reward), load_prompts(source, split, num_prompts, "--prompts")
+    return pairs, as_reward(reward), load_prompts(pairs or str(data), split, num_prompts, "--data")
 
 
 def _settings(cls, given: dict, who: str):

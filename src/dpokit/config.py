@@ -417,10 +417,10 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
     return nested, problems
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -456,7 +456,7 @@ def nested(values: dict, problems: list[str]) -> dict:
         node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = _merge(node.get(parts[-1], {}), value) if isinstance(value, dict) else value
+        node[parts[-1]] = merge(node.get(parts[-1], {}), value) if isinstance(value, dict) else value
     return out
 
 
@@ -499,7 +499,7 @@ def load_config(
     which builds data.train itself); raise one ConfigError."""
     data = read_yaml(path) if path is not None else {}
     extra, problems = parse_overrides(overrides or [])
-    return build_config(_merge(data, extra), command, problems)
+    return build_config(merge(data, extra), command, problems)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -251,6 +251,7 @@ def train_and_compare(bench: Bench, run: Run, extra: list[str]):
     records)."""
     cfg = _train_config(run.path, bench.data_args, bench.overrides + extra)
     result = train(cfg)
+    result.model = None  # measured as saved: loaded again below, with its reference
     gen, records = generation_metrics(
         load_trained(result.run, reference=True),
         bench.eval_prompts,
