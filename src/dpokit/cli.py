@@ -12,7 +12,7 @@ import typing
 
 from dpokit import api, launch
 from dpokit.config import ConfigError, DataConfig, field_docs, help_text, parse_overrides
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, Interrupted
 from dpokit.validation import DEDUPLICATE
 
 
@@ -234,6 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         return launch.data_parallel(args.num_processes, argv if argv is not None else sys.argv[1:])
     try:
         COMMANDS[args.command](args, flags)
+    except Interrupted as err:
+        launch.end_process_group(in_step=False)
+        print(f"dpokit {args.command}: stopped: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a run's steps
+        launch.end_process_group(in_step=False)
+        print(f"dpokit {args.command}: stopped at once (Ctrl-C); what was not saved is lost", file=sys.stderr)
+        return 130
     except DpokitError as err:
         launch.end_process_group(in_step=False)
         print(f"dpokit {args.command}: error: {err}", file=sys.stderr)

@@ -47,3 +47,12 @@ class RewardError(DpokitError, ValueError):
 
 class SamplingError(DpokitError, ValueError):
     """Sampling settings or prompts that cannot be sampled."""
+
+
+class Interrupted(DpokitError):
+    """A run stopped by SIGINT (Ctrl-C) or SIGTERM after saving what it had; the message says how to
+    resume. The command exits 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int):
+        self.signum = signum
+        super().__init__(message)

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import resource
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ from dpokit import reference as references
 from dpokit import sharding
 from dpokit.checkpoint import Saver, restore, resume_point
 from dpokit.config import Config
-from dpokit.errors import TrainingError
+from dpokit.errors import Interrupted, TrainingError
 from dpokit.evaluation import eval_batches, evaluate_pairs
 from dpokit.guards import Guards
 from dpokit.metrics import PairMetrics
@@ -36,6 +37,7 @@ from dpokit.reference import unwrap
 from dpokit.rundir import Run, with_run_dir
 from dpokit.schedule import epoch_steps, mine, step_schedule
 from dpokit.session import Session, fit_deepspeed, setup
+from dpokit.stopping import StopSignals
 
 __all__ = ["RunResult", "precompute_reference", "train"]
 
@@ -70,12 +72,22 @@ def train(
 
     Metrics go to the run's metrics file, live to the Accelerate trackers of train.report_to and `trackers`
     (GeneralTracker objects), and to each of `callbacks`. `given`: records in memory by split (train, eval),
-    read instead of the config's data files and saved where those name, in the run dir, at its start."""
+    read instead of the config's data files and saved where those name, in the run dir, at its start.
+
+    SIGINT (Ctrl-C) or SIGTERM: the current step finishes, a resumable checkpoint is saved and Interrupted
+    is raised saying how to resume; a second signal stops at once (KeyboardInterrupt)."""
+    with StopSignals("the run finishes its step, saves a resumable checkpoint and stops") as stop:
+        return _train(cfg, trackers, callbacks, given, stop)
+
+
+def _train(cfg: Config, trackers, callbacks: Sequence[Callback], given, stop: StopSignals) -> RunResult:
     started = time.perf_counter()
     cfg = with_run_dir(cfg)
     run = Run(cfg.train.run_dir)
     run.check(cfg.train.resume, cfg.train.overwrite)
     s = setup(cfg, str(run.path), trackers, given)
+    if stop.received:  # nothing is written before the run dir starts
+        raise Interrupted(f"{stop.name} before training started: nothing was written", stop.received)
     run.check_space(checkpoint_bytes(cfg, s.policy))
     acc, t, e = s.accelerator, cfg.train, cfg.eval
     schedule = list(step_schedule(len(s.data.train), t, acc.num_processes, s.train_groups()))
@@ -120,6 +132,16 @@ def train(
             run.append_pair_samples(step, with_texts(samples, s))
         return {f"eval/{k}": v for k, v in metrics.items()}
 
+    def interrupt(step: int, signum: int) -> None:
+        kept = saver.save(step)
+        message = (
+            f"{signal.Signals(signum).name} after step {step} of {len(schedule)}: a resumable checkpoint is "
+            f"saved ({kept}); continue with `dpokit train --resume {run.path}` (Python: "
+            f"dpokit.train(resume={str(run.path)!r}))"
+        )
+        summarize(message, None, kept)
+        raise Interrupted(message, signum)
+
     def summarize(stopped: str, final_eval: dict | None, ckpt: Path | None) -> None:
         if acc.is_main_process:
             run.write_summary(
@@ -142,6 +164,9 @@ def train(
         initial_eval = run_eval(0)
         log_record({"step": 0, "epoch": 0.0, **initial_eval})
         reporter.print_eval(0, initial_eval)
+    signum = stop_requests((), {"step": start_step}, acc, stop)[1]
+    if signum:  # before the first step of this call: its start is saved, resumable
+        interrupt(start_step, signum)
     with reporter:
         for step, micro_batches in enumerate(schedule, start=1):
             if step <= start_step:  # a resumed run replays nothing: the data order is a function of the step
@@ -175,7 +200,10 @@ def train(
             log_record(record)
             history.append(record)
             reporter.update(record)
-            guards.stop_reason = guards.stop_reason or asked_to_stop(callbacks, record, acc)
+            asked, signum = stop_requests(callbacks, record, acc, stop)
+            guards.stop_reason = guards.stop_reason or asked
+            if signum:
+                interrupt(step, signum)
             if guards.stop_reason:
                 break
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < len(schedule):
@@ -214,18 +242,22 @@ def record_sinks(run: Run, cfg: Config, acc, trackers: list | None):
     return log_record
 
 
-def asked_to_stop(callbacks: Sequence[Callback], record: dict, acc) -> str | None:
-    """The first callback that asks to stop after this step (process 0 decides for every process)."""
+def stop_requests(
+    callbacks: Sequence[Callback], record: dict, acc, stop: StopSignals
+) -> tuple[str | None, int | None]:
+    """(the first callback that asks to stop after this step, a stop signal received) agreed by every
+    process: process 0's callbacks decide, a signal received by any process counts."""
     reason = None
     for fn in callbacks:
         if fn(dict(record)):
             reason = f"stopped by callback {getattr(fn, '__name__', repr(fn))} after step {record['step']}"
             break
-    if acc.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
+    if acc.num_processes == 1:
+        return reason, stop.received
+    from accelerate.utils import gather_object
 
-        reason = broadcast_object_list([reason])[0]
-    return reason
+    asked = gather_object([(reason, stop.received)])
+    return asked[0][0], next((sig for _, sig in asked if sig), None)
 
 
 def summary(

@@ -30,13 +30,14 @@ from dpokit import models
 from dpokit.config import Config, ConfigError, dump_yaml
 from dpokit.data.prompts import load_prompts
 from dpokit.data.readers import InMemory
-from dpokit.errors import UsageError
+from dpokit.errors import Interrupted, UsageError
 from dpokit.evaluation import generation_metrics
 from dpokit.files import read_jsonl, write_jsonl
 from dpokit.generate import Sample, SamplingSettings, sample
 from dpokit.pairing import judge_scores, make_pairs, pair_stats, penalized
 from dpokit.rewards import as_judge, as_reward
 from dpokit.rundir import Run, with_run_dir
+from dpokit.stopping import StopSignals
 from dpokit.trained import Trained, load_start, load_trained
 from dpokit.validation import validate
 
@@ -288,19 +289,40 @@ class Iteration:
             prompt if isinstance(prompt, str) else self.tokenizer.apply_chat_template(prompt, tokenize=False)
         )
 
-    def run_round(self, r: int) -> RoundResult:
+    def run_round(self, r: int, stop: StopSignals | None = None) -> RoundResult:
+        """Round r, or what is left of it; a stop signal ends the round after its current phase (which is
+        kept: written whole) with Interrupted."""
         round_ = self.run.round(r)
         if round_.done:
             return RoundResult(r, round_.path, round_.summary)
         round_.path.mkdir(parents=True, exist_ok=True)
+        between = (lambda phase: self.stop_after(phase, r, stop)) if stop else (lambda phase: None)
         samples = self.sample_round(r)
+        between("sampling")
         scores = self.score_round(r, samples)
+        between("scoring")
         pairs = self.pair_round(r, samples, scores)
-        train_summary = self.train_round(r)
+        between("pairing")
+        try:
+            train_summary = self.train_round(r)
+        except Interrupted as err:  # the round's training saved its step: the rounds resume from there
+            raise Interrupted(
+                f"round {r}, training: {err.args[0].split(';')[0]}; {self.resume_hint()}", err.signum
+            ) from None
+        between("training")
         gen = self.evaluate_round(r)
         summary = {"round": r, "data": pairs, "train": _train_figures(train_summary), "eval": gen}
         round_.write("summary", summary)
         return RoundResult(r, round_.path, summary)
+
+    def stop_after(self, phase: str, r: int, stop: StopSignals) -> None:
+        if stop.received:
+            raise Interrupted(
+                f"{stop.name} in round {r}: its {phase} is done and kept; {self.resume_hint()}", stop.received
+            )
+
+    def resume_hint(self) -> str:
+        return f"continue with `dpokit iterate --resume {self.run.path}` (Python: dpokit.iterate(resume=...))"
 
 
 TIMING = ("tokens_per_s", "step_time_s")
@@ -372,11 +394,12 @@ def run_iterate(cfg: Config, **given) -> list[RoundResult]:
     it.callbacks = list(callbacks)
     it.run = prepare_root(cfg, it.given)
     results = []
-    for r in range(1, cfg.iterate.rounds + 1):
-        result = it.run_round(r)
-        results.append(result)
-        it.run.write_iterate_summary([x.summary for x in results])
-        log.info("round %d: %s", r, round_line(result.summary))
+    with StopSignals("the round's current phase finishes, is saved, and the run stops") as stop:
+        for r in range(1, cfg.iterate.rounds + 1):
+            result = it.run_round(r, stop)
+            results.append(result)
+            it.run.write_iterate_summary([x.summary for x in results])
+            log.info("round %d: %s", r, round_line(result.summary))
     return results
 
 
