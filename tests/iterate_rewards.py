@@ -36,3 +36,12 @@ def coin(prompt, a, b):
 
 def out_of_range(prompt, a, b):
     return 2.0
+
+
+def raises_on_a_long_one(prompts, completions):
+    """A user's bug: it fails on any completion longer than 8 characters."""
+    return [float(len(c)) if len(c) <= 8 else int("not a number") for c in completions]
+
+
+def judge_that_raises(prompt, a, b):
+    raise KeyError("score")

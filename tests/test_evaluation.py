@@ -309,3 +309,20 @@ def test_prompts_builtin_splits_are_disjoint_and_bad_files_name_the_line(tmp_pat
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     with pytest.raises(DataError, match=r"prompts.jsonl:line 2: prompt: missing"):
         load_prompts(str(bad))
+
+
+@pytest.mark.slow
+def test_an_unfinished_run_is_measured_at_its_newest_checkpoint_and_says_so(tmp_path, tiny_lora_run, caplog):
+    """A run killed before its end has no final checkpoint: eval uses its newest step, says which on the
+    console, and records it in eval.json."""
+    from dpokit.rundir import Run
+
+    run = Run(copy_run(tiny_lora_run, tmp_path / "run"))
+    (run.path / "summary.json").unlink()  # as a run killed after step 3's checkpoint leaves it
+    heldout = _eval_pairs_file(tmp_path)
+    with caplog.at_level("WARNING"):
+        assert main(["eval", str(run.path), "--data", str(heldout), "--max-length", "128"]) == 0
+    assert "the run has no final checkpoint (it did not finish): using its newest one, step-3" in caplog.text
+    results = run.eval_results
+    assert results["step"] == 3 and results["checkpoint"].endswith("step-3")
+    assert results["target"] == f"{run.path} (step-3)"

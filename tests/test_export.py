@@ -176,3 +176,44 @@ def test_smollm2_gguf_carries_the_shipped_files_tokenizer_and_tensor_names(tmp_p
         if key.startswith(("tokenizer.", "llama.")):
             assert ours.fields[key].contents() == shipped.fields[key].contents(), key
     assert sorted(t.name for t in ours.tensors) == sorted(t.name for t in shipped.tensors)
+
+
+@pytest.mark.slow
+def test_exports_and_checkpoints_get_the_usual_permissions_and_a_model_card(lora_run, tmp_path):
+    """Under umask 022 every folder is 0755 and every file 0644 (a server running as another user reads
+    them); the export and each checkpoint carry a README.md card naming the base model as the user gave it."""
+    import os
+
+    from dpokit.modelcard import version
+    from dpokit.rundir import Run
+
+    run, _ = lora_run
+    old = os.umask(0o022)
+    try:
+        out = export(str(run), str(tmp_path / "merged")).folder
+    finally:
+        os.umask(old)
+    ckpt = Run(run).final_checkpoint
+    for folder in (out, ckpt):
+        assert folder.stat().st_mode & 0o777 == 0o755
+        assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.is_file()} == {
+            p.name: 0o644 for p in folder.iterdir() if p.is_file()
+        }
+    card = (out / "README.md").read_text()
+    cfg = Run(run).config
+    assert f"# {cfg.model.name}, sigmoid (dpokit)" in card and "library_name: transformers" in card
+    assert "a LoRA adapter merged into its base" in card and f"(step-{ckpt.name.split('-')[1]})" in card
+    assert "18 training pairs, 6 held out" in card and f"dpokit {version()}" in card
+    assert "| loss |" in card and "- lora" in card
+    adapter_card = (ckpt / "README.md").read_text()
+    assert "library_name: peft" in adapter_card and "AutoPeftModelForCausalLM" in adapter_card
+    state = json.loads((ckpt / "dpokit_state.json").read_text())
+    assert state["base_model"] == cfg.model.name  # the adapter's own field holds the local cache path
+
+
+def test_a_cards_base_model_is_the_name_the_user_gave():
+    from dpokit.modelcard import base_model
+
+    assert base_model("smollm2-135m-instruct")[0] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_model("Qwen/Qwen2.5-0.5B-Instruct")[0] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert base_model("tiny-random")[0] is None and base_model("/some/local/folder")[0] is None

@@ -115,6 +115,9 @@ def test_two_rounds_write_every_file_and_continue_the_policy(two_rounds):
     cfg2 = load_config(root / "rounds" / "2" / "train" / "config.yaml")
     assert cfg2.model.adapter == str(root / "rounds" / "1" / "train" / "checkpoints" / "step-2")
     assert cfg2.model.reference == "base" and cfg2.train.group_by_prompt
+    # a reference iterate chose is not a user's setting to warn about
+    warnings = json.loads((root / "rounds" / "2" / "train" / "summary.json").read_text())["warnings"]
+    assert not [w for w in warnings if "model.reference" in w]
     summary = json.loads((root / "iterate.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     # round 1's held-out comparison with "previous" is the comparison with the initial model
@@ -210,6 +213,63 @@ def test_a_reward_that_misbehaves_is_named_with_the_sample_and_nothing_is_lost(
     iterate(tiny_model_dir, run, spec)
     assert (run / "rounds" / "1" / "round.json").read_text() == done
     assert (run / "rounds" / "2" / "round.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_reward_or_judge_that_raises_is_one_line_naming_it_and_the_sample(tiny_model_dir, tmp_path, capsys):
+    from dpokit.cli import main
+
+    base = ["iterate", f"model.name={tiny_model_dir}", *TINY_ITERATE, f"train.run_dir={tmp_path / 'r'}"]
+    assert main([*base, "iterate.reward=iterate_rewards:raises_on_a_long_one"]) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("dpokit iterate:")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert (
+        "reward 'iterate_rewards:raises_on_a_long_one' raised ValueError: invalid literal for int()"
+        in lines[0]
+    )
+    assert "on sample " in lines[0]
+    judge = [
+        *base,
+        "train.overwrite=true",
+        "iterate.judge=iterate_rewards:judge_that_raises",
+        "iterate.eval_prompts=",
+    ]
+    assert main(judge) == 2
+    err = capsys.readouterr().err
+    assert (
+        "judge 'iterate_rewards:judge_that_raises' raised KeyError: 'score' on (" in err
+        and "Traceback" not in err
+    )
+
+
+@pytest.mark.slow
+def test_a_reward_module_next_to_the_config_imports_from_any_folder(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    from dpokit.cli import main
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "my_scores.py").write_text(
+        "def chars(prompts, completions):\n    return [float(len(c)) for c in completions]\n"
+    )
+    (project / "iterate.yaml").write_text("iterate:\n  reward: my_scores:chars\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(elsewhere))])
+    overrides = [
+        f"model.name={tiny_model_dir}",
+        *TINY_ITERATE,
+        "iterate.rounds=1",
+        f"train.run_dir={tmp_path / 'r'}",
+    ]
+    overrides = [o for o in overrides if not o.startswith("iterate.reward=")]
+    assert main(["iterate", str(project / "iterate.yaml"), *overrides]) == 0, capsys.readouterr().err
+    assert main(["iterate", *overrides, "iterate.reward=nowhere_module:chars", "train.overwrite=true"]) == 2
+    err = capsys.readouterr().err
+    assert "module 'nowhere_module' is not found" in err and "PYTHONPATH" in err
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,11 @@ def overrides(model_dir, run_dir):
 def started(cmd: list[str], ready, timeout: float = 120) -> subprocess.Popen:
     """`dpokit CMD` in a process of its own, once `ready()` holds (the run is between steps)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dpokit", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+        [sys.executable, "-m", "dpokit", *cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
     )
     deadline = time.time() + timeout
     while not ready():
@@ -45,11 +49,15 @@ def steps_logged(run_dir, n: int):
     return lambda: path.exists() and len(path.read_text().splitlines()) >= n + 1  # + step 0
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize(
+    "sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"]
+)
 def test_a_stop_signal_saves_a_resumable_step_and_the_resume_ends_like_an_uninterrupted_run(
     tmp_path, tiny_model_dir, sig, code
 ):
-    straight = train(load_config(None, [*overrides(tiny_model_dir, tmp_path / "straight"), "train.progress=false"]))
+    straight = train(
+        load_config(None, [*overrides(tiny_model_dir, tmp_path / "straight"), "train.progress=false"])
+    )
     run_dir = tmp_path / "stopped"
     proc = started(["train", *overrides(tiny_model_dir, run_dir)], steps_logged(run_dir, 3))
     proc.send_signal(sig)

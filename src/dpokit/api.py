@@ -222,6 +222,8 @@ def evaluate(
     pairs, scorer, prompt_list = _eval_inputs(data, prompts, reward, split, opts.num_prompts)
     trained = load_trained(target, reference=ref or True, bf16=opts.bf16)
     results: dict = {"target": trained.source, "reference": ref or "the run's starting model"}
+    if trained.checkpoint is not None:  # which weights were measured (an unfinished run: its newest step)
+        results |= {"checkpoint": str(trained.checkpoint), "step": Run.checkpoint_step(trained.checkpoint)}
     records = None
     if data is not None:
         results["preference"] = preference_metrics(
@@ -302,6 +304,8 @@ def iterate(
     raw = _merged(config, overrides, resume)
     root = Run(_with_run_dir(raw, "iterate-"))
     given: dict = {"callbacks": list(callbacks)}
+    if isinstance(config, (str, Path)):  # a module:function next to the config file imports from there
+        given["near"] = (Path(config).resolve().parent,)
     for name, value in (("prompts", prompts), ("eval_prompts", eval_prompts)):
         if value is None:
             continue

@@ -20,6 +20,7 @@ import torch
 from dpokit import sharding
 from dpokit.errors import TrainingError
 from dpokit.files import build_folder
+from dpokit.modelcard import model_card
 from dpokit.reference import unwrap
 from dpokit.rundir import Run
 from dpokit.sharding import is_sharded, load_model_state
@@ -36,11 +37,13 @@ def save_checkpoint(
     training_state: dict | None = None,
     state_dict: dict | None = None,
     engine_state: Path | None = None,
+    card: str | None = None,
 ) -> Path:
     """Save to `folder` (the run dir names it: Run.step_checkpoint), replacing one there, whole or not at
     all. `training_state` makes it resumable; `state_dict`: the model's whole weights when it is sharded
     (sharding.model_state); `engine_state`: a folder DeepSpeed wrote its partitions to
-    (sharding.save_engine_state), moved in as `deepspeed/`.
+    (sharding.save_engine_state), moved in as `deepspeed/`; `card`: its README.md (modelcard.py), in place
+    of PEFT's template.
 
     The folder loads back with `AutoModelForCausalLM.from_pretrained` (full) or
     `PeftModel.from_pretrained(base, folder)` / `AutoPeftModelForCausalLM` (adapter).
@@ -54,6 +57,8 @@ def save_checkpoint(
         if engine_state is not None:
             os.replace(engine_state, tmp / "deepspeed")
         (tmp / "dpokit_state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
+        if card is not None:
+            (tmp / "README.md").write_text(card)
 
     build_folder(Path(folder), build, "dpokit_state.json", replace=True)
     return Path(folder)
@@ -129,8 +134,14 @@ class Saver:
                 state["optimizer"] = sharding.optimizer_state(policy, self.optimizer)
         if not acc.is_main_process:
             return None
-        extra = {"guards": self.guards.state_dict(), "objective": self.s.objective.state_dict()}
+        cfg = self.s.cfg
+        extra = {
+            "base_model": cfg.model.name,  # as the user named it: the adapter's own field holds a local path
+            "guards": self.guards.state_dict(),
+            "objective": self.s.objective.state_dict(),
+        }
         folder = self.run.checkpoint_path(name) if name else self.run.step_checkpoint(step)
+        card = model_card(cfg, self.s.data.stats, self.run.figures_at(step), step, cfg.lora.enabled)
         save_checkpoint(
             unwrap(policy).model,
             self.s.tokenizer,
@@ -140,6 +151,7 @@ class Saver:
             training_state=state,
             state_dict=weights,
             engine_state=engine,
+            card=card,
         )
         if name is None:
             self.run.mark_latest(folder)

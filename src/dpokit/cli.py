@@ -373,12 +373,14 @@ def cmd_eval(args, flags) -> None:
         **settings,
     )
     shown = {k: v for k, v in result.results.items() if k in ("preference", "generation")}
+    print(f"evaluated: {result.results['target']}")
     print(json.dumps(shown, indent=2))
     print(f"results: {result.path}")
 
 
 def cmd_export(args, flags) -> None:
     done = api.export(args.target, args.out, dtype=args.dtype, gguf=args.gguf, gguf_type=args.gguf_type)
+    print(f"exported: {done.source}")
     print(f"merged model: {done.folder}")
     if done.gguf:
         print(f"GGUF ({args.gguf_type}): {done.gguf}   Ollama: ollama create NAME -f {done.modelfile}")

@@ -23,6 +23,8 @@ import torch
 
 from dpokit.errors import UsageError
 from dpokit.files import build_folder, write_file
+from dpokit.modelcard import model_card, version
+from dpokit.rundir import Run
 from dpokit.trained import load_trained
 
 log = logging.getLogger(__name__)
@@ -38,11 +40,14 @@ class Exported:
     gguf: Path | None
     modelfile: Path | None
     seconds: float
+    source: str = ""
+    """What was exported: the run and its checkpoint, or the folder."""
 
 
 def merged_model(target):
-    """The policy of `target` (trained.load_trained) as one plain causal LM in fp32 on the CPU, and its
-    tokenizer: a LoRA adapter merged into its base (PEFT's merge), a full model as it is."""
+    """The policy of `target` (trained.load_trained) as one plain causal LM in fp32 on the CPU, its
+    tokenizer, and what was loaded (trained.Trained): a LoRA adapter merged into its base (PEFT's merge), a
+    full model as it is."""
     if not Path(target).exists():
         raise UsageError(f"{target}: no such folder (give a run dir or a checkpoint folder)")
     trained = load_trained(target, device="cpu")
@@ -55,7 +60,7 @@ def merged_model(target):
                 "into quantized weights rounds them away. Export from the unquantized base (the same model in "
                 "fp32/bf16)"
             )
-    return trained.merged().eval(), trained.tokenizer
+    return trained.merged().eval(), trained.tokenizer, trained
 
 
 def export(
@@ -70,9 +75,10 @@ def export(
     folder = Path(out)
     if folder.exists() and any(folder.iterdir()):
         raise UsageError(f"--out {out}: exists and is not empty; choose a new folder")
-    model, tokenizer = merged_model(target)
+    model, tokenizer, trained = merged_model(target)
     if gguf:
         check_gguf_arch(model)
+    log.info("exporting %s", trained.source)
     gguf_path = modelfile = None
     if gguf:  # from the fp32 merge, before --dtype rounds the folder's weights
         gguf_path = Path(gguf)
@@ -80,12 +86,29 @@ def export(
         write_file(gguf_path, lambda tmp: write_gguf(model, tokenizer, tmp, gguf_type, name=folder.name))
         modelfile = write_modelfile(tokenizer, gguf_path)
 
+    card = export_card(trained, dtype, gguf_path, gguf_type)
+
     def save(tmp: Path) -> None:
         model.to(DTYPES[dtype]).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card)
 
     build_folder(folder, save, "config.json")
-    return Exported(folder, gguf_path, modelfile, time.perf_counter() - started)
+    return Exported(folder, gguf_path, modelfile, time.perf_counter() - started, trained.source)
+
+
+def export_card(trained, dtype: str, gguf_path: Path | None, gguf_type: str) -> str:
+    """The export's model card: the run's (modelcard.py) when it comes from one, else what is known."""
+    how = "a LoRA adapter merged into its base" if trained.is_lora else "a fully fine-tuned model"
+    note = f"Exported by `dpokit export` from {trained.source}: {how}, weights in {dtype}" + (
+        f"; also a GGUF ({gguf_type}) for llama.cpp / Ollama, `{gguf_path.name}`." if gguf_path else "."
+    )
+    run = Run.of_checkpoint(trained.checkpoint) if trained.checkpoint is not None else None
+    if trained.config is None or run is None:
+        return f"# {trained.source}\n\n{note}\n\nExported with dpokit {version()}.\n"
+    step = Run.checkpoint_step(trained.checkpoint)
+    figures = run.figures_at(step) if step is not None else None
+    return model_card(trained.config, run.data_stats, figures, step, adapter=False, note=note)
 
 
 # ---- GGUF

@@ -24,6 +24,7 @@ def build_folder(target: Path, build: Callable[[Path], None], done: str, replace
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         build(tmp)
+        usual_permissions(tmp)
         if replace and target.exists():
             shutil.rmtree(target)
         try:
@@ -33,6 +34,17 @@ def build_folder(target: Path, build: Callable[[Path], None], done: str, replace
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def usual_permissions(folder: Path) -> None:
+    """Give a folder built under a temp name, and everything in it, the permissions the umask gives new files
+    (0755 / 0644 under umask 022): mkdtemp makes folders owner-only and some writers (safetensors) files too,
+    which a server running as another user (a vLLM or TGI container) could not read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def write_file(path: Path, write: Callable[[Path], None]) -> None:

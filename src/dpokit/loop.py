@@ -66,7 +66,11 @@ class RunResult:
 
 
 def train(
-    cfg: Config, trackers: list | None = None, callbacks: Sequence[Callback] = (), given: dict | None = None
+    cfg: Config,
+    trackers: list | None = None,
+    callbacks: Sequence[Callback] = (),
+    given: dict | None = None,
+    expected_reference: str | None = None,
 ) -> RunResult:
     """Train the policy described by `cfg` and return where everything was written.
 
@@ -75,12 +79,15 @@ def train(
     read instead of the config's data files and saved where those name, in the run dir, at its start.
 
     SIGINT (Ctrl-C) or SIGTERM: the current step finishes, a resumable checkpoint is saved and Interrupted
-    is raised saying how to resume; a second signal stops at once (KeyboardInterrupt)."""
+    is raised saying how to resume; a second signal stops at once (KeyboardInterrupt). `expected_reference`:
+    why model.reference is not the start (the rounds set it), said instead of a warning."""
     with StopSignals("the run finishes its step, saves a resumable checkpoint and stops") as stop:
-        return _train(cfg, trackers, callbacks, given, stop)
+        return _train(cfg, trackers, callbacks, given, stop, expected_reference)
 
 
-def _train(cfg: Config, trackers, callbacks: Sequence[Callback], given, stop: StopSignals) -> RunResult:
+def _train(
+    cfg: Config, trackers, callbacks: Sequence[Callback], given, stop: StopSignals, expected_reference=None
+) -> RunResult:
     started = time.perf_counter()
     cfg = with_run_dir(cfg)
     run = Run(cfg.train.run_dir)
@@ -109,8 +116,12 @@ def _train(cfg: Config, trackers, callbacks: Sequence[Callback], given, stop: St
     guards = Guards(t.drift_warn, t.flat_window, t.flat_min_delta, e.patience, e.min_delta)
     guards.warnings += s.warnings
     if cfg.model.reference and train_ref is not None and not resume:
-        guards.warnings.append(reference_gap_warning(s, policy, train_ref, schedule[0]))
-        log.warning(guards.warnings[-1])
+        said = reference_gap_warning(s, policy, train_ref, schedule[0], expected_reference)
+        if expected_reference:
+            log.info(said)
+        else:
+            guards.warnings.append(said)
+            log.warning(said)
     history, initial_eval = [], None
     if resume:
         history, initial_eval = restore(resume["folder"], run, s, policy, optimizer, scheduler, guards)
@@ -346,9 +357,12 @@ def make_references(s: Session, policy, schedule: list, start_step: int, frozen=
 
 
 @torch.no_grad()
-def reference_gap_warning(s: Session, policy, reference, first_step: list[list[int]]) -> str:
+def reference_gap_warning(
+    s: Session, policy, reference, first_step: list[list[int]], expected: str | None = None
+) -> str:
     """DPO's reference is the policy's starting point (step-1 loss ln 2); model.reference names another.
-    Measured on the first micro-batch, with dropout off (no random draw is taken from the run)."""
+    Measured on the first micro-batch, with dropout off (no random draw is taken from the run). `expected`:
+    why the caller chose this reference (the rounds), said instead of the advice to a user who set it."""
     from dpokit.reference import eval_mode
 
     batch = s.batch(
@@ -364,9 +378,11 @@ def reference_gap_warning(s: Session, policy, reference, first_step: list[list[i
     gap = (
         f", mean log-ratio log pi/pi_ref {float(ratio.mean()):+.4f} per sequence" if ratio is not None else ""
     )
+    measured = f"on the first batch the loss is {float(out.losses.mean()):.4f} (ln 2 = 0.6931 when the reference is the start){gap}"
+    if expected:
+        return f"{expected}: {measured}"
     return (
-        f"model.reference={s.cfg.model.reference!r} is not the policy's starting point: on the first batch the "
-        f"loss is {float(out.losses.mean()):.4f} (ln 2 = 0.6931 when the reference is the start){gap}. "
+        f"model.reference={s.cfg.model.reference!r} is not the policy's starting point: {measured}. "
         "DPO measures rewards against the reference; keep it if you mean to, else leave model.reference empty"
     )
 

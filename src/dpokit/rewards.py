@@ -20,6 +20,7 @@ import importlib
 import math
 import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from dpokit.errors import RewardError
 
@@ -125,12 +126,19 @@ def reward_model(spec: str, batch_size: int = 16, device: str | None = None) -> 
     return score
 
 
-def user_function(spec: str, kind: str = "reward"):
-    """The function `module:function` names (a reward, or a judge)."""
+def user_function(spec: str, kind: str = "reward", near: tuple = ()):
+    """The function `module:function` names (a reward, or a judge): imported from sys.path (the current
+    folder, PYTHONPATH), else from the folders `near` (the config file's folder)."""
     module, _, name = spec.partition(":")
     builtin = f"not a built-in reward ({', '.join(BUILTIN)}) and " if kind == "reward" else ""
     try:
-        fn = getattr(importlib.import_module(module), name)
+        fn = getattr(_import_near(module, near), name)
+    except ModuleNotFoundError as err:
+        where = ", ".join(["the current folder", "PYTHONPATH", *(str(p) for p in near)])
+        raise RewardError(
+            f"{kind} {spec!r}: {builtin}module {module!r} is not found ({err}; looked in {where}). Fix: run "
+            f"from the folder that holds {module.split('.')[0]}.py, or set PYTHONPATH=THAT_FOLDER"
+        ) from err
     except (ImportError, AttributeError) as err:
         raise RewardError(
             f"{kind} {spec!r}: {builtin}cannot import {name!r} from module {module!r} ({err})"
@@ -138,6 +146,23 @@ def user_function(spec: str, kind: str = "reward"):
     if not callable(fn):
         raise RewardError(f"{kind} {spec!r}: {module}.{name} is not callable")
     return fn
+
+
+def _import_near(module: str, near: tuple):
+    import sys
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module.split(".")[0]:  # the module was found and failed to import something itself
+            raise
+        for folder in near:
+            if (Path(folder) / f"{module.split('.')[0]}.py").is_file() or (
+                Path(folder) / module.split(".")[0]
+            ).is_dir():
+                sys.path.insert(0, str(folder))
+                return importlib.import_module(module)
+        raise
 
 
 BUILTIN = {
@@ -157,14 +182,15 @@ def python_spec(fn) -> str:
     return f"{PYTHON}:{getattr(fn, '__qualname__', None) or type(fn).__name__}"
 
 
-def as_reward(reward) -> RewardFn:
-    """A reward spec, or a Python callable `fn(prompts, completions) -> list[float]` (checked the same way)."""
+def as_reward(reward, near: tuple = ()) -> RewardFn:
+    """A reward spec, or a Python callable `fn(prompts, completions) -> list[float]` (checked the same way);
+    `near`: folders where a module:function may also lie (the config file's)."""
     if callable(reward):
         return _checked(python_spec(reward), reward)
-    return get_reward(reward)
+    return get_reward(reward, near)
 
 
-def get_reward(spec: str) -> RewardFn:
+def get_reward(spec: str, near: tuple = ()) -> RewardFn:
     """Build the reward named by `spec` (see the module docstring); the result checks what it returns."""
     name, _, arg = spec.partition(":")
     if name == PYTHON:
@@ -172,7 +198,7 @@ def get_reward(spec: str) -> RewardFn:
     if name in BUILTIN:
         fn = BUILTIN[name](arg)
     elif arg:
-        fn = user_function(spec)
+        fn = user_function(spec, near=near)
     else:
         raise RewardError(f"reward {spec!r}: unknown reward. Known: {', '.join(BUILTIN)}, or module:function")
     return _checked(spec, fn)
@@ -180,7 +206,11 @@ def get_reward(spec: str) -> RewardFn:
 
 def _checked(spec: str, fn: RewardFn) -> RewardFn:
     def score(prompts, completions):
-        returned = fn(list(prompts), list(completions))
+        prompts, completions = list(prompts), list(completions)
+        try:
+            returned = fn(prompts, completions)
+        except Exception as err:  # a user's function: its failure is said in one line, with the sample
+            raise RewardError(_raised(spec, fn, err, prompts, completions)) from err
         try:
             returned = list(returned)
         except TypeError:
@@ -196,9 +226,25 @@ def _checked(spec: str, fn: RewardFn) -> RewardFn:
     return score
 
 
+def _raised(spec: str, fn, err: Exception, prompts: list, completions: list, probe: int = 256) -> str:
+    """What a reward that raised says: the error and the first sample it raises on alone (the first
+    `probe` are tried one by one), else the batch."""
+    what = f"{type(err).__name__}: {err}"
+    for i, (p, c) in enumerate(zip(prompts[:probe], completions[:probe], strict=True)):
+        try:
+            fn([p], [c])
+        except Exception as one:
+            return f"reward {spec!r} raised {type(one).__name__}: {one} on sample {i} ({_shown(c)!r})"
+    return f"reward {spec!r} raised {what} on a batch of {len(completions)} completions"
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def checked_number(who: str, value, index: int, text: str) -> float:
     """`value` as a finite float, else a RewardError naming `who` and the sample."""
-    shown = text if len(text) <= 60 else text[:57] + "..."
+    shown = _shown(text)
     if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
         raise RewardError(f"{who} returned {value!r} for sample {index} ({shown!r}): not a number")
     number = float(value)
@@ -218,24 +264,30 @@ def _python_only(kind: str, spec: str) -> str:
     )
 
 
-def as_judge(judge) -> Judge:
+def as_judge(judge, near: tuple = ()) -> Judge:
     """A judge spec, or a Python callable `fn(prompt, a, b) -> P(a better than b)` (checked the same way)."""
     if callable(judge):
         return _checked_judge(python_spec(judge), judge)
-    return get_judge(judge)
+    return get_judge(judge, near)
 
 
-def get_judge(spec: str) -> Judge:
+def get_judge(spec: str, near: tuple = ()) -> Judge:
     """A pairwise judge `module:function(prompt, a, b) -> P(a better than b)`, checked per call."""
     if spec.partition(":")[0] == PYTHON:
         raise RewardError(_python_only("judge", spec))
-    return _checked_judge(spec, user_function(spec, "judge"))
+    return _checked_judge(spec, user_function(spec, "judge", near))
 
 
 def _checked_judge(spec: str, fn) -> Judge:
 
     def judge(prompt: str, a: str, b: str) -> float:
-        p = checked_number(f"judge {spec!r}", fn(prompt, a, b), 0, a)
+        try:
+            returned = fn(prompt, a, b)
+        except Exception as err:  # a user's function: one line, with the pair
+            raise RewardError(
+                f"judge {spec!r} raised {type(err).__name__}: {err} on ({_shown(a)!r} vs {_shown(b)!r})"
+            ) from err
+        p = checked_number(f"judge {spec!r}", returned, 0, a)
         if not 0.0 <= p <= 1.0:
             raise RewardError(
                 f"judge {spec!r} returned {p} for ({a[:40]!r} vs {b[:40]!r}): expected P(a better) in [0, 1]"

@@ -75,7 +75,9 @@ class Iteration:
     """One `dpokit iterate` run: its config, run dir, prompts and scorer. Prompts, reward and judge may be
     given in memory (the Python API); else the config names them."""
 
-    def __init__(self, cfg: Config, root: Path, prompts=None, eval_prompts=None, reward=None, judge=None):
+    def __init__(
+        self, cfg: Config, root: Path, prompts=None, eval_prompts=None, reward=None, judge=None, near=()
+    ):
         self.cfg, self.it, self.run = cfg, cfg.iterate, Run(root)
         it = self.it
         # every user-supplied piece is checked before a model is loaded or a file written
@@ -89,8 +91,9 @@ class Iteration:
             if held_out
             else []
         )
-        self.judge = as_judge(judge or it.judge) if (judge or it.judge) else None
-        self.reward = as_reward(reward or it.reward) if (reward or it.reward) else None
+        # `near`: where a module:function may lie besides sys.path (the config file's folder)
+        self.judge = as_judge(judge or it.judge, near) if (judge or it.judge) else None
+        self.reward = as_reward(reward or it.reward, near) if (reward or it.reward) else None
         self.model_path = models.resolve_model_path(cfg.model.name)
         self.tokenizer = models.load_tokenizer(self.model_path, cfg.model.trust_remote_code)
         self.callbacks: list = []
@@ -225,7 +228,14 @@ class Iteration:
             return run.summary
         resume = run.latest_checkpoint is not None
         fault = [_kill_at_step(r)] if os.environ.get(FAULT_ENV) == f"training:{r}" else []
-        train(self.round_config(r, resume), callbacks=[*self.callbacks, *fault])
+        cfg = self.round_config(r, resume)
+        expected = (  # iterate.reference=initial sets model.reference from round 2 on
+            f"round {r} measures rewards against the initial model (iterate.reference=initial), not the "
+            "policy it starts from"
+            if cfg.model.reference
+            else None
+        )
+        train(cfg, callbacks=[*self.callbacks, *fault], expected_reference=expected)
         return run.summary
 
     def initial_eval_samples(self) -> list[list[Sample]]:
@@ -387,7 +397,8 @@ def prepare_root(cfg: Config, given: dict[str, InMemory] | None = None) -> Run:
 
 def run_iterate(cfg: Config, **given) -> list[RoundResult]:
     """Run (or continue) every round of `cfg`; returns each round's summary. `given`: prompts, eval_prompts
-    (data.InMemory), reward, judge (callables) and callbacks, from the Python API."""
+    (data.InMemory), reward, judge (callables), callbacks, and `near` (folders to import a module:function
+    reward or judge from, besides sys.path), from the Python API."""
     cfg = with_run_dir(cfg, "iterate-")
     callbacks = given.pop("callbacks", [])
     it = Iteration(cfg, Path(cfg.train.run_dir), **given)  # inputs are checked before the folder is made

@@ -242,6 +242,17 @@ class Run:
         return found
 
     @staticmethod
+    def checkpoint_step(folder: Path) -> int | None:
+        """The optimizer step a checkpoint holds (its dpokit state), None for a folder dpokit did not write."""
+        state = read_json(Path(folder) / "dpokit_state.json")
+        return state["step"] if state else None
+
+    def figures_at(self, step: int) -> dict | None:
+        """The metrics record of `step` (the last one logged at or before it): what a checkpoint's card shows."""
+        logged = [r for r in self.history if r["step"] <= step]
+        return logged[-1] if logged else None
+
+    @staticmethod
     def of_checkpoint(folder: Path) -> Run | None:
         """The run a checkpoint folder (RUN/checkpoints/NAME) belongs to, when it lies in one."""
         run = Run(Path(folder).parent.parent)

@@ -18,6 +18,7 @@ its run measured against; `reference="MODEL"` names another. Imports nothing of 
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ from dpokit import models
 from dpokit.config import Config, LossConfig, TrainConfig
 from dpokit.errors import UsageError
 from dpokit.rundir import Run
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -147,7 +150,14 @@ def _locate(target, checkpoint) -> tuple[Run | None, Path | None]:
                     f"{run.path}: an iterate run with no finished round yet: nothing trained to load"
                 )
             return _locate(done[-1].train, checkpoint)
-        return run, run.checkpoint(checkpoint)
+        folder = run.checkpoint(checkpoint)
+        if checkpoint is None and not (run.summary or {}).get("checkpoint"):
+            log.warning(
+                "%s: the run has no final checkpoint (it did not finish): using its newest one, %s",
+                run.path,
+                folder.name,
+            )
+        return run, folder
     path = Path(target)
     if checkpoint is not None:
         raise UsageError(
