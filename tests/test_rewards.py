@@ -50,7 +50,7 @@ def test_user_function(tmp_path, monkeypatch):
     "spec, message",
     [
         ("sentiment", "unknown reward"),
-        ("nosuchmodule_xyz:fn", "cannot import"),
+        ("nosuchmodule_xyz:fn", "module .nosuchmodule_xyz. is not found"),
         ("regex:(", "not a valid regular expression"),
         ("length:bytes", "the unit is"),
         ("keywords:", "comma-separated"),
