@@ -252,3 +252,17 @@ def test_filter_counts_add_up(tmp_path, shared_data, capsys):
     dropped = [line.split(":", 1) for line in printed.splitlines() if line.strip().startswith("dropped")]
     assert kept + sum(int(n.split()[1]) for n, _ in dropped) == 999, printed
     assert any("annotator tie" in reason for _, reason in dropped)
+
+
+def test_data_check_of_a_file_with_nothing_trainable_exits_2_after_the_report(tmp_path, capsys):
+    from dpokit.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b"}\n{"question": "x"}\n')
+    assert main(["data", "check", str(bad)]) == 2
+    out = capsys.readouterr()
+    assert "records / valid" in out.out  # the report first: it says why
+    assert f"dpokit data: error: {bad}: nothing to train on: none of its 2 records is usable" in out.err
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    assert main(["data", "check", str(good)]) == 0

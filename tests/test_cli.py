@@ -276,3 +276,52 @@ def test_overrides_after_flags_and_flags_only_where_they_apply(tmp_path, tiny_mo
     with pytest.raises(SystemExit) as info:  # eval takes no config overrides: refused, not ignored
         main(["eval", str(tmp_path / "r"), "--data", "builtin:demo", "--loss.beta", "0.2"])
     assert info.value.code == 2 and "unrecognized arguments: loss.beta=0.2" in capsys.readouterr().err
+
+
+def test_a_run_dir_that_cannot_be_written_is_refused_before_anything_loads(capsys, tiny_model_dir):
+    assert (
+        main(
+            ["train", "data.train=builtin:demo", f"model.name={tiny_model_dir}", "train.run_dir=/proc/dpokit"]
+        )
+        == 2
+    )
+    one_line_error(capsys, "train.run_dir='/proc/dpokit' cannot be written: /proc")
+
+
+def test_version(capsys):
+    import dpokit
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"dpokit {dpokit.__version__}"
+
+
+def test_a_hub_dataset_id_loads_through_datasets_or_says_why_not(
+    capsys, tmp_path, monkeypatch, tiny_model_dir
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = tmp_path / "r"
+    args = [
+        "train",
+        "data.train=trl-lib/ultrafeedback_binarized",
+        f"model.name={tiny_model_dir}",
+        f"train.run_dir={run}",
+    ]
+    assert main(args) == 2
+    one_line_error(
+        capsys,
+        "the hub dataset 'trl-lib/ultrafeedback_binarized' (split 'train') cannot be loaded",
+        "offline",
+    )
+    assert not run.exists()
+    assert main([*args[:1], "data.train=missing/pairs.jsonl", *args[2:]]) == 2  # a path: no such file
+    one_line_error(capsys, "missing/pairs.jsonl: no such file")
+
+
+@pytest.mark.slow
+def test_without_progress_each_step_is_still_one_log_line(tmp_path, tiny_model_dir, capsys):
+    assert main(cli_args(tiny_model_dir, tmp_path / "r", "eval.every=2")) == 0
+    err = capsys.readouterr().err
+    steps = [line for line in err.splitlines() if "dpokit.progress: step " in line]
+    assert len(steps) == 3 and "step    3 loss" in steps[-1]
+    assert sum("dpokit.progress: eval @ step" in line for line in err.splitlines()) == 3  # start, 2, 3

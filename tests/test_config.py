@@ -72,3 +72,38 @@ def test_every_field_has_a_docstring():
     assert missing == []
     assert field_docs(TrainConfig)["lr"].startswith("Peak learning rate")
     assert "train.grad_accum" in help_text()
+
+
+def test_trl_names_say_dpokits_key_and_dpo_is_sigmoid():
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            None,
+            [
+                "learning_rate=1e-5",
+                "data.train=x.jsonl",
+                "train.num_train_epochs=2",
+                "loss.type=dpo",
+                "output_dir=o",
+            ],
+        )
+    text = str(info.value)
+    assert "learning_rate: unknown key (TRL's learning_rate; here it is train.lr)" in text
+    assert "train.num_train_epochs: unknown key (TRL's num_train_epochs; here it is train.epochs)" in text
+    assert "output_dir: unknown key (TRL's output_dir; here it is train.run_dir)" in text
+    assert "loss.type: unknown loss 'dpo' (DPO is loss.type=sigmoid, TRL's name for it)" in text
+
+
+def test_a_config_files_relative_data_paths_are_read_from_its_folder(tmp_path, monkeypatch):
+    project = tmp_path / "project" / "configs"
+    project.mkdir(parents=True)
+    (project.parent / "pairs.jsonl").write_text("")
+    (project / "c.yaml").write_text(
+        "data:\n  train: ../pairs.jsonl\n  eval: org/some-dataset\niterate:\n  prompts: builtin:reviews\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(project / "c.yaml")
+    assert cfg.data.train == str((project.parent / "pairs.jsonl").resolve())
+    assert cfg.data.eval == "org/some-dataset" and cfg.iterate.prompts == "builtin:reviews"  # left as written
+    assert (
+        load_config(None, ["data.train=../pairs.jsonl"]).data.train == "../pairs.jsonl"
+    )  # the command line: cwd

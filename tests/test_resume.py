@@ -142,3 +142,19 @@ def test_resume_with_a_config_file_is_refused(tmp_path, tiny_model_dir, capsys):
         and "give it as an override, e.g. train.max_steps=200" in err
         and "Traceback" not in err
     )
+
+
+@pytest.mark.slow
+def test_extending_a_finished_run_says_the_schedule_changes_and_follows_it(tmp_path, tiny_lora_run, caplog):
+    """--resume RUN train.max_steps=5 on a 3-step run: the lr of step 4 is the new schedule's (linear decay
+    over 5 steps: 5e-3 x (1 - 3/5)), not the old schedule's end (0), and the log says so."""
+    run = Run(copy_run(tiny_lora_run, tmp_path / "r"))
+    with caplog.at_level("WARNING"):
+        assert main(["train", "--resume", str(run.path), "train.max_steps=5"]) == 0
+    assert (
+        "the run had 3 steps and now has 5: from step 4 on, the learning rate follows the new schedule"
+        in caplog.text
+    )
+    lrs = {r["step"]: r["lr"] for r in run.history}
+    assert lrs[3] == pytest.approx(5e-3 * (1 - 2 / 3)) and lrs[4] == pytest.approx(5e-3 * (1 - 3 / 5))
+    assert lrs[5] == pytest.approx(5e-3 * (1 - 4 / 5)) and run.summary["steps"] == 5

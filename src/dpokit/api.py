@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpokit.config import Config, build_config, config_source, did_you_mean, merge, nested
-from dpokit.errors import ConfigError, UsageError
+from dpokit.errors import UsageError
 from dpokit.rundir import Run, with_run_dir
 
 
@@ -30,9 +30,10 @@ def _is_path(value) -> bool:
     return isinstance(value, (str, Path, Run))
 
 
-def _merged(config, overrides: dict, resume) -> dict:
-    """The config source with the overrides on top, as a nested dict; `resume`: a run dir whose own config
-    continues (a config may not be given too)."""
+def _merged(config, overrides: dict, resume) -> tuple[dict, list[str]]:
+    """The config source with the overrides on top, as a nested dict, and the overrides' problems (said with
+    every other problem of the config); `resume`: a run dir whose own config continues (a config may not be
+    given too)."""
     if resume is not None:
         run = resume if isinstance(resume, Run) else Run(resume)
         if config is not None:
@@ -50,15 +51,14 @@ def _merged(config, overrides: dict, resume) -> dict:
         overrides = {**overrides, "train.resume": True, "train.run_dir": str(run.path)}
     problems: list[str] = []
     data = merge(config_source(config), nested(overrides, problems))
-    if problems:
-        raise ConfigError(problems)
-    return data
+    return data, problems
 
 
 def config(config=None, command: str = "train", **overrides) -> Config:
     """A checked Config from a YAML path, a dict or a Config, with overrides on top (every problem at once:
     ConfigError). `command`: train, or iterate (whose data comes from its rounds)."""
-    return build_config(_merged(config, overrides, None), command)
+    data, problems = _merged(config, overrides, None)
+    return build_config(data, command, problems)
 
 
 def _set(data: dict, key: str, value) -> None:
@@ -130,14 +130,14 @@ def _train_config(config, overrides: dict, resume, data, eval_data) -> tuple[Con
             f"resume={str(resume)!r} continues the run on the data it trained on (its config names it); "
             "data / eval_data cannot be given too"
         )
-    raw = _merged(config, overrides, resume)
+    raw, problems = _merged(config, overrides, resume)
     keys, given = _training_data(data, eval_data)
     for key, value in keys.items():
         _set(raw, key, value)
     run = Run(_with_run_dir(raw))
     for name in given:
         _set(raw, f"data.{name}", str(run.data_file(name)))
-    return build_config(raw, "train"), given
+    return build_config(raw, "train", problems), given
 
 
 def precompute_ref(config=None, *, data=None, eval_data=None, **overrides) -> dict | None:
@@ -192,6 +192,53 @@ class Evaluation:
     @property
     def generation(self) -> dict | None:
         return self.results.get("generation")
+
+    def text(self, width: int = 110) -> str:
+        """The figures as `dpokit eval` prints them: one table."""
+        import io
+
+        from rich.console import Console
+        from rich.table import Table
+
+        r = self.results
+        table = Table(title=f"{r['target']} against {r['reference']}", show_header=False)
+        table.add_column("what", style="bold")
+        table.add_column("value")
+        p = self.preference
+        if p:
+            table.add_row("pairs", f"{p['pairs']} ({r.get('data', '')})")
+            for key in (
+                "loss",
+                "rewards/accuracies",
+                "rewards/margins",
+                "rewards/chosen",
+                "rewards/rejected",
+            ):
+                if key in p:
+                    table.add_row(key, f"{p[key]:.4f}")
+            if "drift/kl_chosen_per_token" in p:
+                table.add_row("KL per token (chosen)", f"{p['drift/kl_chosen_per_token']:.4f}")
+        g = self.generation
+        if g:
+            table.add_row(
+                "sampled", f"{g['prompts']} prompts x {g['samples_per_prompt']}, reward {r.get('reward')}"
+            )
+            table.add_row(
+                "reward policy / reference",
+                f"{g['reward/policy']:.4f} ± {g['reward/policy_stderr']:.4f} / "
+                f"{g['reward/reference']:.4f} ± {g['reward/reference_stderr']:.4f}",
+            )
+            table.add_row("win rate over the reference", f"{g['win_rate']:.3f}")
+            table.add_row(
+                "KL(policy || reference)",
+                f"{g['kl/sequence']:.3f} ± {g['kl/sequence_stderr']:.3f} nats per completion, {g['kl/token']:.4f} per token",
+            )
+            table.add_row(
+                "tokens policy / reference", f"{g['length/policy']:.1f} / {g['length/reference']:.1f}"
+            )
+        buffer = io.StringIO()
+        Console(file=buffer, width=width, force_terminal=False, color_system=None).print(table)
+        return buffer.getvalue()
 
 
 def evaluate(
@@ -301,7 +348,7 @@ def iterate(
     from dpokit.rewards import python_spec
     from dpokit.rounds import run_iterate
 
-    raw = _merged(config, overrides, resume)
+    raw, problems = _merged(config, overrides, resume)
     root = Run(_with_run_dir(raw, "iterate-"))
     given: dict = {"callbacks": list(callbacks)}
     if isinstance(config, (str, Path)):  # a module:function next to the config file imports from there
@@ -319,7 +366,7 @@ def iterate(
             _set(raw, f"iterate.{name}", python_spec(value) if callable(value) else value)
             if callable(value):
                 given[name] = value
-    run_iterate(build_config(raw, "iterate"), **given)
+    run_iterate(build_config(raw, "iterate", problems), **given)
     return root
 
 

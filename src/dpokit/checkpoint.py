@@ -109,8 +109,10 @@ def load_model_weights(model, folder: Path, lora: bool) -> None:
 class Saver:
     """Checkpoints of a running loop: resumable step-N, the best one, the last good weights."""
 
-    def __init__(self, run: Run, s, policy, optimizer, scheduler, guards):
-        """`s`: the run's session.Session (tokenizer, objective, accelerator); `guards`: its guards.Guards."""
+    def __init__(self, run: Run, s, policy, optimizer, scheduler, guards, total_steps: int):
+        """`s`: the run's session.Session (tokenizer, objective, accelerator); `guards`: its guards.Guards;
+        `total_steps`: the run's schedule length (a resume with another length says what changes)."""
+        self.total_steps = total_steps
         self.run, self.s, self.policy, self.optimizer, self.scheduler, self.guards = (
             run,
             s,
@@ -137,6 +139,7 @@ class Saver:
         cfg = self.s.cfg
         extra = {
             "base_model": cfg.model.name,  # as the user named it: the adapter's own field holds a local path
+            "total_steps": self.total_steps,
             "guards": self.guards.state_dict(),
             "objective": self.s.objective.state_dict(),
         }
@@ -177,9 +180,9 @@ def resume_point(run: Run, total_steps: int) -> dict:
     }
 
 
-def restore(folder: Path, run: Run, s, policy, optimizer, scheduler, guards):
-    """Load a resumable checkpoint into a run (`s`: its session, `guards`: its Guards); returns (metrics so
-    far, the initial eval)."""
+def restore(folder: Path, run: Run, s, policy, optimizer, scheduler, guards, total_steps: int):
+    """Load a resumable checkpoint into a run (`s`: its session, `guards`: its Guards, `total_steps`: the
+    run's steps now); returns (metrics so far, the initial eval)."""
     state, info = load_training_state(folder)
     if sharding.steps_in_backward(s.accelerator):  # DeepSpeed restores the weights and its partitions itself
         sharding.load_engine_state(policy, folder / sharding.ENGINE_STATE)
@@ -187,6 +190,7 @@ def restore(folder: Path, run: Run, s, policy, optimizer, scheduler, guards):
         load_model_weights(unwrap(policy).model, folder, lora=s.cfg.lora.enabled)
         sharding.load_optimizer_state(policy, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    follow_new_schedule(scheduler, optimizer, info.get("total_steps"), total_steps, info["step"])
     torch.set_rng_state(state["torch_rng"])
     guards.load_state_dict(info["guards"])
     s.objective.load_state_dict(info["objective"])
@@ -197,4 +201,30 @@ def restore(folder: Path, run: Run, s, policy, optimizer, scheduler, guards):
     log.info("resumed from %s (step %d)", folder, info["step"])
     return [r for r in records if 0 < r["step"] <= info["step"]], (
         {k: v for k, v in initial.items() if k.startswith("eval/")} if initial else None
+    )
+
+
+def follow_new_schedule(scheduler, optimizer, saved_total: int | None, total: int, step: int) -> None:
+    """A resumed run with another number of steps (train.max_steps or epochs changed, e.g. to extend a
+    finished run): the learning rate follows the new schedule from this step on, and the log says so. The
+    restored scheduler state holds the old schedule's last rate (0 at the end of a linear decay)."""
+    if saved_total is None or saved_total == total:
+        return
+    before = scheduler.get_last_lr()[0]
+    rates = [
+        base * factor(scheduler.last_epoch)
+        for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    ]
+    for group, lr in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = rates
+    log.warning(
+        "the run had %d steps and now has %d: from step %d on, the learning rate follows the new schedule "
+        "(warm-up and decay over %d steps): %.3g, where the old one was at %.3g",
+        saved_total,
+        total,
+        step + 1,
+        total,
+        rates[0],
+        before,
     )

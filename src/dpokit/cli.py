@@ -12,7 +12,8 @@ import typing
 
 from dpokit import api, launch
 from dpokit.config import ConfigError, DataConfig, field_docs, help_text, parse_overrides
-from dpokit.errors import DpokitError, Interrupted
+from dpokit.errors import DataError, DpokitError, Interrupted
+from dpokit.modelcard import version
 from dpokit.validation import DEDUPLICATE
 
 
@@ -49,6 +50,7 @@ def _dotted_flags(extra: list[str]) -> tuple[list[str], list[str]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization trainer.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"dpokit {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     raw = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser(
@@ -214,6 +216,7 @@ def add_eval_parser(sub) -> None:
     e.add_argument(
         "--out", help="folder for eval.json and eval_samples.jsonl (default: the run dir, else ./eval-<time>)"
     )
+    e.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     docs, hints = field_docs(api.EvalSettings), typing.get_type_hints(api.EvalSettings)
     for f in dataclasses.fields(api.EvalSettings):
         flag, doc = "--" + f.name.replace("_", "-"), docs[f.name].replace("%", "%%").rstrip(".")
@@ -335,6 +338,11 @@ def cmd_data(args, flags) -> None:
 
             for report in reports:
                 render(report, Console())
+        empty = [r for r in reports if not r.trainable]
+        if empty:  # said after the report: the reasons are in it
+            raise DataError(
+                empty[0]["file"], f"nothing to train on: none of its {empty[0].records} records is usable"
+            )
         return
     filters = {k: getattr(args, k) for k in api.FILTERS}
     result = api.filter(args.data, args.out, model=args.model, seed=args.seed, **filters)
@@ -372,9 +380,14 @@ def cmd_eval(args, flags) -> None:
         out=out,
         **settings,
     )
-    shown = {k: v for k, v in result.results.items() if k in ("preference", "generation")}
-    print(f"evaluated: {result.results['target']}")
-    print(json.dumps(shown, indent=2))
+    if args.json:
+        print(
+            json.dumps(
+                {k: v for k, v in result.results.items() if k in ("preference", "generation")}, indent=2
+            )
+        )
+    else:
+        print(result.text())
     print(f"results: {result.path}")
 
 

@@ -60,7 +60,8 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     train: str = ""
-    """Training data: a JSON/JSONL(.gz)/Parquet/CSV file, a saved HF dataset folder, or `builtin:demo`."""
+    """Training data: a JSON/JSONL(.gz)/Parquet/CSV file, a saved HF dataset folder, or `builtin:demo`. A
+    relative path in a config file is read from that file's folder (on the command line: the current one)."""
     eval: str = ""
     """Separate held-out file. When empty, `eval_fraction` of the training prompts are held out."""
     eval_fraction: float = 0.0
@@ -366,14 +367,75 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     return value
 
 
+TRL_NAMES = {
+    "model_name_or_path": "model.name",
+    "ref_model": "model.reference",
+    "output_dir": "train.run_dir",
+    "overwrite_output_dir": "train.overwrite",
+    "resume_from_checkpoint": "train.resume (or dpokit train --resume RUN_DIR)",
+    "learning_rate": "train.lr",
+    "num_train_epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "per_device_train_batch_size": "train.batch_size",
+    "per_device_eval_batch_size": "eval.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "warmup_steps": "train.warmup_steps",
+    "lr_scheduler_type": "train.scheduler",
+    "weight_decay": "train.weight_decay",
+    "max_grad_norm": "train.max_grad_norm",
+    "adam_beta1": "train.adam_betas",
+    "adam_beta2": "train.adam_betas",
+    "seed": "train.seed",
+    "bf16": "train.bf16",
+    "save_steps": "train.checkpoint_every",
+    "eval_steps": "eval.every",
+    "report_to": "train.report_to",
+    "precompute_ref_log_probs": "train.precompute_ref",
+    "padding_free": "train.packing",
+    "max_length": "data.max_length",
+    "max_prompt_length": "data.max_prompt_length",
+    "max_completion_length": "data.max_length (prompt + completion)",
+    "dataset_name": "data.train",
+    "train_dataset": "data.train",
+    "eval_dataset": "data.eval",
+    "beta": "loss.beta",
+    "loss_type": "loss.type",
+    "loss_weights": "loss.weights",
+    "label_smoothing": "loss.label_smoothing",
+    "rpo_alpha": "loss.type=[sigmoid,sft] with loss.weights=[1.0,ALPHA]",
+    "f_divergence_type": "loss.f_divergence",
+    "f_alpha_divergence_coef": "loss.f_alpha",
+    "use_weighting": "loss.use_weighting",
+    "ld_alpha": "loss.ld_alpha",
+    "simpo_gamma": "loss.simpo_gamma",
+    "cpo_alpha": "loss.cpo_alpha",
+    "discopop_tau": "loss.discopop_tau",
+    "desirable_weight": "loss.desirable_weight",
+    "undesirable_weight": "loss.undesirable_weight",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules",
+    "use_peft": "lora.enabled",
+}
+"""TRL's DPOConfig / model-config names a user is likely to type, and dpokit's key for each."""
+
+
+def _unknown(key: str, names, prefix: str) -> str:
+    leaf = str(key).rsplit(".", 1)[-1]
+    where = f"{prefix}{key}: unknown key"
+    if leaf in TRL_NAMES and TRL_NAMES[leaf] != f"{prefix}{leaf}":
+        return f"{where} (TRL's {leaf}; here it is {TRL_NAMES[leaf]})"
+    return f"{where}{did_you_mean(str(key), names, prefix)}; valid keys: {', '.join(sorted(names))}"
+
+
 def _build(cls: type, data: dict, prefix: str, problems: list[str]):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            problems.append(
-                f"{prefix}{key}: unknown key{did_you_mean(str(key), names, prefix)}; valid keys: {', '.join(sorted(names))}"
-            )
+            problems.append(_unknown(key, names, prefix))
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -435,6 +497,28 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError([f"{path}: not valid YAML: {err}"]) from err
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of sections (model, data, ...)"])
+    return from_config_folder(data, path.parent)
+
+
+FILE_KEYS = (("data", "train"), ("data", "eval"), ("iterate", "prompts"), ("iterate", "eval_prompts"))
+"""The config's data files, read from the config file's folder when they are relative paths."""
+
+
+def from_config_folder(data: dict, folder: Path) -> dict:
+    """A config file's relative data paths (FILE_KEYS) as paths from its folder when a file or folder is
+    there: the config works from any current folder. Anything else (an existing path from the current
+    folder, `builtin:NAME`, a hub dataset id) stays as written."""
+    for section, key in FILE_KEYS:
+        value = (data.get(section) or {}).get(key) if isinstance(data.get(section), dict) else None
+        if (
+            isinstance(value, str)
+            and value
+            and not value.startswith("builtin:")
+            and not Path(value).is_absolute()
+        ):
+            there = folder / Path(value).expanduser()
+            if there.exists():
+                data[section][key] = str(there.resolve())
     return data
 
 
@@ -449,8 +533,10 @@ def nested(values: dict, problems: list[str]) -> dict:
         if len(parts) == 1 and not isinstance(value, dict):
             sections = [f.name for f in dataclasses.fields(Config)]
             problems.append(
-                f"{key}={value!r}: expected a section ({', '.join(sections)}) as a dict, or a dotted key such as "
-                f"train.lr{did_you_mean(str(key), sections)}"
+                _unknown(key, sections, "")
+                if key in TRL_NAMES
+                else f"{key}={value!r}: expected a section ({', '.join(sections)}) as a dict, or a dotted key "
+                f"such as train.lr{did_you_mean(str(key), sections)}"
             )
             continue
         node = out

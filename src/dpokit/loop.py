@@ -124,8 +124,10 @@ def _train(
             log.warning(said)
     history, initial_eval = [], None
     if resume:
-        history, initial_eval = restore(resume["folder"], run, s, policy, optimizer, scheduler, guards)
-    saver = Saver(run, s, policy, optimizer, scheduler, guards)
+        history, initial_eval = restore(
+            resume["folder"], run, s, policy, optimizer, scheduler, guards, len(schedule)
+        )
+    saver = Saver(run, s, policy, optimizer, scheduler, guards, len(schedule))
 
     def run_eval(step: int) -> dict:
         metrics, samples = evaluate_pairs(
@@ -169,7 +171,8 @@ def _train(
             )
 
     log_record = record_sinks(run, cfg, acc, trackers)
-    reporter = StepReporter(len(schedule), enabled=t.progress and acc.is_main_process, done=start_step)
+    main = acc.is_main_process
+    reporter = StepReporter(len(schedule), t.progress and main, start_step, log_lines=main and not t.progress)
     ckpt, steps_per_epoch = None, epoch_steps(len(s.data.train), t, acc.num_processes)
     if e.at_start and s.data.eval and not resume:
         initial_eval = run_eval(0)

@@ -18,11 +18,9 @@ import importlib.util
 import logging
 import os
 import re
-import socket
 import warnings
 import zlib
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
@@ -92,11 +90,9 @@ def resolve_model_path(name: str, key: str = "model.name") -> str:
 def _resolve_hub_id(repo_id: str, key: str) -> str:
     """A hub id when the hub can be reached; else its snapshot in the local Hugging Face cache, or a clear
     error at once (transformers would retry for about a minute, then raise)."""
-    offline = any(
-        os.environ.get(v, "").lower() in ("1", "true", "yes")
-        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-    reason = "offline (HF_HUB_OFFLINE is set)" if offline else _hub_unreachable()
+    from dpokit.hub import offline_reason
+
+    reason = offline_reason()
     if reason is None:
         return repo_id
     from huggingface_hub import snapshot_download
@@ -114,19 +110,6 @@ def _resolve_hub_id(repo_id: str, key: str) -> str:
             f"where the hub is reachable (huggingface-cli download {repo_id}), or give a local folder, a .gguf file "
             f"or an alias ({SMOLLM2_ALIAS!r}, {TINY_ALIAS!r})."
         ) from None
-
-
-def _hub_unreachable(timeout: float = 3.0) -> str | None:
-    """Why the hub cannot be reached (None when it can, or when a proxy decides)."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-    except OSError as err:
-        return f"the Hugging Face hub ({url.hostname}:{port}) is unreachable ({err.strerror or err})"
-    return None
 
 
 def smollm2_gguf_path() -> Path:

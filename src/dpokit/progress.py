@@ -188,8 +188,10 @@ class StepReporter:
     A metric a step cannot define (the margin and accuracy of a KTO step whose examples share one label) is
     shown as `-`, never as nan."""
 
-    def __init__(self, total_steps: int, enabled: bool = True, done: int = 0):
-        self.enabled, self.total, self.done = enabled, total_steps, done
+    def __init__(self, total_steps: int, enabled: bool = True, done: int = 0, log_lines: bool = False):
+        """`enabled`: the bar and its lines; else, with `log_lines`, one log line per step and evaluation
+        (train.progress=false on the process that reports)."""
+        self.enabled, self.total, self.done, self.log_lines = enabled, total_steps, done, log_lines
         self.block = NotebookBlock() if enabled and in_notebook() else None
         self.latest: dict[str, str] = {}
         self.started = time.perf_counter()
@@ -230,6 +232,8 @@ class StepReporter:
 
     def update(self, record: dict) -> None:
         self.done += 1
+        if self.log_lines and not self.enabled:
+            log.info(step_line(record))
         if self.block is not None:
             self.latest["step"] = step_line(record)
             self._draw(force=self.done == self.total)
@@ -244,6 +248,8 @@ class StepReporter:
             self.console.print(step_line(record), highlight=False)
 
     def print_eval(self, step: int, record: dict | None) -> None:
+        if self.log_lines and not self.enabled and record and "eval/loss" in record:
+            log.info(eval_line(step, record))
         if not (self.enabled and record and "eval/loss" in record):
             return
         if self.block is not None:

@@ -26,8 +26,10 @@ Imports neither torch nor the training code: the data tools and the report use i
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shutil
+import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -42,8 +44,6 @@ RESUMABLE = ("training_state.pt", "dpokit_state.json")
 
 def is_main_process() -> bool:
     """Rank 0 (or no launcher): the only process that writes the run dir."""
-    import os
-
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -280,6 +280,14 @@ class Run:
         existing = _nearest_existing(self.path)
         if not existing.is_dir():
             raise TrainingError(f"{where} is not writable: {existing} is a file")
+        try:  # a read-only or pseudo file system says so here, before any data or model loads
+            fd, probe = tempfile.mkstemp(prefix=".dpokit-write-check-", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            raise TrainingError(
+                f"{where} cannot be written: {existing} ({err.strerror}). Fix: choose a run_dir on a writable disk"
+            ) from None
 
     def check_space(self, needed: int) -> None:
         """Refuse to start when the disk cannot hold `needed` bytes (one checkpoint)."""

@@ -26,6 +26,14 @@ TRACKERS = {
 }
 
 
+LOSS_ALIASES = {
+    "dpo": " (DPO is loss.type=sigmoid, TRL's name for it)",
+    "rpo": " (RPO is loss.type=[sigmoid,sft] with loss.weights=[1.0,ALPHA])",
+    "cdpo": " (cDPO is loss.type=sigmoid with loss.label_smoothing > 0)",
+    "ld_dpo": " (LD-DPO is loss.type=sigmoid with loss.ld_alpha < 1)",
+    "wpo": " (WPO is loss.use_weighting=true)",
+}
+"""Names users type for losses dpokit spells otherwise."""
 PAIRINGS = ("best_worst", "all_pairs")
 ITERATE_REFERENCES = ("initial", "previous")
 
@@ -258,7 +266,7 @@ def validate_loss(lo: LossConfig, batch_size: int) -> list[str]:
     for name in lo.type:
         if name not in LOSSES:
             p.append(
-                f"loss.type: unknown loss {name!r}{did_you_mean(name, LOSSES)}; choose from {sorted(LOSSES)}"
+                f"loss.type: unknown loss {name!r}{LOSS_ALIASES.get(name) or did_you_mean(name, LOSSES)}; choose from {sorted(LOSSES)}"
             )
     if not lo.type:
         p.append(f"loss.type is empty; choose from {sorted(LOSSES)}")

@@ -59,6 +59,10 @@ class LoadStats:
         }
 
 
+FILE_SUFFIXES = (".json", ".jsonl", ".gz", ".parquet", ".csv")
+"""A missing path ending so is a missing file, not a hub dataset id."""
+
+
 def resolve_data_path(spec: str, kind: str = "prefs") -> Path:
     """`builtin:NAME` -> the file dpokit/assets/NAME_{kind}.jsonl (kind: prefs, prompts); else a path."""
     if spec.startswith("builtin:"):
@@ -99,7 +103,12 @@ def load_examples(
     """
     path = spec if isinstance(spec, InMemory) else resolve_data_path(spec)
     if not isinstance(path, InMemory) and not path.exists():
-        raise DataError(str(path), "no such file" + (f" (given as {key})" if key else ""))
+        from dpokit.hub import DATASET_ID, dataset_records
+
+        file_like = str(spec).startswith((".", "/", "~")) or Path(str(spec)).suffix.lower() in FILE_SUFFIXES
+        if file_like or not DATASET_ID.match(str(spec)):
+            raise DataError(str(path), "no such file" + (f" (given as {key})" if key else ""))
+        path = dataset_records(str(spec), key or "data", "test" if key == "data.eval" else "train")
     records = list(read_records(path))
     path = path.name if isinstance(path, InMemory) else path
     examples, errors, stats = normalize_records(records, unpaired)
