@@ -17,11 +17,11 @@ TIMING = {"tokens_per_s", "step_time_s"}
 def test_a_hit_is_exactly_what_tokenization_gives(tmp_path, tiny_tokenizer, monkeypatch):
     examples, _ = load_examples("builtin:demo")
     fresh, fresh_stats = tokenize.tokenize_pairs(examples, tiny_tokenizer, 64, 32)
-    first, _ = tokenize_pairs_cached(examples, tiny_tokenizer, 64, 32, False, tmp_path)
+    first, _ = tokenize_pairs_cached(examples, tiny_tokenizer, 64, 32, False, root=tmp_path)
     calls = []
     real = tokenize.tokenize_pairs
     monkeypatch.setattr(tokenize, "tokenize_pairs", lambda *a, **k: calls.append(1) or real(*a, **k))
-    hit, hit_stats = tokenize_pairs_cached(examples, tiny_tokenizer, 64, 32, False, tmp_path)
+    hit, hit_stats = tokenize_pairs_cached(examples, tiny_tokenizer, 64, 32, False, root=tmp_path)
     assert not calls and hit == first == fresh  # dataclass equality: every id, weight and location
     assert hit_stats.to_dict() == fresh_stats.to_dict() and fresh_stats.prompts_truncated > 0
 
@@ -29,16 +29,17 @@ def test_a_hit_is_exactly_what_tokenization_gives(tmp_path, tiny_tokenizer, monk
 @pytest.mark.slow
 def test_every_input_of_tokenization_keys_the_cache(tiny_tokenizer):
     examples, _ = load_examples("builtin:demo")
-    base = cache_key(examples, tiny_tokenizer, 64, 32, False)
-    assert base == cache_key(list(examples), tiny_tokenizer, 64, 32, False)
-    assert base != cache_key(examples, tiny_tokenizer, 65, 32, False)
-    assert base != cache_key(examples, tiny_tokenizer, 64, 31, False)
-    assert base != cache_key(examples, tiny_tokenizer, 64, 32, True)
-    assert base != cache_key(examples[1:], tiny_tokenizer, 64, 32, False)
-    assert base != cache_key(examples[::-1], tiny_tokenizer, 64, 32, False)
+    base = cache_key(examples, tiny_tokenizer, 64, 32, False, "assistant")
+    assert base == cache_key(list(examples), tiny_tokenizer, 64, 32, False, "assistant")
+    assert base != cache_key(examples, tiny_tokenizer, 65, 32, False, "assistant")
+    assert base != cache_key(examples, tiny_tokenizer, 64, 31, False, "assistant")
+    assert base != cache_key(examples, tiny_tokenizer, 64, 32, True, "assistant")
+    assert base != cache_key(examples, tiny_tokenizer, 64, 32, False, "all")
+    assert base != cache_key(examples[1:], tiny_tokenizer, 64, 32, False, "assistant")
+    assert base != cache_key(examples[::-1], tiny_tokenizer, 64, 32, False, "assistant")
     tiny_tokenizer.chat_template, saved = "{{ messages }}", tiny_tokenizer.chat_template
     try:
-        assert base != cache_key(examples, tiny_tokenizer, 64, 32, False)
+        assert base != cache_key(examples, tiny_tokenizer, 64, 32, False, "assistant")
     finally:
         tiny_tokenizer.chat_template = saved
 

@@ -67,7 +67,7 @@ def one_at_a_time(examples, tokenizer, max_length, max_prompt_length):
     stats, out = TokenizeStats(), []
     for ex in examples:
         prompt, *completions = encode_example(ex, tokenizer)
-        prompt, completions = truncate(prompt, completions, max_length, max_prompt_length, stats)
+        prompt, completions, _ = truncate(prompt, completions, max_length, max_prompt_length, stats)
         if prompt and all(completions):
             out.append((prompt, *completions))
     return out

@@ -113,17 +113,34 @@ class Doc:
     prompt: list[int]
     completions: tuple[tuple[list[int], int], ...]
     """(token ids, sequence id) of each completion."""
+    targets: tuple | None = None
+    """Per completion, which of its tokens are scored (a bool per token), or None for all of them; None:
+    every token of every completion. The others are context: in the rows, out of the completion index."""
 
     def __len__(self) -> int:
         return len(self.prompt) + sum(len(c) for c, _ in self.completions)
 
 
+def _targets(*masks) -> tuple | None:
+    return None if all(m is None for m in masks) else masks
+
+
 def pair_docs(pairs: list[TokenizedPair], prefix_share: bool) -> list[Doc]:
     P = len(pairs)
     if prefix_share:
-        return [Doc(p.prompt_ids, ((p.chosen_ids, i), (p.rejected_ids, P + i))) for i, p in enumerate(pairs)]
-    return [Doc(p.prompt_ids, ((p.chosen_ids, i),)) for i, p in enumerate(pairs)] + [
-        Doc(p.prompt_ids, ((p.rejected_ids, P + i),)) for i, p in enumerate(pairs)
+        return [
+            Doc(
+                p.prompt_ids,
+                ((p.chosen_ids, i), (p.rejected_ids, P + i)),
+                _targets(p.chosen_targets, p.rejected_targets),
+            )
+            for i, p in enumerate(pairs)
+        ]
+    return [
+        Doc(p.prompt_ids, ((p.chosen_ids, i),), _targets(p.chosen_targets)) for i, p in enumerate(pairs)
+    ] + [
+        Doc(p.prompt_ids, ((p.rejected_ids, P + i),), _targets(p.rejected_targets))
+        for i, p in enumerate(pairs)
     ]
 
 
@@ -131,12 +148,12 @@ def branch_docs(pairs: list[TokenizedPair]) -> tuple[list[Doc], torch.Tensor] | 
     """One document per distinct prompt, with one branch per distinct completion of its pairs (1 prompt +
     N branches), and the (2P,) map from chosen p / rejected P + p to those branches' sequence ids; None
     when no two pairs share a prompt (pair_docs is that layout already)."""
-    docs: dict[tuple, list] = {}  # prompt ids -> [prompt, {completion ids: sequence id}]
+    docs: dict[tuple, list] = {}  # prompt ids -> [prompt, {(completion ids, targets): sequence id}]
     seq_map, next_id = [], 0
-    for side in ("chosen_ids", "rejected_ids"):
+    for side in ("chosen", "rejected"):
         for p in pairs:
             doc = docs.setdefault(tuple(p.prompt_ids), [p.prompt_ids, {}])
-            completion = tuple(getattr(p, side))
+            completion = (tuple(getattr(p, f"{side}_ids")), getattr(p, f"{side}_targets"))
             if completion not in doc[1]:
                 doc[1][completion] = next_id
                 next_id += 1
@@ -144,7 +161,12 @@ def branch_docs(pairs: list[TokenizedPair]) -> tuple[list[Doc], torch.Tensor] | 
     if len(docs) == len(pairs):
         return None
     built = [
-        Doc(prompt, tuple((list(c), i) for c, i in branches.items())) for prompt, branches in docs.values()
+        Doc(
+            prompt,
+            tuple((list(c), i) for (c, _), i in branches.items()),
+            _targets(*(t for _, t in branches)),
+        )
+        for prompt, branches in docs.values()
     ]
     return built, torch.tensor(seq_map, dtype=torch.long)
 
@@ -230,10 +252,13 @@ def build_batch(
                 position_ids[r, t : t + n] = torch.arange(p, p + n)  # restart right after the prompt
                 doc_of[r, t : t + n], branch[r, t : t + n] = d, b
                 # the shift: token k is predicted by the state before it; the first by the prompt's last token
-                pred += [last_prompt] + list(range(r * T + t, r * T + t + n - 1))
-                target += completion
-                seq += [seq_id] * n
-                cpos += range(n)
+                preds = [last_prompt] + list(range(r * T + t, r * T + t + n - 1))
+                scored = doc.targets[b - 1] if doc.targets is not None else None
+                keep = range(n) if scored is None else [k for k in range(n) if scored[k]]
+                pred += [preds[k] for k in keep]
+                target += [completion[k] for k in keep]
+                seq += [seq_id] * len(keep)
+                cpos += range(len(keep))  # position among the scored tokens (LD-DPO's shared length)
                 t += n
     real = doc_of >= 0
     attention_mask, blocks = None, None
@@ -328,7 +353,10 @@ class Layout:
         """
         B = len(examples)
         weights = [e.weight for e in examples]
-        docs = [Doc(e.prompt_ids, ((e.completion_ids, i),)) for i, e in enumerate(examples)]
+        docs = [
+            Doc(e.prompt_ids, ((e.completion_ids, i),), _targets(e.completion_targets))
+            for i, e in enumerate(examples)
+        ]
         targets = build_batch(docs, self.rows(docs), pad_id, weights, self.mask(False))
         targets.labels = torch.tensor([e.label for e in examples], dtype=torch.bool)
         targets.example_ids = None if ids is None else torch.tensor(ids, dtype=torch.long)

@@ -89,6 +89,17 @@ class DataConfig:
     """Drop pairs whose `confidence` field is below this."""
     rebalance_length: bool = False
     """Subsample so that chosen is longer in as many pairs as it is shorter (counters length bias)."""
+    chat_template: str = ""
+    """Chat template for conversational data in place of the model's own: a Jinja file, or chatml-tools
+    (dpokit's ChatML with tools, tool calls and tool results). Needed when the model's template cannot render
+    tools or tool calls (SmolLM2's cannot: training says so). Saved with the checkpoints' tokenizer."""
+    targets: str = "assistant"
+    """Which tokens of a completion of several messages are trained: assistant (its assistant turns; tool
+    results and user turns in it are context, read but not scored), last (its final assistant turn) or all
+    (every token after the prompt). A completion of one message is trained whole."""
+    list_pairs: str = "best_vs_rest"
+    """How a rated list (a prompt with several scored completions, e.g. UltraFeedback's raw form) becomes
+    pairs: best_vs_rest (the best against each one scored lower) or best_worst (one pair)."""
     tokenized_cache: bool = True
     """Keep the tokenized pairs in DPOKIT_CACHE/tokenized, keyed by the pairs, the tokenizer, the lengths and
     dpokit's tokenization code: a second run on the same data skips tokenization."""

@@ -251,7 +251,9 @@ def build_tiny_random(out: Path, seed: int = 0) -> None:
     tokenizer.save_pretrained(out)
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str = ""):
+    """The tokenizer of `path`; `chat_template` (data.chat_template): a Jinja file or a shipped template's
+    name in place of its own."""
     from transformers import AutoTokenizer
 
     try:
@@ -261,7 +263,20 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and log-probs, so any id will do; EOS is standard.
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        tokenizer.chat_template = chat_template_text(chat_template)
     return tokenizer
+
+
+def chat_template_text(setting: str) -> str:
+    """The Jinja text of data.chat_template: a shipped template by name, else a file."""
+    from importlib import resources
+
+    from dpokit.validation import CHAT_TEMPLATES
+
+    if setting in CHAT_TEMPLATES:
+        return (resources.files("dpokit") / "assets" / CHAT_TEMPLATES[setting]).read_text()
+    return Path(setting).read_text()
 
 
 def load_model(path: str, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):

@@ -55,10 +55,14 @@ def cache_folder(root: Path, weights_key: str, settings: dict) -> Path:
 
 
 def batch_key(examples: list) -> str:
-    """Hash of the token ids of one micro-batch's pairs, in order."""
+    """Hash of the token ids of one micro-batch's pairs, in order (and their trained-token masks, when a
+    completion has some)."""
     h = hashlib.blake2b(digest_size=16)
     for e in examples:
-        h.update(repr((e.prompt_ids, e.chosen_ids, e.rejected_ids)).encode())
+        masks = (e.chosen_targets, e.rejected_targets)
+        h.update(
+            repr((e.prompt_ids, e.chosen_ids, e.rejected_ids, *([masks] if any(masks) else []))).encode()
+        )
     return h.hexdigest()
 
 

@@ -95,7 +95,9 @@ class Iteration:
         self.judge = as_judge(judge or it.judge, near) if (judge or it.judge) else None
         self.reward = as_reward(reward or it.reward, near) if (reward or it.reward) else None
         self.model_path = models.resolve_model_path(cfg.model.name)
-        self.tokenizer = models.load_tokenizer(self.model_path, cfg.model.trust_remote_code)
+        self.tokenizer = models.load_tokenizer(
+            self.model_path, cfg.model.trust_remote_code, cfg.data.chat_template
+        )
         self.callbacks: list = []
         """Called with every step record of every round's training (the API's callbacks)."""
 

@@ -48,11 +48,16 @@ def is_main_process() -> bool:
 
 
 def with_run_dir(cfg: Config, prefix: str = "") -> Config:
-    """The config with train.run_dir filled in (empty = runs/<prefix><timestamp>); `cfg` is not changed."""
+    """The config with train.run_dir filled in (empty = runs/<prefix><timestamp>, with -2, -3, ... when runs
+    start within one second, as from a notebook); `cfg` is not changed."""
     if cfg.train.run_dir:
         return cfg
-    stamp = str(Path("runs") / (prefix + datetime.now().strftime("%Y%m%d-%H%M%S")))
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=stamp))
+    stamp = Path("runs") / (prefix + datetime.now().strftime("%Y%m%d-%H%M%S"))
+    free, n = stamp, 1
+    while free.exists():
+        n += 1
+        free = stamp.with_name(f"{stamp.name}-{n}")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(free)))
 
 
 def _nearest_existing(path: Path) -> Path:

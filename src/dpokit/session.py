@@ -93,7 +93,7 @@ def setup(
     model_path = models.resolve_model_path(cfg.model.name)
     if cfg.model.adapter:
         models.resolve_adapter(cfg.model.adapter)
-    tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
+    tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.data.chat_template)
     data = prepare_data(cfg, tokenizer, objective.unpaired, splits, models.cache_dir() / "tokenized")
     model = models.load_model(model_path, cfg.model.trust_remote_code, cfg.model.attn_implementation)
     context = models.context_length(model)

@@ -5,12 +5,20 @@ Loss names and their properties come from the loss registry (`losses.LOSSES`); n
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from dpokit.config import Config, LossConfig, did_you_mean
 
 SCHEDULERS = ("linear", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION = ("sdpa", "eager")
 DEDUPLICATE = ("pairs", "prompt_chosen", "off")
+TARGETS = ("assistant", "last", "all")
+"""data.targets (tokenize.TARGETS)."""
+LIST_PAIRS = ("best_vs_rest", "best_worst")
+"""data.list_pairs (data/lists.py)."""
+CHAT_TEMPLATES = {"chatml-tools": "chatml_tools.jinja"}
+"""Shipped chat templates (dpokit/assets/) by name."""
 ATTENTION_LAYOUTS = ("blocks", "dense")
 TRACKERS = {
     # name -> (accelerate's availability check, what to install)
@@ -144,6 +152,15 @@ def _data_shape_problems(cfg: Config) -> list[str]:
         p.append(f"data.max_similarity={d.max_similarity}: must be in [0, 1] (1 = off)")
     if d.deduplicate not in DEDUPLICATE:
         p.append(f"data.deduplicate={d.deduplicate!r}: choose one of {list(DEDUPLICATE)}")
+    if d.targets not in TARGETS:
+        p.append(f"data.targets={d.targets!r}: choose one of {list(TARGETS)}")
+    if d.list_pairs not in LIST_PAIRS:
+        p.append(f"data.list_pairs={d.list_pairs!r}: choose one of {list(LIST_PAIRS)}")
+    if d.chat_template and d.chat_template not in CHAT_TEMPLATES and not Path(d.chat_template).is_file():
+        p.append(
+            f"data.chat_template={d.chat_template!r}: no such file; give a Jinja file or one of "
+            f"{sorted(CHAT_TEMPLATES)}"
+        )
     return p
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from dpokit.data.formats import (
     PreferenceExample,
     UnpairedExample,
-    normalize,
+    normalize_pairs,
     normalize_unpaired,
     split_implicit_prompt,
 )
@@ -80,8 +80,9 @@ def resolve_data_path(spec: str, kind: str = "prefs") -> Path:
 
 FORMATS = {
     False: "prompt/chosen/rejected; chosen/rejected full texts (implicit prompt); message lists "
-    "(prompt + chosen/rejected, or chosen_messages/rejected_messages); conversations + chosen/rejected "
-    "(ShareGPT); instruction/response1/response2 + annotator votes",
+    "(prompt + chosen/rejected, messages + chosen/rejected, or chosen_messages/rejected_messages); "
+    "conversations + chosen/rejected (ShareGPT); instruction/response1/response2 + annotator votes; rated "
+    "lists (prompt/instruction + completions with scores)",
     True: "prompt/completion/label, or messages + label",
 }
 """What each kind of data file may hold (unpaired: KTO), for messages about records of another format."""
@@ -93,13 +94,15 @@ def load_examples(
     unpaired: bool = False,
     key: str = "",
     skip_hint: str = "data.skip_invalid=true",
+    list_pairs: str = "best_vs_rest",
 ) -> tuple[list[PreferenceExample] | list[UnpairedExample], LoadStats]:
     """Read and normalize every record of a preference file (`unpaired`: prompt/completion/label records).
 
     Invalid records raise one DataError listing the first problems (file:line: field: what), unless
     `skip_invalid`, in which case they are skipped and counted by reason in the returned stats. `key` names
     where the file was given (data.train, --data) and `skip_hint` how to skip invalid records, in messages.
-    `spec` may be records in memory (InMemory), named in messages by their name.
+    `spec` may be records in memory (InMemory), named in messages by their name; `list_pairs`: how rated
+    lists become pairs (data/lists.py).
     """
     path = spec if isinstance(spec, InMemory) else resolve_data_path(spec)
     if not isinstance(path, InMemory) and not path.exists():
@@ -111,7 +114,7 @@ def load_examples(
         path = dataset_records(str(spec), key or "data", "test" if key == "data.eval" else "train")
     records = list(read_records(path))
     path = path.name if isinstance(path, InMemory) else path
-    examples, errors, stats = normalize_records(records, unpaired)
+    examples, errors, stats = normalize_records(records, unpaired, list_pairs)
     if stats.records == 0:
         raise DataError(str(path), "no records in the file" + (f" (given as {key})" if key else ""))
     if not examples and errors:
@@ -137,6 +140,7 @@ def load_examples(
 
 KNOWN_FIELDS = {
     "prompt",
+    "completions",
     "chosen",
     "rejected",
     "conversations",
@@ -164,17 +168,23 @@ def foreign_format_hint(records: list, errors: list[DataError], unpaired: bool) 
     )
 
 
-def normalize_records(records, unpaired: bool = False) -> tuple[list, list[DataError], LoadStats]:
-    """Normalize raw records (and DataErrors from the reader) into examples; errors are kept and counted."""
+def normalize_records(
+    records, unpaired: bool = False, list_pairs: str = "best_vs_rest"
+) -> tuple[list, list[DataError], LoadStats]:
+    """Normalize raw records (and DataErrors from the reader) into examples (a rated list gives several:
+    `list_pairs`); errors are kept and counted."""
     stats = LoadStats()
-    to_example = normalize_unpaired if unpaired else normalize
     examples, errors = [], []
     for item in records:
         stats.records += 1
         try:
             if isinstance(item, DataError):
                 raise item
-            example = to_example(item.where, item.value)
+            got = (
+                [normalize_unpaired(item.where, item.value)]
+                if unpaired
+                else normalize_pairs(item.where, item.value, list_pairs)
+            )
         except DataError as err:
             errors.append(err)
             stats.skipped += 1
@@ -183,8 +193,9 @@ def normalize_records(records, unpaired: bool = False) -> tuple[list, list[DataE
                 stats.first_errors.append(str(err))
             continue
         stats.valid += 1
-        stats.formats[example.format] += 1
-        examples.append(example)
+        for example in got:
+            stats.formats[example.format] += 1
+        examples += got
     return examples, errors, stats
 
 

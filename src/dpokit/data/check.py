@@ -167,6 +167,7 @@ def check_file(
         "prompts": sum(1 for c in prompts.values() if c > 1),
         "examples": sum(c for c in prompts.values() if c > 1),
     }
+    report.update(conversation_stats(examples))
     if unpaired:
         report.update(_unpaired_stats(examples, tokenizer))
     else:
@@ -176,9 +177,51 @@ def check_file(
 
             lengths = (max_length or DataConfig.max_length, max_prompt_length or DataConfig.max_prompt_length)
             report["truncation"] = _truncation(examples, tokenizer, *lengths)
+    if tokenizer is not None:
+        from dpokit.tokenize import template_tool_problem
+
+        report["template_problem"] = template_tool_problem(tokenizer, examples)
     report["advice"] = advice(report, similarity_threshold)
     report["seconds"] = time.perf_counter() - started
     return DataReport(report)
+
+
+def weight_stats(examples) -> dict | None:
+    """The per-pair `weight`s when any differs from 1 (they scale each pair's loss): count, min, max, mean."""
+    weights = [e.weight for e in examples]
+    if all(w == 1.0 for w in weights):
+        return None
+    return {
+        "weighted": sum(1 for w in weights if w != 1.0),
+        "of": len(weights),
+        "min": min(weights),
+        "max": max(weights),
+        "mean": sum(weights) / len(weights),
+    }
+
+
+def conversation_stats(examples) -> dict:
+    """Tool use, completions of several messages (and which of their tokens are trained) and weights."""
+    from dpokit.data.messages import has_tools
+
+    sides = [getattr(e, k) for e in examples for k in ("chosen", "rejected", "completion") if hasattr(e, k)]
+    out = {
+        "tools": {
+            "records": sum(1 for e in examples if has_tools(e)),
+            "tool_calls": sum(
+                1 for s in sides if isinstance(s, list) and any(m.get("tool_calls") for m in s)
+            ),
+            "with_schemas": sum(1 for e in examples if e.tools),
+        },
+        "multi_message_completions": {
+            "completions": sum(1 for s in sides if isinstance(s, list) and len(s) > 1),
+            "trained": "assistant turns only (tool results and user turns are context; data.targets)",
+        },
+    }
+    weights = weight_stats(examples)
+    if weights:
+        out["weights"] = weights
+    return out
 
 
 def _pair_stats(examples, tokenizer, threshold: float) -> dict:
@@ -309,6 +352,8 @@ def advice(report: dict, threshold: float) -> list[str]:
             "drops them"
         )
     tips += _length_advice(report.get("length", {}))
+    if report.get("template_problem"):
+        tips.append(report["template_problem"])
     if "agreement" in report and report["agreement"]["mean"] < 1:
         tips.append(
             "annotators disagree on some pairs: data.min_agreement=0.67 (or 1.0) keeps the confident ones"

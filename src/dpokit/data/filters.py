@@ -105,7 +105,9 @@ def filter_records(spec, settings: DataConfig, tokenizer=None, seed: int = 0) ->
     record is kept or counted by reason."""
     from dpokit.data import load_examples
 
-    examples, stats = load_examples(spec, settings.skip_invalid, skip_hint="--skip-invalid")
+    examples, stats = load_examples(
+        spec, settings.skip_invalid, skip_hint="--skip-invalid", list_pairs=settings.list_pairs
+    )
     kept, dropped = filter_pairs(examples, settings, tokenizer, seed)
     rows = []
     for e in kept:
@@ -114,6 +116,7 @@ def filter_records(spec, settings: DataConfig, tokenizer=None, seed: int = 0) ->
             "chosen": e.chosen,
             "rejected": e.rejected,
             **({"weight": e.weight} if e.weight != 1 else {}),
+            **({"tools": e.tools} if e.tools else {}),  # tool calls and results ride in the messages
         }
         row.update(
             {

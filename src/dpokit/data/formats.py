@@ -5,8 +5,13 @@ Formats (detected per record, by field names):
 - implicit prompt: `chosen`, `rejected` full texts sharing a prefix (Anthropic HH);
 - conversational: `prompt` as a message list, `chosen`/`rejected` as message lists or strings; or
   `chosen`/`rejected` (or `chosen_messages`/`rejected_messages`) as whole conversations that share a prefix;
-- ShareGPT (LLaMA-Factory): `conversations` + `chosen`/`rejected` single messages with `from`/`value`.
-Messages may use `role`/`content` or `from`/`value`; content may be a string or a list of typed parts.
+- ShareGPT (LLaMA-Factory): `conversations` + `chosen`/`rejected` single messages with `from`/`value`;
+- a conversation and its last assistant turn's alternatives: `messages` + `chosen`/`rejected` (strings or
+  messages);
+- rated lists: a prompt with several scored completions (UltraFeedback's raw `instruction` + `completions`,
+  or `prompt`/`messages` + `completions` with scores), one pair per better-worse couple (lists.py).
+Messages may use `role`/`content` or `from`/`value`, content a string or typed parts, and carry tool calls
+and tool results; a `tools` column holds the functions' JSON schemas (messages.py).
 """
 
 from __future__ import annotations
@@ -16,23 +21,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpokit.data import messages as msgs
 from dpokit.data.readers import DataError
 
 HH_MARKER = "\n\nAssistant:"
-ROLE_ALIASES = {
-    "system": "system",
-    "user": "user",
-    "human": "user",
-    "assistant": "assistant",
-    "gpt": "assistant",
-    "model": "assistant",
-    "bot": "assistant",
-    "tool": "tool",
-    "observation": "tool",
-}
-
-
-Message = dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -43,34 +35,52 @@ class PreferenceExample:
     (`[{"role", "content"}]`), where chosen/rejected are the messages that follow the prompt.
     """
 
-    prompt: str | list[Message]
-    chosen: str | list[Message]
-    rejected: str | list[Message]
+    prompt: str | list[msgs.Message]
+    chosen: str | list[msgs.Message]
+    rejected: str | list[msgs.Message]
     weight: float = 1.0
     where: str = ""
     format: str = "standard"
     meta: dict = field(default_factory=dict, compare=False)
+    tools: list | None = None
+    """JSON schemas of the functions the model may call (the record's `tools` column), for the template."""
 
 
 @dataclass(frozen=True)
 class UnpairedExample:
     """One unpaired example for KTO-style losses: a completion labelled desirable (True) or not."""
 
-    prompt: str | list[Message]
-    completion: str | list[Message]
+    prompt: str | list[msgs.Message]
+    completion: str | list[msgs.Message]
     label: bool
     weight: float = 1.0
     where: str = ""
     format: str = "unpaired"
+    tools: list | None = None
 
 
 def normalize(where: str, record: Any) -> PreferenceExample:
-    """Raise DataError naming `where` and the field when the record is not a usable preference pair.
+    """The preference pair of one record (the first of a rated list's: see normalize_pairs)."""
+    return normalize_pairs(where, record)[0]
 
-    Optional quality fields (`score_chosen`, `score_rejected`, `confidence`) are read in every format."""
-    example = _normalize(where, record)
-    scores = _scores(where, record)
-    return dataclasses.replace(example, meta={**example.meta, **scores}) if scores else example
+
+def normalize_pairs(where: str, record: Any, list_pairs: str = "best_vs_rest") -> list[PreferenceExample]:
+    """The preference pairs of one record (one, or several for a rated list); raise DataError naming
+    `where` and the field when the record is not usable.
+
+    Optional quality fields (`score_chosen`, `score_rejected`, `confidence`) and the `tools` column are read
+    in every format; `list_pairs`: how a rated list becomes pairs (lists.py)."""
+    if isinstance(record, dict) and isinstance(record.get("completions"), list):
+        from dpokit.data.lists import rated_list
+
+        examples = rated_list(where, record, list_pairs)
+    else:
+        examples = [_normalize(where, record)]
+        scores = _scores(where, record)
+        if scores:
+            examples = [dataclasses.replace(examples[0], meta={**examples[0].meta, **scores})]
+    schemas = msgs.tools(where, record)
+    return [dataclasses.replace(e, tools=schemas) for e in examples] if schemas else examples
 
 
 def _normalize(where: str, record: Any) -> PreferenceExample:
@@ -91,20 +101,22 @@ def _normalize(where: str, record: Any) -> PreferenceExample:
     if "conversations" in record:
         return _sharegpt(where, record, weight)
     if "chosen_messages" in record or "rejected_messages" in record:
-        chosen = _messages(where, record, "chosen_messages")
-        rejected = _messages(where, record, "rejected_messages")
+        chosen = msgs.messages(where, record, "chosen_messages")
+        rejected = msgs.messages(where, record, "rejected_messages")
         return _split_conversations(where, chosen, rejected, weight, "conversational")
     for key in ("chosen", "rejected"):
         if key not in record:
             raise DataError(where, f"missing field (found: {sorted(record)})", key)
     chosen, rejected = record["chosen"], record["rejected"]
     prompt = record.get("prompt")
+    if prompt is None and "messages" in record:
+        return _conversation_alternatives(where, record, weight)
     if prompt is None:
         if isinstance(chosen, list) and isinstance(rejected, list):
             return _split_conversations(
                 where,
-                _messages(where, record, "chosen"),
-                _messages(where, record, "rejected"),
+                msgs.messages(where, record, "chosen"),
+                msgs.messages(where, record, "rejected"),
                 weight,
                 "conversational",
             )
@@ -112,10 +124,10 @@ def _normalize(where: str, record: Any) -> PreferenceExample:
         _need_str(where, record, "rejected")
         return _split_implicit(where, chosen, rejected, weight)
     if isinstance(prompt, list):
-        prompt_msgs = _messages(where, record, "prompt")
+        prompt_msgs = msgs.messages(where, record, "prompt")
         if not prompt_msgs:
             raise DataError(where, "empty message list", "prompt")
-        completions = [_completion_messages(where, record, key) for key in ("chosen", "rejected")]
+        completions = [msgs.answers(where, record[key], key) for key in ("chosen", "rejected")]
         return PreferenceExample(prompt_msgs, completions[0], completions[1], weight, where, "conversational")
     _need_str(where, record, "prompt")
     for key in ("chosen", "rejected"):
@@ -205,59 +217,25 @@ def _need_nonempty(where: str, text: str, key: str) -> None:
         raise DataError(where, "empty completion (nothing to score)", key)
 
 
-def _content_text(where: str, content: Any, key: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # typed parts: [{"type": "text", "text"|"value": ...}]
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type", "text") != "text":
-                raise DataError(where, f"only text content parts are supported, got {part!r:.60}", key)
-            text = part.get("text", part.get("value"))
-            if not isinstance(text, str):
-                raise DataError(where, f"text part without a string 'text'/'value': {part!r:.60}", key)
-            parts.append(text)
-        return "".join(parts)
-    raise DataError(where, f"message content must be a string, got {type(content).__name__}", key)
-
-
-def _message(where: str, msg: Any, key: str) -> Message:
-    if not isinstance(msg, dict):
-        raise DataError(where, f"expected a message object, got {type(msg).__name__}", key)
-    role = msg.get("role", msg.get("from"))
-    content = msg.get("content", msg.get("value"))
-    if role is None or content is None:
-        raise DataError(where, f"message needs role/content (or from/value), got keys {sorted(msg)}", key)
-    norm_role = ROLE_ALIASES.get(str(role).lower())
-    if norm_role is None:
-        raise DataError(where, f"unknown role {role!r}; expected one of {sorted(ROLE_ALIASES)}", key)
-    return {"role": norm_role, "content": _content_text(where, content, key)}
-
-
-def _messages(where: str, record: dict, key: str) -> list[Message]:
-    value = record.get(key)
-    if not isinstance(value, list):
-        raise DataError(where, f"expected a list of messages, got {type(value).__name__}", key)
-    return [_message(where, m, f"{key}[{i}]") for i, m in enumerate(value)]
-
-
-def _completion_messages(where: str, record: dict, key: str) -> list[Message]:
-    value = record[key]
-    if isinstance(value, str):
-        msgs = [{"role": "assistant", "content": value}]
-    elif isinstance(value, dict):
-        msgs = [_message(where, value, key)]
-    else:
-        msgs = _messages(where, record, key)
-    if not msgs or msgs[-1]["role"] != "assistant":
-        raise DataError(where, "the completion must end with an assistant message", key)
-    if not msgs[-1]["content"].strip():
-        _need_nonempty(where, "", key)
-    return msgs
+def _conversation_alternatives(where: str, record: dict, weight: float) -> PreferenceExample:
+    """`messages` (the conversation so far) + `chosen`/`rejected`: the alternatives for the next assistant
+    turn (strings, messages, or lists of messages)."""
+    prompt = msgs.messages(where, record, "messages")
+    if not prompt:
+        raise DataError(where, "empty message list", "messages")
+    if prompt[-1]["role"] not in ("user", "tool", "system"):
+        raise DataError(
+            where,
+            f"the conversation ends with a {prompt[-1]['role']} turn; chosen/rejected are the alternatives for "
+            "the next assistant turn, so it must end with the user's (or a tool's) turn",
+            "messages",
+        )
+    chosen, rejected = (msgs.answers(where, record[k], k) for k in ("chosen", "rejected"))
+    return PreferenceExample(prompt, chosen, rejected, weight, where, "conversational")
 
 
 def _sharegpt(where: str, record: dict, weight: float) -> PreferenceExample:
-    prompt = _messages(where, record, "conversations")
+    prompt = msgs.messages(where, record, "conversations")
     if not prompt:
         raise DataError(where, "empty conversation", "conversations")
     if prompt[-1]["role"] not in ("user", "tool"):
@@ -265,13 +243,13 @@ def _sharegpt(where: str, record: dict, weight: float) -> PreferenceExample:
     for key in ("chosen", "rejected"):
         if key not in record:
             raise DataError(where, "missing field", key)
-    chosen = _completion_messages(where, record, "chosen")
-    rejected = _completion_messages(where, record, "rejected")
+    chosen = msgs.answers(where, record["chosen"], "chosen")
+    rejected = msgs.answers(where, record["rejected"], "rejected")
     return PreferenceExample(prompt, chosen, rejected, weight, where, "sharegpt")
 
 
 def _split_conversations(
-    where: str, chosen: list[Message], rejected: list[Message], weight: float, fmt: str
+    where: str, chosen: list[msgs.Message], rejected: list[msgs.Message], weight: float, fmt: str
 ) -> PreferenceExample:
     """Whole conversations on both sides: the shared leading messages are the prompt."""
     n = 0
@@ -280,10 +258,11 @@ def _split_conversations(
     if n == 0:
         raise DataError(where, "chosen and rejected conversations share no leading prompt message", "chosen")
     prompt, c, r = chosen[:n], chosen[n:], rejected[n:]
-    for key, msgs in (("chosen", c), ("rejected", r)):
-        if msgs[-1]["role"] != "assistant":
+    for key, side in (("chosen", c), ("rejected", r)):
+        if side[-1]["role"] != "assistant":
             raise DataError(where, "the conversation must end with an assistant message", key)
-        _need_nonempty(where, msgs[-1]["content"], key)
+        if not side[-1].get("tool_calls"):
+            _need_nonempty(where, side[-1]["content"], key)
     return PreferenceExample(prompt, c, r, weight, where, fmt)
 
 
@@ -343,22 +322,25 @@ def normalize_unpaired(where: str, record: Any) -> UnpairedExample:
     if not isinstance(label, bool) and label not in (0, 1):
         raise DataError(where, f"expected true/false, got {label!r}", "label")
     weight = _weight(where, record)
+    schemas = msgs.tools(where, record)
     if "messages" in record:
-        msgs = _messages(where, record, "messages")
-        if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+        conversation = msgs.messages(where, record, "messages")
+        if len(conversation) < 2 or conversation[-1]["role"] != "assistant":
             raise DataError(
                 where, "needs a prompt and a final assistant message (the completion)", "messages"
             )
-        _need_nonempty(where, msgs[-1]["content"], "messages")
-        return UnpairedExample(msgs[:-1], msgs[-1:], bool(label), weight, where, "unpaired")
+        if not conversation[-1].get("tool_calls"):
+            _need_nonempty(where, conversation[-1]["content"], "messages")
+        return UnpairedExample(
+            conversation[:-1], conversation[-1:], bool(label), weight, where, "unpaired", schemas
+        )
     for key in ("prompt", "completion"):
         if key not in record:
             raise DataError(where, f"missing field (found: {sorted(record)})", key)
     if isinstance(record["prompt"], list):
-        prompt = _messages(where, record, "prompt")
-        return UnpairedExample(
-            prompt, _completion_messages(where, record, "completion"), bool(label), weight, where
-        )
+        prompt = msgs.messages(where, record, "prompt")
+        completion = msgs.answers(where, record["completion"], "completion")
+        return UnpairedExample(prompt, completion, bool(label), weight, where, "unpaired", schemas)
     _need_str(where, record, "prompt")
     _need_str(where, record, "completion")
     _need_nonempty(where, record["completion"], "completion")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dpokit.config import Config
 from dpokit.data import DataError, InMemory, load_examples, split_by_prompt
+from dpokit.data.check import weight_stats
 from dpokit.data.filters import filter_pairs
 from dpokit.data.tokcache import tokenize_pairs_cached
 from dpokit.tokenize import TokenizeStats, tokenize_pairs, tokenize_unpaired
@@ -44,13 +45,17 @@ def read_splits(cfg: Config, unpaired: bool = False, given: dict[str, InMemory] 
     memory for `train` and/or `eval`, read instead of the files the config names."""
     d, given = cfg.data, given or {}
     train = given.get("train", d.train)
-    examples, load_stats = load_examples(train, d.skip_invalid, unpaired, key="data.train")
+    examples, load_stats = load_examples(
+        train, d.skip_invalid, unpaired, key="data.train", list_pairs=d.list_pairs
+    )
     if d.limit:
         examples = examples[: d.limit]
     stats = {"train_file": load_stats.to_dict()}
     if d.eval or "eval" in given:
         evals = given.get("eval", d.eval)
-        eval_examples, eval_stats = load_examples(evals, d.skip_invalid, unpaired, key="data.eval")
+        eval_examples, eval_stats = load_examples(
+            evals, d.skip_invalid, unpaired, key="data.eval", list_pairs=d.list_pairs
+        )
         stats["eval_file"] = eval_stats.to_dict()
     else:
         examples, eval_examples = split_by_prompt(examples, d.eval_fraction, cfg.train.seed)
@@ -76,8 +81,9 @@ def prepare_data(
     tokenize = tokenize_unpaired if unpaired else tokenize_pairs
     if cache is not None and d.tokenized_cache and not unpaired:
         tokenize = partial(tokenize_pairs_cached, root=cache)
-    train, tstats = tokenize(examples, tokenizer, d.max_length, d.max_prompt_length, d.skip_invalid)
-    evals, estats = tokenize(eval_examples, tokenizer, d.max_length, d.max_prompt_length, d.skip_invalid)
+    lengths = (d.max_length, d.max_prompt_length, d.skip_invalid, d.targets)
+    train, tstats = tokenize(examples, tokenizer, *lengths)
+    evals, estats = tokenize(eval_examples, tokenizer, *lengths)
     stats.update(train_tokenized=tstats.to_dict(), eval_tokenized=estats.to_dict())
     for name, s in (("train", tstats), ("eval", estats)):
         if s.dropped:
@@ -91,6 +97,17 @@ def prepare_data(
             d.train, f"no training pairs left after filtering, tokenization and truncation (dropped: {lost})"
         )
     log.info("data: %d train pairs, %d eval pairs", len(train), len(evals))
+    weights = weight_stats(examples)
+    if weights:  # they scale each pair's loss: say so where the data is reported
+        stats["weights"] = weights
+        log.info(
+            "weights in use: %d of %d training pairs weigh != 1 (min %g, max %g, mean %.3f)",
+            weights["weighted"],
+            weights["of"],
+            weights["min"],
+            weights["max"],
+            weights["mean"],
+        )
     return PreparedData(train, evals, stats)
 
 

@@ -20,6 +20,22 @@ def render(report: dict, console) -> None:
         + (f"  ({'; '.join(f'{k}: {v}' for k, v in inv['reasons'].items())})" if inv["count"] else ""),
     )
     t.add_row("empty completions", str(report["empty_completions"]))
+    tools = report.get("tools", {})
+    if tools.get("records"):
+        t.add_row(
+            "tool use",
+            f"{tools['records']} records: {tools['tool_calls']} completions call tools, "
+            f"{tools['with_schemas']} carry a tools column",
+        )
+    multi = report.get("multi_message_completions", {})
+    if multi.get("completions"):
+        t.add_row("completions of several messages", f"{multi['completions']}: trained on {multi['trained']}")
+    if report.get("weights"):
+        w = report["weights"]
+        t.add_row(
+            "weights in use",
+            f"{w['weighted']} of {w['of']} pairs weigh != 1 (min {w['min']:g}, max {w['max']:g}, mean {w['mean']:.3f})",
+        )
     rp = report["repeated_prompts"]
     t.add_row("repeated prompts", f"{rp['prompts']} prompts in {rp['examples']} examples")
     if report["kind"] == "paired":
