@@ -187,6 +187,18 @@ def test_each_record_kind_renders_token_by_token_and_trains_the_assistant_turns(
         trained_text(tok, early.chosen_ids, early.chosen_targets)
         == "Hello, how can I help?<|im_end|>\nA pun.<|im_end|>\n"
     )
+    # the next turn's alternatives, and a rated list's pairs, render as conversational pairs
+    alternatives = normalize(
+        "f:line 4", {"messages": [{"role": "user", "content": "Hi"}], "chosen": "Hello.", "rejected": "Go."}
+    )
+    rated = normalize_pairs("f:line 5", {"prompt": "Hi", "completions": ["Hello.", "Go."], "scores": [2, 1]})
+    more, _ = tokenize_pairs([alternatives, *rated], tok, 4096, 2048)
+    for p in more:
+        assert tok.decode(p.prompt_ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        assert (
+            tok.decode(p.chosen_ids) == "Hello.<|im_end|>\n"
+            and tok.decode(p.rejected_ids) == "Go.<|im_end|>\n"
+        )
     last, _ = tokenize_pairs(examples[2:], tok, 4096, 2048, targets="last")
     assert trained_text(tok, last[0].chosen_ids, last[0].chosen_targets) == "A pun.<|im_end|>\n"
     every, _ = tokenize_pairs(examples[2:], tok, 4096, 2048, targets="all")

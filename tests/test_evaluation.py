@@ -256,6 +256,8 @@ def test_cli_eval_writes_results_and_samples(tmp_path, tiny_lora_run, tiny_model
         ]
     )
     assert rc == 0
+    printed = capsys.readouterr().out
+    assert "win rate over the reference" in printed and f"{run} (step-3) against" in printed  # a table
     results = json.loads((run / "eval.json").read_text())
     assert results["preference"]["pairs"] == 12
     gen = results["generation"]

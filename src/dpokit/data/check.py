@@ -354,6 +354,11 @@ def advice(report: dict, threshold: float) -> list[str]:
     tips += _length_advice(report.get("length", {}))
     if report.get("template_problem"):
         tips.append(report["template_problem"])
+    if report.get("formats", {}).get("rated_list"):
+        tips.append(
+            f"{report['formats']['rated_list']} pairs come from rated lists (data.list_pairs): "
+            "train.group_by_prompt=true trains each list as one prompt with its completions as branches"
+        )
     if "agreement" in report and report["agreement"]["mean"] < 1:
         tips.append(
             "annotators disagree on some pairs: data.min_agreement=0.67 (or 1.0) keeps the confident ones"

@@ -97,6 +97,13 @@ def prepare_data(
             d.train, f"no training pairs left after filtering, tokenization and truncation (dropped: {lost})"
         )
     log.info("data: %d train pairs, %d eval pairs", len(train), len(evals))
+    listed = sum(1 for e in examples if e.format == "rated_list")
+    if listed and not cfg.train.group_by_prompt:
+        log.info(
+            "%d training pairs come from rated lists: train.group_by_prompt=true trains each list's pairs "
+            "together, its prompt computed once (1 prompt + N branches)",
+            listed,
+        )
     weights = weight_stats(examples)
     if weights:  # they scale each pair's loss: say so where the data is reported
         stats["weights"] = weights
