@@ -202,3 +202,36 @@ def test_two_nodes_of_one_process_on_localhost_match_one_process(tmp_path, tiny_
     wa = load_file(str(one.checkpoint / "adapter_model.safetensors"))
     wb = load_file(str(run / "checkpoints" / "step-3" / "adapter_model.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_a_reward_model_trains_the_same_in_two_processes(tmp_path, tiny_model_dir):
+    """`dpokit train-rm --num-processes 2` at batch 2 each == one process at batch 4, and the reward model
+    is written once."""
+    from helpers import run_overrides
+
+    common = [
+        "data.limit=40",
+        "data.eval_fraction=0.2",
+        "eval.batch_size=4",
+        "eval.every=2",
+        "train.save_final=true",
+    ]
+    one = tmp_path / "one"
+    assert main(["train-rm", *run_overrides(tiny_model_dir, one, *common)]) == 0
+    two = tmp_path / "two"
+    argv = [
+        "train-rm",
+        *run_overrides(tiny_model_dir, two, *common, "train.batch_size=2"),
+        "--num-processes",
+        "2",
+    ]
+    assert main(argv) == 0
+    a, b = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]
+    for ra, rb in zip(a, b, strict=True):
+        for key in KEYS:
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-5), (ra["step"], key)
+    wa = load_file(str(one / "reward_model" / "model.safetensors"))
+    wb = load_file(str(two / "reward_model" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)

@@ -87,6 +87,7 @@ def test_closed_form(name, overrides, expected):
 
 def test_every_registered_loss_has_a_closed_form_test_and_a_cited_docstring():
     tested = {n for n, _, _ in CLOSED_FORM} | {"aot", "aot_unpaired", "kto", "apo_zero_unpaired"}
+    tested |= {"bradley_terry"}  # on reward-model scores: tests/test_reward_model.py
     assert tested == set(LOSSES)
     for name, spec in LOSSES.items():
         assert "arXiv:" in spec.fn.__doc__, name
@@ -199,7 +200,7 @@ def test_combination_is_the_weighted_sum():
 # down, 0 = untouched. apo_down leaves the chosen side flat at initialization (its two terms cancel).
 # DiscoPOP is not monotone at z = 0: with m = sigma(z / tau), dL/dz = m'(0) (1 - ln 2) - 1/4 - 1/2 and
 # m'(0) = 1 / (4 tau) = 5 for tau = 0.05, so dL/dz = 0.784 > 0 (test_discopop_direction_away_from_zero).
-DIRECTIONS = {name: (-1, 1) for name in LOSSES if not LOSSES[name].unpaired}
+DIRECTIONS = {name: (-1, 1) for name in LOSSES if not (LOSSES[name].unpaired or LOSSES[name].reward_model)}
 DIRECTIONS.update(apo_down=(0, 1), sft=(-1, 0), discopop=(1, -1))
 
 
@@ -230,7 +231,7 @@ def test_kto_gradient_direction():
 
 def test_rewards_are_detached():
     for name in LOSSES:
-        if LOSSES[name].unpaired:
+        if LOSSES[name].unpaired or LOSSES[name].reward_model:  # their own tests
             continue
         x = std_pair(requires_grad=True)
         out = loss_of(name, x, label_smoothing=0.1)

@@ -23,6 +23,7 @@ from dpokit.api import (
     load,
     precompute_ref,
     train,
+    train_rm,
 )
 from dpokit.config import Config
 from dpokit.errors import (
@@ -68,4 +69,5 @@ __all__ = [
     "load",
     "precompute_ref",
     "train",
+    "train_rm",
 ]

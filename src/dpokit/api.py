@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dpokit.config import Config, build_config, config_source, did_you_mean, merge, nested
 from dpokit.errors import UsageError
-from dpokit.rundir import Run, with_run_dir
+from dpokit.rundir import Run, is_main_process, with_run_dir
 
 
 def _is_path(value) -> bool:
@@ -58,7 +58,14 @@ def config(config=None, command: str = "train", **overrides) -> Config:
     """A checked Config from a YAML path, a dict or a Config, with overrides on top (every problem at once:
     ConfigError). `command`: train, or iterate (whose data comes from its rounds)."""
     data, problems = _merged(config, overrides, None)
-    return build_config(data, command, problems)
+    return build_config(_reward_loss(data, command), command, problems)
+
+
+def _reward_loss(data: dict, command: str) -> dict:
+    """A reward model's config trains with bradley_terry unless it names a loss (then checked)."""
+    if command == "rm" and "type" not in data.get("loss", {}):
+        _set(data, "loss.type", ["bradley_terry"])
+    return data
 
 
 def _set(data: dict, key: str, value) -> None:
@@ -122,7 +129,9 @@ def train(
     return run_training(cfg, trackers=trackers, callbacks=callbacks, given=given).run
 
 
-def _train_config(config, overrides: dict, resume, data, eval_data) -> tuple[Config, dict]:
+def _train_config(
+    config, overrides: dict, resume, data, eval_data, command: str = "train"
+) -> tuple[Config, dict]:
     if isinstance(data, dict) and not hasattr(data, "column_names"):  # the data section, not a DatasetDict
         overrides, data = {**overrides, "data": data}, None
     if resume is not None and (data is not None or eval_data is not None):
@@ -137,7 +146,48 @@ def _train_config(config, overrides: dict, resume, data, eval_data) -> tuple[Con
     run = Run(_with_run_dir(raw))
     for name in given:
         _set(raw, f"data.{name}", str(run.data_file(name)))
-    return build_config(raw, "train", problems), given
+    return build_config(_reward_loss(raw, command), command, problems), given
+
+
+def train_rm(
+    config=None,
+    *,
+    data=None,
+    eval_data=None,
+    resume=None,
+    callbacks: Sequence[Callable[[dict], object]] = (),
+    **overrides,
+) -> Run:
+    """Train a reward model on preference pairs: the Bradley-Terry loss (loss.center_rewards_coefficient,
+    a per-pair `margin` column) on a one-output score head read at each completion's last token, with the
+    data, layouts, LoRA or full fine-tuning, checkpoints and resume of `train`. Held-out `eval/rewards/
+    accuracies` is its pair accuracy. The result, RUN/reward_model, is a plain sequence-classification
+    folder (LoRA merged in): `model:RUN` (or `model:RUN/reward_model`) as a reward in `iterate` and `eval`,
+    and `AutoModelForSequenceClassification.from_pretrained`."""
+    from dpokit.loop import train as run_training
+
+    cfg, given = _train_config(config, overrides, resume, data, eval_data, "rm")
+    run = run_training(cfg, callbacks=callbacks, given=given).run
+    done = run.summary and run.summary.get("checkpoint")
+    if done and is_main_process() and not run.reward_model_path.exists():
+        export_reward_model(run)
+    return run
+
+
+def export_reward_model(run: Run) -> Path:
+    """RUN/reward_model from a reward-model run's final checkpoint (LoRA merged into the transformer)."""
+    from dpokit.files import build_folder
+    from dpokit.trained import load_trained
+
+    trained = load_trained(run, device="cpu")
+    model = trained.merged()
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        trained.tokenizer.save_pretrained(tmp)
+
+    build_folder(run.reward_model_path, save, "config.json")
+    return run.reward_model_path
 
 
 def precompute_ref(config=None, *, data=None, eval_data=None, **overrides) -> dict | None:

@@ -67,6 +67,12 @@ class Batch:
     """(2P,) the computed sequence that is chosen of pair p (entry p) and rejected of pair p (entry P + p),
     when pairs share completions (several pairs of one prompt: each distinct completion is computed once);
     None when sequence p / P + p are those themselves."""
+    last_index: torch.Tensor | None = None
+    """(S,) flat index (row * T + position) of each sequence's last token that is not padding: where a
+    sequence-classification head reads its score (transformers pools the last non-pad token; with pad ==
+    EOS, the token before an appended EOS)."""
+    margins: torch.Tensor | None = None
+    """(P,) per-pair margin a reward model's chosen score must win by (a `margin` column; 0 without)."""
 
     @property
     def num_pairs(self) -> int:
@@ -98,6 +104,11 @@ class Batch:
             self.target_ids,
             self.blocks,
         )
+
+    @property
+    def reward_args(self) -> tuple:
+        """The positional inputs of `RewardScores.forward` (a reward model's score per sequence)."""
+        return (self.input_ids, self.position_ids, self.attention_mask, self.last_index, self.blocks)
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
@@ -232,6 +243,7 @@ def build_batch(
     doc_of = torch.full((R, T), -1, dtype=torch.long)  # -1 = padding
     branch = torch.zeros((R, T), dtype=torch.long)  # 0 = prompt, b = b-th completion of the document
     pred, target, seq, cpos = [], [], [], []
+    last: dict[int, int] = {}  # sequence id -> flat index of its last non-pad token
     for r, row in enumerate(rows):
         t = 0
         for d in row:
@@ -259,6 +271,8 @@ def build_batch(
                 target += [completion[k] for k in keep]
                 seq += [seq_id] * len(keep)
                 cpos += range(len(keep))  # position among the scored tokens (LD-DPO's shared length)
+                real = [k for k in range(n) if completion[k] != pad_id]
+                last[seq_id] = r * T + t + real[-1] if real else last_prompt
                 t += n
     real = doc_of >= 0
     attention_mask, blocks = None, None
@@ -281,6 +295,7 @@ def build_batch(
         weights=torch.tensor(weights, dtype=torch.float32),
         num_tokens=int(real.sum()),
         blocks=blocks,
+        last_index=torch.tensor([last[i] for i in range(len(last))], dtype=torch.long),
     )
 
 
@@ -341,6 +356,7 @@ class Layout:
         )
         batch.seq_map = seq_map
         batch.example_ids = None if ids is None else torch.tensor(ids, dtype=torch.long)
+        batch.margins = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
         return batch
 
     def unpaired(

@@ -75,6 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="data-parallel processes on this machine, launched through `accelerate launch` (gloo on CPU)",
     )
+    rm = sub.add_parser(
+        "train-rm",
+        help="train a reward model on preference pairs (Bradley-Terry): RUN_DIR/reward_model scores as model:RUN_DIR",
+        formatter_class=raw,
+        epilog="config keys (set in YAML, as key=value or --key value):\n" + help_text(),
+    )
+    rm.add_argument(
+        "config", nargs="?", help="YAML config file (model, lora, data, loss, train, eval sections)"
+    )
+    rm.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. loss.center_rewards_coefficient=0.01"
+    )
+    rm.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint")
+    rm.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine, launched through `accelerate launch` (gloo on CPU)",
+    )
     r = sub.add_parser(
         "precompute-ref",
         help="compute the reference log-probs of a training config once and cache them on disk",
@@ -230,10 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     flags, unknown = _dotted_flags(extra)
-    if unknown or (flags and args.command not in ("train", "precompute-ref", "demo", "iterate")):
+    if unknown or (flags and args.command not in ("train", "train-rm", "precompute-ref", "demo", "iterate")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or flags)}")
     configure_logging(args.verbose)
-    if args.command == "train" and args.num_processes > 1 and not launch.launched():
+    if args.command in ("train", "train-rm") and args.num_processes > 1 and not launch.launched():
         return launch.data_parallel(args.num_processes, argv if argv is not None else sys.argv[1:])
     try:
         COMMANDS[args.command](args, flags)
@@ -291,6 +310,17 @@ def cmd_train(args, flags) -> None:
     config, overrides = config_args(args, flags)
     run = api.train(config, resume=args.resume, **overrides)
     print(f"run dir: {run.path}")
+
+
+def cmd_train_rm(args, flags) -> None:
+    config, overrides = config_args(args, flags)
+    run = api.train_rm(config, resume=args.resume, **overrides)
+    final = (run.summary or {}).get("final_eval") or {}
+    if "eval/rewards/accuracies" in final:
+        print(
+            f"held-out pair accuracy {final['eval/rewards/accuracies']:.3f}, margin {final['eval/rewards/margins']:+.3f}"
+        )
+    print(f"run dir: {run.path}   reward model: {run.reward_model_path} (reward spec: model:{run.path})")
 
 
 def cmd_iterate(args, flags) -> None:
@@ -408,6 +438,7 @@ def cmd_report(args, flags) -> None:
 
 COMMANDS = {
     "train": cmd_train,
+    "train-rm": cmd_train_rm,
     "iterate": cmd_iterate,
     "precompute-ref": cmd_precompute,
     "data": cmd_data,

@@ -135,6 +135,9 @@ class LossConfig:
     """KTO weight of desirable examples."""
     undesirable_weight: float = 1.0
     """KTO weight of undesirable examples."""
+    center_rewards_coefficient: float = 0.0
+    """Reward models (bradley_terry, `dpokit train-rm`): weight of the (r_chosen + r_rejected)^2 term that keeps
+    scores centred at 0 (TRL's center_rewards_coefficient; e.g. 0.01). 0 = off."""
 
 
 @dataclass

@@ -115,6 +115,12 @@ class CompletionLogps(nn.Module):
         """Batch.model_args -> (N,) log-probs of the completion tokens. `blocks` (per-document attention)
         needs a model switched to block attention (attention.enable_blocks)."""
         decoder, head = self._parts()
+        hidden = self.hidden_states(decoder, input_ids, position_ids, attention_mask, blocks)
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return token_logps(hidden, head, pred_index, target_ids, self.chunk_size, self.softcap, with_sq)
+
+    def hidden_states(self, decoder, input_ids, position_ids, attention_mask, blocks) -> torch.Tensor:
+        """(R, T, H) final hidden states of the rows (after the last norm)."""
         extra = {}
         if blocks is not None:
             if decoder.config._attn_implementation != "dpokit_blocks":
@@ -129,11 +135,35 @@ class CompletionLogps(nn.Module):
             )
             extra["doc_blocks"] = blocks
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            hidden = decoder(
+            return decoder(
                 input_ids=input_ids,
                 position_ids=position_ids,
                 attention_mask=attention_mask,
                 use_cache=False,
                 **extra,
             ).last_hidden_state  # (R, T, H)
-            return token_logps(hidden, head, pred_index, target_ids, self.chunk_size, self.softcap, with_sq)
+
+
+class RewardScores(CompletionLogps):
+    """Wraps a sequence-classification model with one label (a reward model, or a PEFT model around one):
+    batch tensors -> (S,) the score of each sequence, read at its last non-pad token (Batch.last_index)
+    as transformers' own forward reads it. The same layouts as the policy's: a prompt computed once, each
+    completion a branch, packed rows with per-document attention."""
+
+    def _parts(self) -> tuple[nn.Module, nn.Module]:
+        base = self._base()
+        return getattr(base, base.base_model_prefix), base.score
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        last_index: torch.Tensor,
+        blocks: list | None = None,
+    ) -> torch.Tensor:
+        decoder, head = self._parts()
+        hidden = self.hidden_states(decoder, input_ids, position_ids, attention_mask, blocks)
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            pooled = hidden.reshape(-1, hidden.shape[-1]).index_select(0, last_index)  # (S, H)
+            return head(pooled).float().squeeze(-1)

@@ -50,6 +50,16 @@ class UnpairedLogps:
 
 
 @dataclass
+class RewardPairs:
+    chosen: Tensor
+    """(P,) the reward model's score of the chosen completions."""
+    rejected: Tensor
+    """(P,) its score of the rejected ones."""
+    margin: Tensor
+    """(P,) the margin the data asks the chosen to win by (a `margin` column; 0 without one)."""
+
+
+@dataclass
 class LossOutput:
     losses: Tensor
     """(P,) or (B,) per-example loss (differentiable)."""
@@ -74,6 +84,8 @@ class LossSpec:
     """The loss is undefined at label_smoothing 0 (EXO's label distribution must not be 0/1)."""
     min_batch_size: int = 1
     """The smallest micro-batch the loss is defined on (KTO's KL baseline needs another example)."""
+    reward_model: bool = False
+    """Trains a reward model (`dpokit train-rm`): a scalar per completion, no policy log-probs."""
 
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -330,6 +342,22 @@ def sft(x: PairLogps):
     return LossOutput(-ca, ca.detach(), ra.detach())
 
 
+# --- reward models ---------------------------------------------------------------------------------------
+
+
+def bradley_terry(x: RewardPairs, *, center_rewards_coefficient: float = 0.0):
+    """Bradley-Terry reward-model loss (InstructGPT, arXiv:2203.02155, eq. 1), with a per-pair margin as in
+    Llama 2's reward models (arXiv:2307.09288, eq. 2), plus TRL's centering term that keeps scores near 0:
+
+        L = -log sigma(r(x, y_w) - r(x, y_l) - margin) + c (r(x, y_w) + r(x, y_l))^2
+    Rewards are the scores themselves.
+    """
+    losses = -F.logsigmoid(x.chosen - x.rejected - x.margin)
+    if center_rewards_coefficient:
+        losses = losses + center_rewards_coefficient * (x.chosen + x.rejected) ** 2
+    return LossOutput(losses, x.chosen.detach(), x.rejected.detach())
+
+
 # --- unpaired (KTO family) -------------------------------------------------------------------------
 
 
@@ -384,6 +412,9 @@ LOSSES: dict[str, LossSpec] = {
     "cpo": LossSpec(cpo, ("beta", "cpo_alpha", "label_smoothing"), needs_reference=False),
     "sft": LossSpec(sft, (), needs_reference=False),
     "kto": LossSpec(kto, ("beta", "desirable_weight", "undesirable_weight"), unpaired=True, min_batch_size=2),
+    "bradley_terry": LossSpec(
+        bradley_terry, ("center_rewards_coefficient",), needs_reference=False, reward_model=True
+    ),
     "apo_zero_unpaired": LossSpec(apo_zero_unpaired, ("beta",), unpaired=True),
 }
 

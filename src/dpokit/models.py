@@ -297,6 +297,43 @@ def load_model(path: str, trust_remote_code: bool = False, attn_implementation: 
         ) from err
 
 
+def load_reward_model(
+    path: str,
+    pad_token_id: int,
+    seed: int,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+):
+    """A causal LM's folder as a reward model: its transformer with a fresh one-output score head (drawn from
+    `seed`, the global RNG untouched), fp32, pad_token_id set (transformers reads the score at the last
+    non-pad token). A saved reward model loads with its own head."""
+    import logging
+
+    from transformers import AutoModelForSequenceClassification
+
+    report = logging.getLogger("transformers.modeling_utils")
+    level = report.level
+    report.setLevel(logging.ERROR)  # its load report lists the LM head left out and the new score head
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path,
+                num_labels=1,
+                dtype=torch.float32,
+                trust_remote_code=trust_remote_code,
+                attn_implementation=attn_implementation,
+            )
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"model {path!r} could not be loaded as a reward model: {_first_line(err)}"
+        ) from err
+    finally:
+        report.setLevel(level)
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
 def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
@@ -332,8 +369,11 @@ def lora_target_problem(model, targets: list[str]) -> str | None:
     )
 
 
-def add_lora(model, r: int, alpha: float, dropout: float, target_modules: list[str]):
-    """Wrap `model` with fresh LoRA adapters (A random from the global RNG, which the caller seeds; B zero)."""
+def add_lora(
+    model, r: int, alpha: float, dropout: float, target_modules: list[str], task_type: str = "CAUSAL_LM"
+):
+    """Wrap `model` with fresh LoRA adapters (A random from the global RNG, which the caller seeds; B zero).
+    `task_type` SEQ_CLS (a reward model): PEFT also trains and saves its score head whole."""
     from peft import LoraConfig, get_peft_model
 
     problem = lora_target_problem(model, target_modules)
@@ -341,7 +381,7 @@ def add_lora(model, r: int, alpha: float, dropout: float, target_modules: list[s
         raise ModelLoadError(problem)
     targets = "all-linear" if "all-linear" in target_modules else target_modules
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type
     )
     with warnings.catch_warnings():
         # peft still calls transformers' deprecated `is_gradient_checkpointing`; nothing for users to act on.

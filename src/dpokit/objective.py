@@ -13,7 +13,7 @@ import torch
 from dpokit.batching import Batch, UnpairedBatch
 from dpokit.config import LossConfig
 from dpokit.logps import sum_by_sequence
-from dpokit.losses import LOSSES, LossOutput, PairLogps, UnpairedLogps, combine
+from dpokit.losses import LOSSES, LossOutput, PairLogps, RewardPairs, UnpairedLogps, combine
 
 
 class RunningMean:
@@ -60,6 +60,8 @@ class Objective:
         self.weights = list(cfg.weights) or [1.0] * len(self.names)
         self.params = asdict(cfg)
         self.unpaired = LOSSES[self.names[0]].unpaired
+        self.reward_model = LOSSES[self.names[0]].reward_model
+        """Trains a reward model: the policy is a RewardScores, a score per sequence."""
         self.needs_reference = any(LOSSES[n].needs_reference for n in self.names)
         # a loss that takes `bco_delta` needs the running mean reward (BCO's baseline), kept here
         self.bco = RunningMean() if any("bco_delta" in LOSSES[n].params for n in self.names) else None
@@ -79,7 +81,18 @@ class Objective:
         """`reference`: a `reference.Reference`, or None for reference-free losses."""
         if self.unpaired:
             return self.unpaired_loss(policy, reference, batch)
+        if self.reward_model:
+            return self.reward_loss(policy, batch)
         return self.pair_loss(policy, reference, batch)
+
+    def reward_loss(self, model, batch: Batch):
+        """A reward model's pair loss from its scores of chosen and rejected (logps.RewardScores)."""
+        P = batch.num_pairs
+        scores = model(*batch.reward_args)  # (S,)
+        if batch.seq_map is not None:
+            scores = scores[batch.seq_map]
+        x = RewardPairs(scores[:P], scores[P:], batch.margins.to(scores.device))
+        return combine(self.names, self.weights, x, self.params), {}
 
     def pair_loss(self, policy, reference, batch: Batch):
         P, cfg = batch.num_pairs, self.cfg

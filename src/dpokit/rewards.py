@@ -91,6 +91,8 @@ def reward_model(spec: str, batch_size: int = 16, device: str | None = None) -> 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path, _, label = spec.partition("@")
+    if (Path(path) / "config.yaml").is_file() and (Path(path) / "reward_model").is_dir():
+        path = str(Path(path) / "reward_model")  # a `dpokit train-rm` run: its reward model
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path).eval()
@@ -113,10 +115,13 @@ def reward_model(spec: str, batch_size: int = 16, device: str | None = None) -> 
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
 
+    eos = tokenizer.eos_token or ""
+
     @torch.no_grad()
     def score(prompts, completions):
         out = []
-        texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+        # as a reward model trains (dpokit train-rm, TRL's RewardTrainer): prompt + completion + EOS
+        texts = [p + c if c.endswith(eos) else p + c + eos for p, c in zip(prompts, completions, strict=True)]
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True)
             logits = model(**{k: v.to(model.device) for k, v in enc.items()}).logits

@@ -85,6 +85,7 @@ class Run:
     FRONTIER = "frontier.json"
     SWEEP = "sweep"
     REPORT = "report.html"
+    REWARD_MODEL = "reward_model"
     ITERATE = "iterate.json"
     INITIAL_SAMPLES = "eval_initial.jsonl"
     ROUNDS = "rounds"
@@ -126,13 +127,24 @@ class Run:
         return path.read_text() if path.is_file() else ""
 
     @property
+    def kind(self) -> str:
+        """What the run trained: train (a policy), rm (a reward model) or iterate (rounds)."""
+        if self.is_iterate:
+            return "iterate"
+        import yaml
+
+        raw = yaml.safe_load(self.config_text) or {}
+        losses = (raw.get("loss") or {}).get("type") or []
+        return "rm" if "bradley_terry" in ([losses] if isinstance(losses, str) else losses) else "train"
+
+    @property
     def config(self) -> Config:
-        """The run's resolved config (an iterate run's is checked as an iterate config)."""
+        """The run's resolved config, checked as the config of what it trained (Run.kind)."""
         from dpokit.config import load_config
 
         if not self.exists:
             raise UsageError(f"{self.path}: holds no run (no {self.CONFIG})")
-        return load_config(self.path / self.CONFIG, command="iterate" if self.is_iterate else "train")
+        return load_config(self.path / self.CONFIG, command=self.kind)
 
     @property
     def metrics(self) -> list[dict]:
@@ -369,6 +381,12 @@ class Run:
         from dpokit.report import write_report
 
         return write_report(self.path, out)
+
+    @property
+    def reward_model_path(self) -> Path:
+        """RUN/reward_model: a reward-model run's result, a plain sequence-classification folder (LoRA merged)
+        that `model:PATH` rewards and transformers load."""
+        return self.path / self.REWARD_MODEL
 
     # ---- loading what was trained
     def load(self, checkpoint: str | int | None = None, reference: bool | str = False, device=None):

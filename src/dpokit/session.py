@@ -17,7 +17,7 @@ from dpokit.batching import Batch, Layout, UnpairedBatch
 from dpokit.config import Config
 from dpokit.data.prepare import PreparedData, prepare_data, read_splits
 from dpokit.errors import UsageError
-from dpokit.logps import CompletionLogps
+from dpokit.logps import CompletionLogps, RewardScores
 from dpokit.objective import Objective
 from dpokit.schedule import prompt_groups
 
@@ -95,7 +95,13 @@ def setup(
         models.resolve_adapter(cfg.model.adapter)
     tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.data.chat_template)
     data = prepare_data(cfg, tokenizer, objective.unpaired, splits, models.cache_dir() / "tokenized")
-    model = models.load_model(model_path, cfg.model.trust_remote_code, cfg.model.attn_implementation)
+    if objective.reward_model:  # a score head on the same transformer (dpokit train-rm)
+        m = cfg.model
+        model = models.load_reward_model(
+            model_path, tokenizer.pad_token_id, cfg.train.seed, m.trust_remote_code, m.attn_implementation
+        )
+    else:
+        model = models.load_model(model_path, cfg.model.trust_remote_code, cfg.model.attn_implementation)
     context = models.context_length(model)
     if context and cfg.data.max_length > context:
         raise models.ModelLoadError(
@@ -120,8 +126,10 @@ def setup(
         elif cfg.model.adapter:
             model = models.load_adapter(model, cfg.model.adapter, trainable=True)
         else:
-            model = models.add_lora(model, lc.r, lc.alpha, lc.dropout, lc.target_modules)
-    policy = CompletionLogps(model, cfg.train.logps_chunk_size, bf16=cfg.train.bf16)
+            task = "SEQ_CLS" if objective.reward_model else "CAUSAL_LM"
+            model = models.add_lora(model, lc.r, lc.alpha, lc.dropout, lc.target_modules, task)
+    wrap = RewardScores if objective.reward_model else CompletionLogps
+    policy = wrap(model, cfg.train.logps_chunk_size, bf16=cfg.train.bf16)
     if grid:
         log.warning(grid)
     return Session(

@@ -39,6 +39,8 @@ class TokenizedPair:
     chosen_targets: tuple[bool, ...] | None = None
     """Which chosen tokens are trained (scored); None: every one."""
     rejected_targets: tuple[bool, ...] | None = None
+    margin: float = 0.0
+    """A reward model's required margin for this pair (a `margin` column)."""
 
 
 @dataclass
@@ -328,7 +330,16 @@ def tokenize_pairs(
         return ex.prompt, [ex.chosen, ex.rejected], ex.where, ("chosen", "rejected"), ex.tools
 
     def build(ex, prompt, completions, masks):
-        return TokenizedPair(prompt, completions[0], completions[1], ex.weight, ex.where, masks[0], masks[1])
+        return TokenizedPair(
+            prompt,
+            completions[0],
+            completions[1],
+            ex.weight,
+            ex.where,
+            masks[0],
+            masks[1],
+            ex.meta.get("margin", 0.0),
+        )
 
     return _tokenize_all(
         examples, item, build, tokenizer, max_length, max_prompt_length, skip_invalid, targets

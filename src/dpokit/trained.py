@@ -171,7 +171,12 @@ def _locate(target, checkpoint) -> tuple[Run | None, Path | None]:
 def _load_from_run(run: Run, ckpt: Path) -> Trained:
     cfg = run.config
     tokenizer = models.load_tokenizer(str(ckpt), cfg.model.trust_remote_code)
-    if cfg.lora.enabled:
+    m = cfg.model
+    if run.kind == "rm":  # a reward model: the transformer with its score head
+        path = str(ckpt) if not cfg.lora.enabled else models.resolve_model_path(m.name)
+        base = models.load_reward_model(path, tokenizer.pad_token_id, cfg.train.seed, m.trust_remote_code)
+        policy = _with_adapter(base, ckpt) if cfg.lora.enabled else base
+    elif cfg.lora.enabled:
         policy = _with_adapter(models.load_run_base(cfg), ckpt)
     else:
         policy = models.load_model(str(ckpt), cfg.model.trust_remote_code, cfg.model.attn_implementation)

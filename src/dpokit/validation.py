@@ -47,9 +47,10 @@ ITERATE_REFERENCES = ("initial", "previous")
 
 
 def validate(cfg: Config, command: str = "train") -> list[str]:
-    """Every problem found in `cfg` for `command` (train, or iterate) (empty = valid)."""
+    """Every problem found in `cfg` for `command` (train, iterate, or rm: a reward model) (empty = valid)."""
     return [
         *(_iterate_problems(cfg) if command == "iterate" else _data_problems(cfg)),
+        *_reward_model_problems(cfg, command == "rm"),
         *_data_shape_problems(cfg),
         *_model_problems(cfg),
         *validate_loss(cfg.loss, cfg.train.batch_size),
@@ -64,6 +65,36 @@ def _data_problems(cfg: Config) -> list[str]:
     if not cfg.data.train:
         return ["data.train is empty: give a preference file, e.g. data.train=pairs.jsonl"]
     return []
+
+
+def _reward_model_problems(cfg: Config, rm: bool) -> list[str]:
+    """`dpokit train-rm` trains with bradley_terry alone, from model.name, with no reference; the policy
+    commands take no reward-model loss."""
+    from dpokit.losses import LOSSES
+
+    reward_losses = [n for n in cfg.loss.type if n in LOSSES and LOSSES[n].reward_model]
+    if not rm:
+        return (
+            [
+                f"loss.type={cfg.loss.type}: {', '.join(reward_losses)} trains a reward model: use dpokit train-rm"
+            ]
+            if reward_losses
+            else []
+        )
+    p = []
+    if cfg.loss.type != ["bradley_terry"]:
+        p.append(
+            f"loss.type={cfg.loss.type}: dpokit train-rm trains with bradley_terry (leave loss.type unset)"
+        )
+    if cfg.model.adapter or cfg.model.reference:
+        p.append(
+            "model.adapter / model.reference: a reward model starts from model.name and has no reference"
+        )
+    if cfg.train.precompute_ref:
+        p.append("train.precompute_ref=true: a reward model has no reference to precompute")
+    if cfg.loss.center_rewards_coefficient < 0:
+        p.append(f"loss.center_rewards_coefficient={cfg.loss.center_rewards_coefficient}: must be >= 0")
+    return p
 
 
 def _iterate_problems(cfg: Config) -> list[str]:

@@ -136,7 +136,8 @@ def _normalize(where: str, record: Any) -> PreferenceExample:
     return PreferenceExample(prompt, chosen, rejected, weight, where, "standard")
 
 
-SCORE_FIELDS = ("score_chosen", "score_rejected", "confidence")
+SCORE_FIELDS = ("score_chosen", "score_rejected", "confidence", "margin")
+"""Optional numbers of a pair: scores and confidence (filters), the margin a reward model must win by."""
 
 
 def _scores(where: str, record: dict) -> dict:

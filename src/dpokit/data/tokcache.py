@@ -55,11 +55,12 @@ def load(folder: Path) -> tuple[list[TokenizedPair], TokenizeStats] | None:
     arrays = np.load(folder / "pairs.npz", allow_pickle=False)
     where = json.loads((folder / "where.json").read_text())
     ids, lengths, weights = arrays["ids"], arrays["lengths"].tolist(), arrays["weights"].tolist()
+    margins = arrays["margins"].tolist() if "margins" in arrays else [0.0] * len(lengths)
     scored = json.loads((folder / "targets.json").read_text()) if (folder / "targets.json").is_file() else {}
     pairs, start = [], 0
     # each pair's slices of the int32 array to lists: no list of every id at once (100K HH pairs: 1.8 s and
     # 0.81 GiB peak against 2.3-2.6 s and 0.89 GiB)
-    for (p, c, r), w, loc in zip(lengths, weights, where, strict=True):
+    for (p, c, r), w, loc, margin in zip(lengths, weights, where, margins, strict=True):
         a, b, e = start + p, start + p + c, start + p + c + r
         masks = scored.get(str(len(pairs)), [None, None])
         pairs.append(
@@ -70,6 +71,7 @@ def load(folder: Path) -> tuple[list[TokenizedPair], TokenizeStats] | None:
                 w,
                 loc,
                 *(None if m is None else tuple(bool(x) for x in m) for m in masks),
+                margin,
             )
         )
         start = e
@@ -95,6 +97,7 @@ def save(folder: Path, pairs: list[TokenizedPair], stats: TokenizeStats) -> None
             ids=ids,
             lengths=np.asarray(lengths, dtype=np.int32).reshape(-1, 3),
             weights=np.asarray([p.weight for p in pairs], dtype=np.float64),
+            margins=np.asarray([p.margin for p in pairs], dtype=np.float64),
         )
         (tmp / "where.json").write_text(json.dumps([p.where for p in pairs]))
         scored = {  # the trained-token masks of completions of several turns (most pairs have none)
