@@ -16,7 +16,7 @@ from dpokit.objective import ld_token_weights, wpo_weights
 from dpokit.tokenize import TokenizedPair
 from helpers import KTO_DEMO, cli_args
 
-PAIRED = sorted(n for n, s in LOSSES.items() if not s.unpaired)
+PAIRED = sorted(n for n, s in LOSSES.items() if not (s.unpaired or s.reward_model))
 LN2 = math.log(2)
 BETA, EPS = 0.1, 0.1
 STEP1 = {
