@@ -294,3 +294,31 @@ def test_heavy_truncation_is_said_on_the_console(tmp_path, tiny_model_dir, caplo
     )
     said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("6 of 6 prompts were cut to data.max_prompt_length=64" in m for m in said), said
+
+
+def test_split_by_prompt_writes_disjoint_parts(tmp_path, capsys):
+    import json
+
+    from dpokit.cli import main
+
+    rows = [
+        {"prompt": f"q{i // 2}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(40)
+    ]  # 2 per prompt
+    src = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    assert (
+        main(["data", "split", str(src), "--out", str(tmp_path / "parts"), "--parts", "a=0.5,b=0.25,c=0.25"])
+        == 0
+    )
+    assert "a: 20 pairs of 10 prompts" in capsys.readouterr().out
+    parts = {
+        n: [json.loads(x) for x in (tmp_path / "parts" / f"{n}.jsonl").read_text().splitlines()]
+        for n in "abc"
+    }
+    prompts = {n: {r["prompt"] for r in rs} for n, rs in parts.items()}
+    assert [len(prompts[n]) for n in "abc"] == [10, 5, 5] and sum(len(r) for r in parts.values()) == 40
+    assert not (prompts["a"] & prompts["b"] or prompts["a"] & prompts["c"] or prompts["b"] & prompts["c"])
+    assert (
+        main(["data", "split", str(src), "--out", str(tmp_path / "again"), "--parts", "a=0.5,b=0.25,c=0.25"])
+        == 0
+    )
+    assert (tmp_path / "again" / "b.jsonl").read_text() == (tmp_path / "parts" / "b.jsonl").read_text()

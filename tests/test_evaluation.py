@@ -328,3 +328,18 @@ def test_an_unfinished_run_is_measured_at_its_newest_checkpoint_and_says_so(tmp_
     results = run.eval_results
     assert results["step"] == 3 and results["checkpoint"].endswith("step-3")
     assert results["target"] == f"{run.path} (step-3)"
+
+
+def test_length_controlled_gain_takes_out_what_length_buys():
+    from dpokit.evaluation import length_controlled
+
+    # reward = 2 x tokens + 1 exactly: all of the gain is length
+    len_pol, len_ref = torch.tensor([[10.0, 12.0]]), torch.tensor([[4.0, 6.0]])
+    lc = length_controlled(2 * len_pol + 1, 2 * len_ref + 1, len_pol, len_ref)
+    assert lc["reward/length_slope"] == pytest.approx(2.0) and lc[
+        "reward/gain_length_controlled"
+    ] == pytest.approx(0.0)
+    # a bonus of 3 at the same mean length: the controlled gain is the bonus, the slope still 2
+    len_pol, len_ref = torch.tensor([[4.0, 12.0]]), torch.tensor([[6.0, 10.0]])
+    lc = length_controlled(2 * len_pol + 4, 2 * len_ref + 1, len_pol, len_ref)
+    assert lc["reward/gain_length_controlled"] == pytest.approx(3.0)

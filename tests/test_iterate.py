@@ -63,6 +63,7 @@ def test_every_pair_above_the_gap_better_one_first():
 def test_missing_eos_penalty_hits_unfinished_completions_only():
     assert penalized([1.0, 1.0, -0.5], [True, False, False], 2.0) == [1.0, -1.0, -2.5]
     assert penalized([1.0], [False], 0.0) == [1.0]
+    assert penalized([1.0, 1.0], [True, False], 0.5, [10, 20], 0.01) == pytest.approx([0.9, 0.3])
 
 
 def test_judge_scores_are_mean_win_probabilities_in_both_orders():

@@ -22,6 +22,7 @@ from dpokit.api import (
     iterate,
     load,
     precompute_ref,
+    split,
     train,
     train_rm,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "iterate",
     "load",
     "precompute_ref",
+    "split",
     "train",
     "train_rm",
 ]

@@ -476,6 +476,36 @@ def filter(data, out=None, *, model: str | None = None, seed: int = 0, **filters
     return result
 
 
+def split(data, out, *, parts="train=0.8,heldout=0.2", seed: int = 0, skip_invalid: bool = False) -> dict:
+    """Split preference data (a file, records or a Dataset) by prompt into parts (a dict NAME -> share, or
+    "NAME=SHARE,..."), no prompt in two parts; writes OUT/NAME.jsonl each; returns NAME -> (prompts, pairs).
+    The parts of one file: reward-model pairs, round prompts and held-out prompts that never overlap."""
+    from dpokit.data import in_memory
+    from dpokit.data.filters import split_file
+
+    shares = _parts(parts)
+    source = str(data) if _is_path(data) else in_memory(data, "data")
+    return split_file(source, Path(out), shares, seed, skip_invalid)
+
+
+def _parts(parts) -> dict[str, float]:
+    if isinstance(parts, dict):
+        shares = dict(parts)
+    else:
+        shares = {}
+        for item in str(parts).split(","):
+            name, _, share = item.partition("=")
+            try:
+                shares[name.strip()] = float(share)
+            except ValueError:
+                raise UsageError(
+                    f"parts={parts!r}: expected NAME=SHARE,... (e.g. train=0.8,heldout=0.2)"
+                ) from None
+    if not shares or any(v <= 0 for v in shares.values()) or not all(shares):
+        raise UsageError(f"parts={parts!r}: every part needs a name and a share > 0")
+    return shares
+
+
 FILTERS = (
     "deduplicate",
     "drop_identical",

@@ -168,6 +168,16 @@ def add_data_parsers(sub) -> None:
         formatter_class=fmt,
         description="Every filter is the data.* key of training's pre-filters, with the same default.",
     )
+    sp = data.add_parser(
+        "split",
+        help="split a preference file by prompt into parts (no prompt in two parts), one file each",
+        formatter_class=fmt,
+    )
+    sp.add_argument("data", help="preference file (any format dpokit reads)")
+    sp.add_argument("--out", required=True, help="folder for NAME.jsonl of each part")
+    sp.add_argument("--parts", default="train=0.8,heldout=0.2", help="NAME=SHARE,... of the distinct prompts")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the prompts' ranking")
+    sp.add_argument("--skip-invalid", action="store_true", help="skip and count invalid records")
     f.add_argument("data", help="preference file")
     f.add_argument("--out", required=True, help="output JSONL file")
     f.add_argument(
@@ -373,6 +383,13 @@ def cmd_data(args, flags) -> None:
             raise DataError(
                 empty[0]["file"], f"nothing to train on: none of its {empty[0].records} records is usable"
             )
+        return
+    if args.data_command == "split":
+        counts = api.split(
+            args.data, args.out, parts=args.parts, seed=args.seed, skip_invalid=args.skip_invalid
+        )
+        for name, (prompts, pairs) in counts.items():
+            print(f"{name}: {pairs} pairs of {prompts} prompts -> {args.out}/{name}.jsonl")
         return
     filters = {k: getattr(args, k) for k in api.FILTERS}
     result = api.filter(args.data, args.out, model=args.model, seed=args.seed, **filters)

@@ -278,6 +278,9 @@ class IterateConfig:
     """Pairs whose scores differ by this much or less are ties: dropped and counted."""
     eos_penalty: float = 0.0
     """Subtracted from the score of a completion that ends without EOS (cut at max_new_tokens)."""
+    length_penalty: float = 0.0
+    """Subtracted from a completion's score per token: a reward model that prefers longer answers buys
+    reward with length, and this prices it (0 = off)."""
     reference: str = "initial"
     """pi_ref of every round: initial (the starting model) or previous (the policy the round starts from)."""
     eval_prompts: str = ""

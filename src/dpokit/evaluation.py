@@ -180,6 +180,7 @@ def generation_metrics(
         "kl/sequence": float(kl_seq.mean()),
         "kl/sequence_stderr": _stderr(kl_seq),
         "kl/token": float(kl_seq.sum() / len_pol.sum()),
+        **length_controlled(r_pol, r_ref, len_pol, len_ref),
         "length/policy": float(len_pol.mean()),
         "length/reference": float(len_ref.mean()),
         "length/drift": float(len_pol.mean() - len_ref.mean()),
@@ -198,6 +199,18 @@ def generation_metrics(
         for i in range(len(prompts))
     ]
     return metrics, records
+
+
+def length_controlled(r_pol, r_ref, len_pol, len_ref) -> dict:
+    """The reward gain with length taken out: the least-squares slope of reward on completion tokens over
+    every sample of both models, and the gain minus what the length difference alone buys at that slope."""
+    r = torch.cat([r_pol.flatten(), r_ref.flatten()]).double()
+    n = torch.cat([len_pol.flatten(), len_ref.flatten()]).double()
+    var = float(((n - n.mean()) ** 2).mean())
+    slope = float(((n - n.mean()) * (r - r.mean())).mean()) / var if var > 0 else 0.0
+    gain = float(r_pol.double().mean() - r_ref.double().mean())
+    drift = float(len_pol.mean() - len_ref.mean())
+    return {"reward/length_slope": slope, "reward/gain_length_controlled": gain - slope * drift}
 
 
 def _stderr(values: torch.Tensor) -> float:

@@ -25,9 +25,20 @@ def pair_indices(scores: list[float], rule: str, min_gap: float) -> tuple[list[t
     return pairs, ties
 
 
-def penalized(scores: list[float], finished: list[bool], penalty: float) -> list[float]:
-    """TRL's missing_eos_penalty: a completion cut at max_new_tokens loses `penalty`."""
-    return [s if done else s - penalty for s, done in zip(scores, finished, strict=True)]
+def penalized(
+    scores: list[float],
+    finished: list[bool],
+    penalty: float,
+    lengths: list[int] | None = None,
+    per_token: float = 0.0,
+) -> list[float]:
+    """TRL's missing_eos_penalty (a completion cut at max_new_tokens loses `penalty`), and a length penalty
+    of `per_token` per completion token (reward models buy reward with length: this prices it)."""
+    lengths = lengths or [0] * len(scores)
+    return [
+        (s if done else s - penalty) - per_token * n
+        for s, done, n in zip(scores, finished, lengths, strict=True)
+    ]
 
 
 def judge_scores(judge, prompt: str, completions: list[str]) -> list[float]:

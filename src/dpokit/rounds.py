@@ -170,7 +170,12 @@ class Iteration:
             raw = [flat[i * k : (i + 1) * k] for i in range(len(samples))]
         _fault("scoring", r)
         records = [
-            {"raw": row, "scores": penalized(row, s["finished"], self.it.eos_penalty)}
+            {
+                "raw": row,
+                "scores": penalized(
+                    row, s["finished"], self.it.eos_penalty, s["lengths"], self.it.length_penalty
+                ),
+            }
             for row, s in zip(raw, samples, strict=True)
         ]
         self.run.round(r).write("scores", records)

@@ -116,6 +116,7 @@ def _iterate_problems(cfg: Config) -> list[str]:
         (it.sample_batch_size >= 1, f"iterate.sample_batch_size={it.sample_batch_size}: must be >= 1"),
         (it.min_score_gap >= 0, f"iterate.min_score_gap={it.min_score_gap}: must be >= 0"),
         (it.eos_penalty >= 0, f"iterate.eos_penalty={it.eos_penalty}: must be >= 0"),
+        (it.length_penalty >= 0, f"iterate.length_penalty={it.length_penalty}: must be >= 0"),
         (it.eval_num_prompts >= 0, f"iterate.eval_num_prompts={it.eval_num_prompts}: must be >= 0"),
         (it.eval_samples >= 1, f"iterate.eval_samples={it.eval_samples}: must be >= 1"),
         (bool(it.reward or it.judge), "iterate.reward and iterate.judge are both empty: give one"),

@@ -32,6 +32,7 @@ __all__ = [
     "reason_of",
     "resolve_data_path",
     "split_by_prompt",
+    "split_parts",
     "split_implicit_prompt",
 ]
 
@@ -208,6 +209,24 @@ def reason_of(err: DataError) -> str:
 
 def prompt_key(example: PreferenceExample | UnpairedExample) -> str:
     return hashlib.sha1(json.dumps(example.prompt, ensure_ascii=False).encode()).hexdigest()
+
+
+def split_parts(examples: list, fractions: dict[str, float], seed: int = 0) -> dict[str, list]:
+    """The examples in named parts of about `fractions` of the distinct prompts each (all the pairs of a
+    prompt in one part), by the same seeded prompt ranking as split_by_prompt."""
+    keys = sorted(
+        {prompt_key(e) for e in examples}, key=lambda k: hashlib.sha1(f"{seed}:{k}".encode()).digest()
+    )
+    total, part_of, start = sum(fractions.values()), {}, 0.0
+    for name, share in fractions.items():
+        end = start + share / total
+        for k in keys[round(start * len(keys)) : round(end * len(keys))]:
+            part_of[k] = name
+        start = end
+    parts: dict[str, list] = {name: [] for name in fractions}
+    for e in examples:
+        parts[part_of[prompt_key(e)]].append(e)
+    return parts
 
 
 def split_by_prompt(examples: list, fraction: float, seed: int) -> tuple[list, list]:

@@ -89,6 +89,38 @@ def filter_pairs(
     return [examples[i] for i in kept], dropped
 
 
+def record_of(e: PreferenceExample) -> dict:
+    """A normalized pair as a record any dpokit reader takes back as the same pair: prompt, chosen and
+    rejected (text or messages with their tool calls), weight, tools, scores, votes' agreement, margin."""
+    row = {
+        "prompt": e.prompt,
+        "chosen": e.chosen,
+        "rejected": e.rejected,
+        **({"weight": e.weight} if e.weight != 1 else {}),
+        **({"tools": e.tools} if e.tools else {}),  # tool calls and results ride in the messages
+    }
+    kept = ("score_chosen", "score_rejected", "confidence", "agreement", "margin")
+    row.update({k: v for k, v in e.meta.items() if k in kept})
+    return row
+
+
+def split_file(
+    spec, out: Path, fractions: dict[str, float], seed: int = 0, skip_invalid: bool = False
+) -> dict:
+    """`dpokit data split`: the pairs of `spec` in parts by prompt (no prompt in two parts), each written
+    to OUT/NAME.jsonl as records; returns {name: (prompts, pairs)}."""
+    from dpokit.data import load_examples, prompt_key, split_parts
+    from dpokit.files import write_jsonl
+
+    examples, _ = load_examples(spec, skip_invalid, skip_hint="--skip-invalid")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for name, part in split_parts(examples, fractions, seed).items():
+        write_jsonl(Path(out) / f"{name}.jsonl", [record_of(e) for e in part])
+        counts[name] = (len({prompt_key(e) for e in part}), len(part))
+    return counts
+
+
 @dataclass
 class FilterResult:
     records: int
@@ -109,23 +141,7 @@ def filter_records(spec, settings: DataConfig, tokenizer=None, seed: int = 0) ->
         spec, settings.skip_invalid, skip_hint="--skip-invalid", list_pairs=settings.list_pairs
     )
     kept, dropped = filter_pairs(examples, settings, tokenizer, seed)
-    rows = []
-    for e in kept:
-        row = {
-            "prompt": e.prompt,
-            "chosen": e.chosen,
-            "rejected": e.rejected,
-            **({"weight": e.weight} if e.weight != 1 else {}),
-            **({"tools": e.tools} if e.tools else {}),  # tool calls and results ride in the messages
-        }
-        row.update(
-            {
-                k: v
-                for k, v in e.meta.items()
-                if k in ("score_chosen", "score_rejected", "confidence", "agreement")
-            }
-        )
-        rows.append(row)
+    rows = [record_of(e) for e in kept]
     return FilterResult(
         stats.records,
         len(kept),
