@@ -322,3 +322,29 @@ def test_split_by_prompt_writes_disjoint_parts(tmp_path, capsys):
         == 0
     )
     assert (tmp_path / "again" / "b.jsonl").read_text() == (tmp_path / "parts" / "b.jsonl").read_text()
+
+
+def test_split_chat_writes_hh_transcripts_as_messages(tmp_path):
+    import json
+
+    from dpokit.cli import main
+    from dpokit.data.messages import transcript_messages
+
+    prompt = "\n\nHuman: Hi there\n\nAssistant: Hello.\n\nHuman: How do I boil an egg?\n\nAssistant:"
+    rows = [
+        {"prompt": prompt, "chosen": " Put it in boiling water.", "rejected": " No."},
+        {"prompt": "plain text prompt", "chosen": " a", "rejected": " b"},  # not a transcript: as it is
+    ]
+    src = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    assert main(["data", "split", str(src), "--out", str(tmp_path / "p"), "--parts", "all=1", "--chat"]) == 0
+    got = {json.dumps(r["prompt"]): r for r in map(json.loads, (tmp_path / "p" / "all.jsonl").open())}
+    chat = got[json.dumps(transcript_messages(prompt))]
+    assert chat["prompt"] == [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "How do I boil an egg?"},
+    ]
+    assert (chat["chosen"], chat["rejected"]) == ("Put it in boiling water.", "No.")
+    assert got[json.dumps("plain text prompt")]["chosen"] == " a"
+    assert transcript_messages("no turns here") is None
+    assert transcript_messages("preamble\n\nHuman: x\n\nAssistant:") is None

@@ -191,6 +191,54 @@ def test_killed_in_any_phase_resumes_to_the_same_files_and_weights(
     assert_same_runs(root, run)
 
 
+@pytest.mark.slow
+def test_a_round_over_the_kl_budget_is_pulled_back_and_the_next_round_starts_there(tiny_model_dir, tmp_path):
+    budget = 0.04  # round 1 at lr 3e-2 ends at about 0.11 nats
+    run = tmp_path / "budget"
+    iterate(tiny_model_dir, run, "train.lr=3e-2", f"iterate.kl_budget={budget}", "iterate.lr_decay=0.5")
+    record = json.loads((run / "rounds" / "1" / "kl_budget.json").read_text())
+    assert (
+        record["kl_before"] > budget
+        and record["pulled"]
+        and 0 < record["lambda"] < 1
+        and record["kl"] <= budget
+    )
+    assert [t["lambda"] for t in record["tried"]][-1] == 1.0 and len(record["tried"]) == 6
+    # the round ends with the pulled weights: its evaluation measures them, round 2 continues them
+    assert json.loads((run / "rounds" / "1" / "eval.json").read_text())["kl/sequence"] == pytest.approx(
+        record["kl"], abs=1e-6
+    )
+    assert json.loads((run / "rounds" / "1" / "round.json").read_text())["kl_budget"] == record
+    pulled = run / "rounds" / "1" / "kl_budget"
+    cfg2 = load_config(run / "rounds" / "2" / "train" / "config.yaml")
+    assert cfg2.model.adapter == str(pulled)
+    assert cfg2.train.lr == pytest.approx(1.5e-2)  # iterate.lr_decay=0.5: round 2 at half the rate
+    # round 1 pulled toward the initial model: the adapter's B scaled by lambda, A as trained
+    trained = load_file(
+        run / "rounds" / "1" / "train" / "checkpoints" / "step-2" / "adapter_model.safetensors"
+    )
+    kept = load_file(pulled / "adapter_model.safetensors")
+    for name, w in trained.items():
+        want = w * record["lambda"] if ".lora_B." in name else w
+        assert torch.allclose(kept[name], want, atol=1e-7), name
+    # killed while pulling back, the same command continues to the same files
+    killed = tmp_path / "killed"
+    env = {**os.environ, FAULT_ENV: "kl_budget:1", "PYTHONPATH": str(HERE)}
+    args = overrides(
+        tiny_model_dir, killed, "train.lr=3e-2", f"iterate.kl_budget={budget}", "iterate.lr_decay=0.5"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpokit.cli", "iterate", *args], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == -9 and "pulled back to lambda" in proc.stderr, proc.stderr[-2000:]
+    iterate(tiny_model_dir, killed, "train.lr=3e-2", f"iterate.kl_budget={budget}", "iterate.lr_decay=0.5")
+    for r in (1, 2):
+        for name in (*ROUND_FILES, "kl_budget.json"):
+            assert (killed / "rounds" / str(r) / name).read_text() == (
+                run / "rounds" / str(r) / name
+            ).read_text()
+
+
 # ---- user mistakes
 
 
@@ -294,6 +342,8 @@ def test_config_mistakes_are_listed_before_anything_runs(tmp_path):
                 "iterate.samples_per_prompt=1",
                 "iterate.pairing=best",
                 "iterate.reference=sft",
+                "iterate.lr_decay=0",
+                "iterate.kl_budget=2",
                 "loss.type=kto",
             ],
             "iterate",
@@ -305,6 +355,8 @@ def test_config_mistakes_are_listed_before_anything_runs(tmp_path):
         "iterate.samples_per_prompt=1",
         "iterate.pairing='best'",
         "iterate.reference='sft'",
+        "iterate.lr_decay=0.0: must be > 0",
+        "iterate.kl_budget is measured on held-out prompts: give iterate.eval_prompts too",
         "needs unpaired data",
     ):
         assert needle in text, needle

@@ -243,8 +243,13 @@ class Evaluation:
     def generation(self) -> dict | None:
         return self.results.get("generation")
 
+    @property
+    def interpolation(self) -> list[dict] | None:
+        """One entry per lambda (`lambdas=`): {"lambda", "generation" and/or "preference"}."""
+        return self.results.get("interpolation")
+
     def text(self, width: int = 110) -> str:
-        """The figures as `dpokit eval` prints them: one table."""
+        """The figures as `dpokit eval` prints them: a table (and one row per lambda)."""
         import io
 
         from rich.console import Console
@@ -287,8 +292,41 @@ class Evaluation:
                 "tokens policy / reference", f"{g['length/policy']:.1f} / {g['length/reference']:.1f}"
             )
         buffer = io.StringIO()
-        Console(file=buffer, width=width, force_terminal=False, color_system=None).print(table)
+        console = Console(file=buffer, width=width, force_terminal=False, color_system=None)
+        console.print(table)
+        if r.get("interpolation"):
+            console.print(_interpolation_table(r["interpolation"], r.get("reward")))
         return buffer.getvalue()
+
+
+def _interpolation_table(points: list[dict], reward):
+    """One row per lambda of `evaluate(lambdas=...)`."""
+    from rich.table import Table
+
+    table = Table(title=f"between the start (lambda 0) and as trained (1); reward {reward}")
+    generation, preference = "generation" in points[0], "preference" in points[0]
+    table.add_column("lambda", justify="right")
+    if generation:
+        for name in ("reward", "win rate", "KL (nats)", "tokens"):
+            table.add_column(name, justify="right")
+    if preference:
+        for name in ("pair accuracy", "margin"):
+            table.add_column(name, justify="right")
+    for point in points:
+        row = [f"{point['lambda']:g}"]
+        if generation:
+            g = point["generation"]
+            row += [
+                f"{g['reward/policy']:.4f}",
+                f"{g['win_rate']:.3f}",
+                f"{g['kl/sequence']:.3f}",
+                f"{g['length/policy']:.1f}",
+            ]
+        if preference:
+            p = point["preference"]
+            row += [f"{p['rewards/accuracies']:.4f}", f"{p['rewards/margins']:.4f}"]
+        table.add_row(*row)
+    return table
 
 
 def evaluate(
@@ -300,6 +338,7 @@ def evaluate(
     ref: str | None = None,
     split: str | None = None,
     out=None,
+    lambdas=None,
     **settings,
 ) -> Evaluation:
     """Held-out preference metrics on `data` (pairs: a file, records or a Dataset), and/or the reward, win
@@ -308,36 +347,75 @@ def evaluate(
     `model:PATH`, or a Python function `fn(prompts, completions) -> list[float]`).
 
     `target`: a run (its final checkpoint, against the reference it trained with) or a model (with `ref`).
+    `lambdas` (e.g. [0.25, 0.5, 1]): measure the policy at each point between where its training started
+    (0) and as trained (1), `Trained.interpolate` (WARP's LITI): results["interpolation"], one entry per
+    lambda, every one against the same reference samples (a reward-KL curve for the price of sampling).
     Writes eval.json (+ eval_samples.jsonl) to `out`, else into the run dir (nothing for a model target
     without `out`). `settings`: the fields of EvalSettings. Everything is checked before a model loads."""
     from dpokit.evaluation import generation_metrics, preference_metrics
-    from dpokit.generate import SamplingSettings
+    from dpokit.generate import SamplingSettings, sample
     from dpokit.rewards import python_spec
     from dpokit.trained import load_trained
 
     opts = _settings(EvalSettings, settings, "evaluate")
+    points = _lambdas(lambdas)
     pairs, scorer, prompt_list = _eval_inputs(data, prompts, reward, split, opts.num_prompts)
     trained = load_trained(target, reference=ref or True, bf16=opts.bf16)
     results: dict = {"target": trained.source, "reference": ref or "the run's starting model"}
     if trained.checkpoint is not None:  # which weights were measured (an unfinished run: its newest step)
         results |= {"checkpoint": str(trained.checkpoint), "step": Run.checkpoint_step(trained.checkpoint)}
-    records = None
     if data is not None:
-        results["preference"] = preference_metrics(
-            trained, pairs or str(data), opts.max_length, opts.max_prompt_length, opts.batch_size
-        )
         results["data"] = str(data) if pairs is None else f"{len(pairs.records)} records in memory"
     if scorer is not None:
-        sampling = SamplingSettings(
-            opts.max_new_tokens, opts.temperature, opts.top_p, opts.batch_size, opts.seed, trained.bf16
-        )
-        results["generation"], records = generation_metrics(
-            trained, prompt_list, scorer, opts.samples, sampling
-        )
         results["reward"] = python_spec(reward) if callable(reward) else reward
+    sampling = SamplingSettings(
+        opts.max_new_tokens, opts.temperature, opts.top_p, opts.batch_size, opts.seed, trained.bf16
+    )
+    reference_samples = None
+    if scorer is not None and points:  # drawn once: every lambda is compared on the same samples
+        with trained.reference.module() as ref_model:
+            reference_samples = sample(
+                ref_model, trained.tokenizer, prompt_list, opts.samples, sampling, label="reference samples"
+            )
+    records, measured = [], []
+    for lam in points or [None]:
+        if lam is not None:
+            trained.interpolate(lam)
+        point, point_records = {}, None
+        if data is not None:
+            point["preference"] = preference_metrics(
+                trained, pairs or str(data), opts.max_length, opts.max_prompt_length, opts.batch_size
+            )
+        if scorer is not None:
+            point["generation"], point_records = generation_metrics(
+                trained, prompt_list, scorer, opts.samples, sampling, reference_samples
+            )
+            records += [{"lambda": lam, **rec} if lam is not None else rec for rec in point_records]
+        measured.append({"lambda": lam, **point} if lam is not None else point)
+    if points:
+        results["interpolation"] = measured
+    else:
+        results |= measured[0]
+    records = records if scorer is not None else None
     folder = Path(out) if out is not None else (Path(target) if Run(target).exists else None)
     path = Run(folder).write_eval(results, records) if folder is not None else None
     return Evaluation(results, records, path)
+
+
+def _lambdas(lambdas) -> list[float]:
+    """evaluate's lambdas: a list of numbers or a comma-separated text ("0.25,0.5,1"), each 0 or more."""
+    if lambdas is None or lambdas == "":
+        return []
+    items = lambdas.split(",") if isinstance(lambdas, str) else list(lambdas)
+    try:
+        values = [float(x) for x in items]
+    except (TypeError, ValueError):
+        raise UsageError(
+            f"lambdas={lambdas!r}: give numbers between 0 (the start) and 1 (as trained), e.g. 0.25,0.5,1"
+        ) from None
+    if not values or any(not v >= 0 for v in values):
+        raise UsageError(f"lambdas={lambdas!r}: each must be 0 or more (0 = the start, 1 = as trained)")
+    return values
 
 
 def _eval_inputs(data, prompts, reward, split: str | None, num_prompts: int):
@@ -420,13 +498,16 @@ def iterate(
     return root
 
 
-def export(target, out, *, dtype: str = "fp32", gguf=None, gguf_type: str = "f16"):
+def export(target, out, *, dtype: str = "fp32", gguf=None, gguf_type: str = "f16", lam: float = 1.0):
     """A run's policy (its final checkpoint, or a checkpoint folder) as a plain Hugging Face folder at `out`
     (LoRA merged in; weights in fp32, bf16 or fp16), and a GGUF file + Ollama Modelfile when `gguf` names
-    one (f32, f16, bf16, q8_0, q4_1). Returns what was written (folder, gguf, modelfile, seconds)."""
+    one (f32, f16, bf16, q8_0, q4_1). `lam` < 1: the policy interpolated toward where its training started
+    (`evaluate(lambdas=...)` measures the choices). Returns what was written (folder, gguf, modelfile,
+    seconds)."""
     from dpokit.exporter import export as run_export
 
-    return run_export(target, str(out), dtype, str(gguf) if gguf else None, gguf_type)
+    (lam,) = _lambdas([lam])
+    return run_export(target, str(out), dtype, str(gguf) if gguf else None, gguf_type, lam)
 
 
 def check(
@@ -476,16 +557,26 @@ def filter(data, out=None, *, model: str | None = None, seed: int = 0, **filters
     return result
 
 
-def split(data, out, *, parts="train=0.8,heldout=0.2", seed: int = 0, skip_invalid: bool = False) -> dict:
+def split(
+    data,
+    out,
+    *,
+    parts="train=0.8,heldout=0.2",
+    seed: int = 0,
+    skip_invalid: bool = False,
+    chat: bool = False,
+) -> dict:
     """Split preference data (a file, records or a Dataset) by prompt into parts (a dict NAME -> share, or
     "NAME=SHARE,..."), no prompt in two parts; writes OUT/NAME.jsonl each; returns NAME -> (prompts, pairs).
-    The parts of one file: reward-model pairs, round prompts and held-out prompts that never overlap."""
+    The parts of one file: reward-model pairs, round prompts and held-out prompts that never overlap.
+    `chat`: Anthropic HH transcripts ("\n\nHuman: ...\n\nAssistant:") written as chat messages, for a
+    chat model to see them through its chat template."""
     from dpokit.data import in_memory
     from dpokit.data.filters import split_file
 
     shares = _parts(parts)
     source = str(data) if _is_path(data) else in_memory(data, "data")
-    return split_file(source, Path(out), shares, seed, skip_invalid)
+    return split_file(source, Path(out), shares, seed, skip_invalid, chat)
 
 
 def _parts(parts) -> dict[str, float]:

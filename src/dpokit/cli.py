@@ -131,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--gguf", metavar="FILE", help="also write a GGUF file (llama architecture) and FILE's Modelfile"
     )
     ex.add_argument("--gguf-type", default="f16", choices=list(GGUF_TYPES), help="tensor type of the GGUF")
+    ex.add_argument(
+        "--lambda",
+        dest="lam",
+        type=float,
+        default=1.0,
+        help="interpolate toward where training started: 0 = the start, 1 = as trained (dpokit eval --lambda "
+        "measures the choices)",
+    )
     rp = sub.add_parser("report", help="write RUN_DIR/report.html: one self-contained page (works offline)")
     rp.add_argument("run_dir")
     rp.add_argument("--out", help="output file (default RUN_DIR/report.html)")
@@ -178,6 +186,11 @@ def add_data_parsers(sub) -> None:
     sp.add_argument("--parts", default="train=0.8,heldout=0.2", help="NAME=SHARE,... of the distinct prompts")
     sp.add_argument("--seed", type=int, default=0, help="seed of the prompts' ranking")
     sp.add_argument("--skip-invalid", action="store_true", help="skip and count invalid records")
+    sp.add_argument(
+        "--chat",
+        action="store_true",
+        help="write Anthropic HH transcripts (Human: / Assistant: turns) as chat messages",
+    )
     f.add_argument("data", help="preference file")
     f.add_argument("--out", required=True, help="output JSONL file")
     f.add_argument(
@@ -246,6 +259,13 @@ def add_eval_parser(sub) -> None:
         "--out", help="folder for eval.json and eval_samples.jsonl (default: the run dir, else ./eval-<time>)"
     )
     e.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    e.add_argument(
+        "--lambda",
+        dest="lambdas",
+        metavar="L1,L2,...",
+        help="also measure the policy interpolated toward where its training started, at each lambda (0 = the "
+        "start, 1 = as trained): a reward-KL curve from one run",
+    )
     docs, hints = field_docs(api.EvalSettings), typing.get_type_hints(api.EvalSettings)
     for f in dataclasses.fields(api.EvalSettings):
         flag, doc = "--" + f.name.replace("_", "-"), docs[f.name].replace("%", "%%").rstrip(".")
@@ -386,7 +406,12 @@ def cmd_data(args, flags) -> None:
         return
     if args.data_command == "split":
         counts = api.split(
-            args.data, args.out, parts=args.parts, seed=args.seed, skip_invalid=args.skip_invalid
+            args.data,
+            args.out,
+            parts=args.parts,
+            seed=args.seed,
+            skip_invalid=args.skip_invalid,
+            chat=args.chat,
         )
         for name, (prompts, pairs) in counts.items():
             print(f"{name}: {pairs} pairs of {prompts} prompts -> {args.out}/{name}.jsonl")
@@ -425,12 +450,18 @@ def cmd_eval(args, flags) -> None:
         ref=args.ref,
         split=args.split,
         out=out,
+        lambdas=args.lambdas,
         **settings,
     )
     if args.json:
         print(
             json.dumps(
-                {k: v for k, v in result.results.items() if k in ("preference", "generation")}, indent=2
+                {
+                    k: v
+                    for k, v in result.results.items()
+                    if k in ("preference", "generation", "interpolation")
+                },
+                indent=2,
             )
         )
     else:
@@ -439,7 +470,9 @@ def cmd_eval(args, flags) -> None:
 
 
 def cmd_export(args, flags) -> None:
-    done = api.export(args.target, args.out, dtype=args.dtype, gguf=args.gguf, gguf_type=args.gguf_type)
+    done = api.export(
+        args.target, args.out, dtype=args.dtype, gguf=args.gguf, gguf_type=args.gguf_type, lam=args.lam
+    )
     print(f"exported: {done.source}")
     print(f"merged model: {done.folder}")
     if done.gguf:

@@ -283,6 +283,12 @@ class IterateConfig:
     reward with length, and this prices it (0 = off)."""
     reference: str = "initial"
     """pi_ref of every round: initial (the starting model) or previous (the policy the round starts from)."""
+    lr_decay: float = 1.0
+    """Round r trains at train.lr * lr_decay^(r-1) (below 1: smaller steps as the rounds go)."""
+    kl_budget: float = 0.0
+    """Most held-out KL(policy || initial model), in nats per completion, a round may end at (0 = no limit):
+    a round above it is pulled back toward the previous round's weights (a bisection over the line between
+    them, measured on the held-out prompts) until it fits, and says so. Needs iterate.eval_prompts."""
     eval_prompts: str = ""
     """Held-out prompts for each round's evaluation (empty = no evaluation)."""
     eval_split: str = ""

@@ -44,10 +44,11 @@ class Exported:
     """What was exported: the run and its checkpoint, or the folder."""
 
 
-def merged_model(target):
+def merged_model(target, lam: float = 1.0):
     """The policy of `target` (trained.load_trained) as one plain causal LM in fp32 on the CPU, its
     tokenizer, and what was loaded (trained.Trained): a LoRA adapter merged into its base (PEFT's merge), a
-    full model as it is."""
+    full model as it is; `lam` < 1 first interpolates it toward where its training started
+    (Trained.interpolate)."""
     if not Path(target).exists():
         raise UsageError(f"{target}: no such folder (give a run dir or a checkpoint folder)")
     trained = load_trained(target, device="cpu")
@@ -60,11 +61,18 @@ def merged_model(target):
                 "into quantized weights rounds them away. Export from the unquantized base (the same model in "
                 "fp32/bf16)"
             )
+    if lam != 1.0:
+        trained.interpolate(lam)
     return trained.merged().eval(), trained.tokenizer, trained
 
 
 def export(
-    target, out: str, dtype: str = "fp32", gguf: str | None = None, gguf_type: str = "f16"
+    target,
+    out: str,
+    dtype: str = "fp32",
+    gguf: str | None = None,
+    gguf_type: str = "f16",
+    lam: float = 1.0,
 ) -> Exported:
     """Write the merged folder to `out` (and a GGUF + Modelfile when `gguf` is given)."""
     if dtype not in DTYPES:
@@ -75,7 +83,7 @@ def export(
     folder = Path(out)
     if folder.exists() and any(folder.iterdir()):
         raise UsageError(f"--out {out}: exists and is not empty; choose a new folder")
-    model, tokenizer, trained = merged_model(target)
+    model, tokenizer, trained = merged_model(target, lam)
     if gguf:
         check_gguf_arch(model)
     log.info("exporting %s", trained.source)
@@ -100,7 +108,12 @@ def export(
 def export_card(trained, dtype: str, gguf_path: Path | None, gguf_type: str) -> str:
     """The export's model card: the run's (modelcard.py) when it comes from one, else what is known."""
     how = "a LoRA adapter merged into its base" if trained.is_lora else "a fully fine-tuned model"
-    note = f"Exported by `dpokit export` from {trained.source}: {how}, weights in {dtype}" + (
+    between = (
+        f", interpolated to lambda={trained.lam:g} between its starting model (0) and as trained (1)"
+        if trained.lam != 1.0
+        else ""
+    )
+    note = f"Exported by `dpokit export` from {trained.source}: {how}{between}, weights in {dtype}" + (
         f"; also a GGUF ({gguf_type}) for llama.cpp / Ollama, `{gguf_path.name}`." if gguf_path else "."
     )
     run = Run.of_checkpoint(trained.checkpoint) if trained.checkpoint is not None else None

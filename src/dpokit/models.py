@@ -13,11 +13,13 @@ the cache was cold or warm.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
 import re
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -284,12 +286,13 @@ def load_model(path: str, trust_remote_code: bool = False, attn_implementation: 
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=torch.float32,
-            trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation,
-        )
+        with _quiet_load():
+            return AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=torch.float32,
+                trust_remote_code=trust_remote_code,
+                attn_implementation=attn_implementation,
+            )
     except (OSError, ValueError) as err:
         raise ModelLoadError(
             f"model {path!r} could not be loaded: {_first_line(err)}. Fix: use a local folder, a .gguf file, "
@@ -307,15 +310,10 @@ def load_reward_model(
     """A causal LM's folder as a reward model: its transformer with a fresh one-output score head (drawn from
     `seed`, the global RNG untouched), fp32, pad_token_id set (transformers reads the score at the last
     non-pad token). A saved reward model loads with its own head."""
-    import logging
-
     from transformers import AutoModelForSequenceClassification
 
-    report = logging.getLogger("transformers.modeling_utils")
-    level = report.level
-    report.setLevel(logging.ERROR)  # its load report lists the LM head left out and the new score head
-    try:
-        with torch.random.fork_rng(devices=[]):
+    try:  # the load report would list the LM head left out and the new score head
+        with _quiet_load(report=False), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForSequenceClassification.from_pretrained(
                 path,
@@ -328,10 +326,33 @@ def load_reward_model(
         raise ModelLoadError(
             f"model {path!r} could not be loaded as a reward model: {_first_line(err)}"
         ) from err
-    finally:
-        report.setLevel(level)
     model.config.pad_token_id = pad_token_id
     return model
+
+
+@contextlib.contextmanager
+def _quiet_load(report: bool = True):
+    """from_pretrained without its weight-loading bar when stderr is a log file rather than a terminal, and
+    (report=False) without its load report's warnings. Filters, not logger levels: transformers checks a
+    tensor-parallel plan (and warns) when its loader's level is raised."""
+    from transformers.utils import logging as hf_logging
+
+    loader = logging.getLogger("transformers.modeling_utils")
+
+    def drop_warnings(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    bar = hf_logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    if not report:
+        loader.addFilter(drop_warnings)
+    try:
+        yield
+    finally:
+        loader.removeFilter(drop_warnings)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def _first_line(err: Exception) -> str:

@@ -26,14 +26,18 @@ import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from dpokit import models
+from dpokit.checkpoint import save_checkpoint
 from dpokit.config import Config, ConfigError, dump_yaml
 from dpokit.data.prompts import load_prompts
 from dpokit.data.readers import InMemory
 from dpokit.errors import Interrupted, UsageError
 from dpokit.evaluation import generation_metrics
 from dpokit.files import read_jsonl, write_jsonl
-from dpokit.generate import Sample, SamplingSettings, sample
+from dpokit.generate import Sample, SamplingSettings, sample, sequence_logps
+from dpokit.interpolation import between
 from dpokit.pairing import judge_scores, make_pairs, pair_stats, penalized
 from dpokit.rewards import as_judge, as_reward
 from dpokit.rundir import Run, with_run_dir
@@ -43,7 +47,8 @@ from dpokit.validation import validate
 
 log = logging.getLogger(__name__)
 FAULT_ENV = "DPOKIT_KILL_AT"
-"""Fault injection for the resume tests: `PHASE:ROUND` (sampling, scoring, pairing, training, eval) kills
+"""Fault injection for the resume tests: `PHASE:ROUND` (sampling, scoring, pairing, training, kl_budget,
+eval) kills
 the process with SIGKILL inside that phase, before its output is written (training: at step 2)."""
 
 
@@ -102,8 +107,9 @@ class Iteration:
         """Called with every step record of every round's training (the API's callbacks)."""
 
     def checkpoint(self, r: int) -> Path | None:
-        """The final checkpoint of round r's training (None for r = 0: the initial model)."""
-        return None if r == 0 else self.run.round(r).train.checkpoint()
+        """The weights round r ended with (None for r = 0: the initial model): its training's final
+        checkpoint, or where iterate.kl_budget pulled it back to."""
+        return None if r == 0 else self.run.round(r).policy_checkpoint
 
     def round_prompts(self, r: int) -> list:
         n = self.it.prompts_per_round or len(self.prompts)
@@ -126,13 +132,13 @@ class Iteration:
         """The policy after round r (r = 0: the initial model), for sampling; frozen, eval mode."""
         if r == 0:
             return load_start(self.cfg).model
-        return load_trained(self.run.round(r).train).model
+        return load_trained(self.run.round(r).train, checkpoint=self.checkpoint(r)).model
 
     def compared(self, r: int) -> Trained:
         """Round r's policy against the initial model: its adapter switched off (LoRA), else the initial
         model itself."""
         initial = "base" if self.cfg.lora.enabled else self.cfg.model.name
-        return load_trained(self.run.round(r).train, reference=initial)
+        return load_trained(self.run.round(r).train, checkpoint=self.checkpoint(r), reference=initial)
 
     # ---- phases
     def sample_round(self, r: int) -> list[dict]:
@@ -216,6 +222,7 @@ class Iteration:
             # a prompt's pairs share micro-batches, where its samples are computed once
             train=replace(
                 cfg.train,
+                lr=cfg.train.lr * self.it.lr_decay ** (r - 1),
                 run_dir=str(round_.train.path),
                 group_by_prompt=True,
                 resume=resume,
@@ -244,6 +251,97 @@ class Iteration:
         )
         train(cfg, callbacks=[*self.callbacks, *fault], expected_reference=expected)
         return run.summary
+
+    def fit_kl_budget(self, r: int) -> dict | None:
+        """iterate.kl_budget: measure round r's held-out KL to the initial model; above the budget, pull the
+        round back along the line from the previous round's weights to its own (interpolation.between), by
+        bisection, to the furthest point measured within the budget; write those weights (Round.pulled_path),
+        then the record of the pull (which marks the phase done)."""
+        budget = self.it.kl_budget
+        if budget <= 0:
+            return None
+        round_ = self.run.round(r)
+        done = round_.read("kl_budget")
+        if done is not None:
+            return done
+        trained = load_trained(
+            round_.train, reference="base" if self.cfg.lora.enabled else self.cfg.model.name
+        )
+        end, start = policy_state(trained), self.previous_state(r, trained)
+        tried = {1.0: self.held_out_kl(trained)}
+        low, high = 0.0, 1.0
+        if tried[1.0] > budget:
+            for _ in range(BUDGET_BISECTIONS):
+                lam = (low + high) / 2
+                load_policy_state(trained, between(start, end, lam))
+                tried[lam] = self.held_out_kl(trained)
+                low, high = (lam, high) if tried[lam] <= budget else (low, lam)
+        lam = 1.0 if tried[1.0] <= budget else low
+        record = {
+            "budget": budget,
+            "lambda": lam,
+            "kl_before": tried[1.0],
+            "kl": tried[lam] if lam in tried else self.kl_at_start(r),
+            "pulled": lam < 1.0,
+            "tried": [{"lambda": k, "kl": v} for k, v in sorted(tried.items())],
+        }
+        if record["pulled"]:
+            load_policy_state(trained, between(start, end, lam))
+            save_checkpoint(
+                trained.model,
+                trained.tokenizer,
+                round_.pulled_path,
+                Run.checkpoint_step(round_.train.checkpoint()) or 0,
+                extra={"kl_budget": {k: v for k, v in record.items() if k != "tried"}},
+            )
+            log.warning(
+                "round %d: held-out KL %.2f nats is over iterate.kl_budget=%g: pulled back to lambda=%.4g between "
+                "round %d and its training (KL %.2f); round %d continues from there (%s)",
+                r,
+                record["kl_before"],
+                budget,
+                lam,
+                r - 1,
+                record["kl"],
+                r + 1,
+                round_.pulled_path,
+            )
+        _fault("kl_budget", r)
+        round_.write("kl_budget", record)
+        return record
+
+    def kl_at_start(self, r: int) -> float:
+        """The held-out KL of the weights round r started from (lambda 0): round r - 1's, within the budget."""
+        return 0.0 if r == 1 else self.run.round(r - 1).read("kl_budget")["kl"]
+
+    def previous_state(self, r: int, trained: Trained) -> dict:
+        """The weights round r started from, in the form policy_state gives: round r - 1's, or the initial
+        model's (LoRA: the same A with B = 0, which is the base exactly)."""
+        if r > 1:
+            return policy_state(load_trained(self.run.round(r - 1).train, checkpoint=self.checkpoint(r - 1)))
+        if trained.is_lora:
+            return {
+                k: v if not _is_lora_b(k) else torch.zeros_like(v) for k, v in policy_state(trained).items()
+            }
+        return {k: v.detach().clone() for k, v in load_start(self.cfg).model.state_dict().items()}
+
+    def held_out_kl(self, trained: Trained) -> float:
+        """KL(policy || initial model) in nats per completion, sampled on the held-out prompts as each
+        round's evaluation samples them."""
+        drawn = sample(
+            trained.model,
+            self.tokenizer,
+            self.eval_prompts,
+            self.it.eval_samples,
+            self.eval_sampling(),
+            self.cfg.train.progress,
+            "kl_budget: held-out samples",
+        )
+        pad = self.tokenizer.pad_token_id
+        lp_pol = sequence_logps(trained.model, drawn, pad, bf16=trained.bf16)
+        with trained.reference.module() as ref_model:
+            lp_ref = sequence_logps(ref_model, drawn, pad, bf16=trained.bf16)
+        return float((lp_pol - lp_ref).double().mean())
 
     def initial_eval_samples(self) -> list[list[Sample]]:
         done = self.run.initial_samples
@@ -327,8 +425,11 @@ class Iteration:
                 f"round {r}, training: {err.args[0].split(';')[0]}; {self.resume_hint()}", err.signum
             ) from None
         between("training")
+        budget = self.fit_kl_budget(r)
         gen = self.evaluate_round(r)
         summary = {"round": r, "data": pairs, "train": _train_figures(train_summary), "eval": gen}
+        if budget is not None:
+            summary["kl_budget"] = budget
         round_.write("summary", summary)
         return RoundResult(r, round_.path, summary)
 
@@ -343,6 +444,30 @@ class Iteration:
 
 
 TIMING = ("tokens_per_s", "step_time_s")
+BUDGET_BISECTIONS = 5
+"""iterate.kl_budget's halvings of the line from the previous round to the round: lambda to 1/32."""
+
+
+def policy_state(trained: Trained) -> dict:
+    """The weights a round trains, by name: a LoRA policy's adapter (PEFT's names), else the whole model."""
+    if trained.is_lora:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(trained.model).items()}
+    return {k: v.detach().clone() for k, v in trained.model.state_dict().items()}
+
+
+def load_policy_state(trained: Trained, state: dict) -> None:
+    if trained.is_lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(trained.model, state)
+    else:
+        trained.model.load_state_dict(state)
+
+
+def _is_lora_b(name: str) -> bool:
+    return ".lora_B." in name or ".lora_embedding_B." in name
 
 
 def _train_figures(summary: dict) -> dict:

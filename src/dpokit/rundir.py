@@ -18,7 +18,8 @@ else; `dpokit.train` returns a `Run`, and `dpokit.Run(path)` opens one that exis
     RUN/report.html                `dpokit report`
 
 An iterate run (`dpokit iterate`) holds rounds instead (see `Round`): RUN/eval_initial.jsonl, RUN/iterate.json
-and RUN/rounds/R/ with each round's phase files and its training run in RUN/rounds/R/train/.
+and RUN/rounds/R/ with each round's phase files and its training run in RUN/rounds/R/train/ (and, where
+iterate.kl_budget pulled the round back, the weights the round ended with in RUN/rounds/R/kl_budget/).
 
 Imports neither torch nor the training code: the data tools and the report use it.
 """
@@ -240,9 +241,12 @@ class Run:
         """A folder of the run as the summary records it: relative to the run dir."""
         return None if folder is None else str(Path(folder).relative_to(self.path))
 
-    def checkpoint(self, which: str | int | None = None) -> Path:
-        """A checkpoint to load: None = the final one, `best`, `latest`, a step number or a folder name."""
-        if which is None:
+    def checkpoint(self, which: str | int | Path | None = None) -> Path:
+        """A checkpoint to load: None = the final one, `best`, `latest`, a step number, a folder name, or a
+        folder (a Path) that holds weights of this run (a round pulled back by iterate.kl_budget)."""
+        if isinstance(which, Path):
+            found = which
+        elif which is None:
             found = self.final_checkpoint
         elif which == "latest":
             found = self.latest_checkpoint
@@ -440,6 +444,8 @@ class Round:
     TRAIN = "train"
     EVAL = Run.EVAL
     EVAL_SAMPLES = Run.EVAL_SAMPLES
+    KL_BUDGET = "kl_budget.json"
+    PULLED = "kl_budget"
     SUMMARY = "round.json"
 
     def __init__(self, run: Run, r: int):
@@ -457,6 +463,18 @@ class Round:
     def train(self) -> Run:
         """The round's training run."""
         return Run(self.path / self.TRAIN)
+
+    @property
+    def pulled_path(self) -> Path:
+        """The weights iterate.kl_budget pulled the round back to (a checkpoint folder of its training run's
+        config), written before `kl_budget` (the record of the pull) marks that phase done."""
+        return self.path / self.PULLED
+
+    @property
+    def policy_checkpoint(self) -> Path:
+        """The weights the round ended with: its training's final checkpoint, or where kl_budget pulled it."""
+        record = self.read("kl_budget")
+        return self.pulled_path if record and record["pulled"] else self.train.checkpoint()
 
     @property
     def frontier(self) -> Run:
@@ -491,5 +509,5 @@ class Round:
         return self.read("summary")
 
     def load(self, reference: bool | str = False, device=None):
-        """The policy this round trained."""
-        return self.train.load(reference=reference, device=device)
+        """The policy this round ended with (`policy_checkpoint`)."""
+        return self.train.load(self.policy_checkpoint, reference=reference, device=device)

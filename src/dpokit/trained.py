@@ -50,6 +50,10 @@ class Trained:
     """bf16 autocast for its forward passes (as trained)."""
     layout: object = None
     """The batch layout scoring uses (batching.Layout; every layout gives the same numbers)."""
+    start_config: Config | None = None
+    """The config that names where the policy's training started (an iterate run's own for its rounds)."""
+    interpolation: object = field(default=None, repr=False)
+    """interpolation.Interpolation, once `interpolate` was called."""
 
     @property
     def is_lora(self) -> bool:
@@ -80,6 +84,21 @@ class Trained:
         texts = [[s.completion for s in row] if n > 1 else row[0].completion for row in drawn]
         return texts[0] if single else texts
 
+    @property
+    def lam(self) -> float:
+        """Where the policy is between its start (0) and as trained (1): see `interpolate`."""
+        return self.interpolation.lam if self.interpolation is not None else 1.0
+
+    def interpolate(self, lam: float) -> Trained:
+        """Set the policy, in place, to theta0 + lam (theta - theta0) between the model its training started
+        from (lam = 0) and as trained (lam = 1), WARP's LITI (interpolation.py); any later lam restarts from
+        the trained weights. LoRA: the adapter scaled by lam; full fine-tuning: the starting model is loaded
+        once and each weight interpolated. Returns self."""
+        if self.interpolation is None:
+            self.interpolation = _toward_start(self)
+        self.interpolation.set(lam)
+        return self
+
     def merged(self):
         """The policy as one plain causal LM: a LoRA adapter merged into its base (PEFT's merge)."""
         if not self.is_lora:
@@ -107,6 +126,8 @@ def load_trained(
         trained = _load_from_run(run, folder)
     if bf16 is not None:
         trained.bf16 = bf16
+    origin = target if isinstance(target, Run) else Run(target)
+    trained.start_config = origin.config if origin.exists and origin.is_iterate else trained.config
     trained.model = trained.model.to(device).eval().requires_grad_(False)
     if reference:
         trained.reference = _reference(trained, reference, device)
@@ -149,7 +170,7 @@ def _locate(target, checkpoint) -> tuple[Run | None, Path | None]:
                 raise UsageError(
                     f"{run.path}: an iterate run with no finished round yet: nothing trained to load"
                 )
-            return _locate(done[-1].train, checkpoint)
+            return _locate(done[-1].train, done[-1].policy_checkpoint if checkpoint is None else checkpoint)
         folder = run.checkpoint(checkpoint)
         if checkpoint is None and not (run.summary or {}).get("checkpoint"):
             log.warning(
@@ -242,6 +263,32 @@ def _reference(trained: Trained, reference: bool | str, device: str):
                 cfg.model.attn_implementation,
             )
     return Reference.separate(ref_model.to(device), chunk, bf16)
+
+
+def _toward_start(trained: Trained):
+    """The Interpolation of a loaded policy toward the model its training started from."""
+    from dpokit.interpolation import Interpolation
+
+    cfg = trained.start_config
+    base = trained.model.get_base_model() if trained.is_lora else trained.model
+    if type(base).__name__.endswith("ForSequenceClassification"):
+        raise UsageError(f"{trained.source}: a reward model; interpolation is for policies")
+    if trained.is_lora:
+        if cfg is not None and cfg.model.adapter and cfg.model.adapter_mode == "continue":
+            raise UsageError(
+                f"{trained.source}: its training continued the adapter {cfg.model.adapter!r}, so scaling the "
+                "adapter would interpolate toward the base, not toward where it started. Interpolate the iterate "
+                "run dir (its rounds start from its model), or train with model.adapter_mode=merge"
+            )
+        return Interpolation(trained.model, None)
+    if cfg is None:
+        raise UsageError(
+            f"{trained.source}: a fully fine-tuned model outside a run: the model it started from is unknown, "
+            "so there is nothing to interpolate toward; give its run dir"
+        )
+    device = next(trained.model.parameters()).device
+    start = load_start(cfg, device=str(device)).merged()
+    return Interpolation(trained.model, dict(start.named_parameters()))
 
 
 def _network(reference):

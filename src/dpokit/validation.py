@@ -119,6 +119,12 @@ def _iterate_problems(cfg: Config) -> list[str]:
         (it.length_penalty >= 0, f"iterate.length_penalty={it.length_penalty}: must be >= 0"),
         (it.eval_num_prompts >= 0, f"iterate.eval_num_prompts={it.eval_num_prompts}: must be >= 0"),
         (it.eval_samples >= 1, f"iterate.eval_samples={it.eval_samples}: must be >= 1"),
+        (it.lr_decay > 0, f"iterate.lr_decay={it.lr_decay}: must be > 0"),
+        (it.kl_budget >= 0, f"iterate.kl_budget={it.kl_budget}: must be >= 0 (0 = no limit)"),
+        (
+            not it.kl_budget or bool(it.eval_prompts),
+            "iterate.kl_budget is measured on held-out prompts: give iterate.eval_prompts too",
+        ),
         (bool(it.reward or it.judge), "iterate.reward and iterate.judge are both empty: give one"),
     ]
     p += [msg for ok, msg in checks if not ok]

@@ -105,10 +105,16 @@ def record_of(e: PreferenceExample) -> dict:
 
 
 def split_file(
-    spec, out: Path, fractions: dict[str, float], seed: int = 0, skip_invalid: bool = False
+    spec,
+    out: Path,
+    fractions: dict[str, float],
+    seed: int = 0,
+    skip_invalid: bool = False,
+    chat: bool = False,
 ) -> dict:
     """`dpokit data split`: the pairs of `spec` in parts by prompt (no prompt in two parts), each written
-    to OUT/NAME.jsonl as records; returns {name: (prompts, pairs)}."""
+    to OUT/NAME.jsonl as records; `chat`: Anthropic HH transcripts written as chat messages (a chat model's
+    template then frames them). Returns {name: (prompts, pairs)}."""
     from dpokit.data import load_examples, prompt_key, split_parts
     from dpokit.files import write_jsonl
 
@@ -116,9 +122,22 @@ def split_file(
     Path(out).mkdir(parents=True, exist_ok=True)
     counts = {}
     for name, part in split_parts(examples, fractions, seed).items():
-        write_jsonl(Path(out) / f"{name}.jsonl", [record_of(e) for e in part])
+        rows = [record_of(e) for e in part]
+        write_jsonl(Path(out) / f"{name}.jsonl", [as_chat(row) for row in rows] if chat else rows)
         counts[name] = (len({prompt_key(e) for e in part}), len(part))
     return counts
+
+
+def as_chat(row: dict) -> dict:
+    """A record whose prompt is an Anthropic HH transcript, with the prompt as chat messages and each
+    completion as the assistant's answer (stripped); other records as they are."""
+    from dpokit.data.messages import transcript_messages
+
+    turns = transcript_messages(row["prompt"]) if isinstance(row["prompt"], str) else None
+    if turns is None or turns[-1]["role"] != "user":
+        return row
+    answers = {k: row[k].strip() if isinstance(row[k], str) else row[k] for k in ("chosen", "rejected")}
+    return {**row, "prompt": turns, **answers}
 
 
 @dataclass

@@ -7,6 +7,7 @@ kept for the chat template and written back out by `dpokit data filter`."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from dpokit.data.readers import DataError
@@ -161,3 +162,22 @@ def has_tools(example) -> bool:
         isinstance(side, list) and any(m.get("tool_calls") or m["role"] == "tool" for m in side)
         for side in sides
     )
+
+
+TRANSCRIPT_TURN = re.compile(r"\n\n(Human|Assistant):")
+"""A turn of an Anthropic HH transcript ("\n\nHuman: ...\n\nAssistant: ...")."""
+
+
+def transcript_messages(text: str) -> list[Message] | None:
+    """An Anthropic HH transcript as chat messages (Human: user, Assistant: assistant, each stripped; the
+    empty assistant turn a prompt ends with left out); None for text that does not start with a turn."""
+    parts = TRANSCRIPT_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    turns = [
+        {"role": "user" if role == "Human" else "assistant", "content": content.strip()}
+        for role, content in zip(parts[1::2], parts[2::2], strict=True)
+    ]
+    if turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
+        turns.pop()
+    return turns or None
