@@ -78,6 +78,51 @@ def test_every_layout_reads_the_score_where_transformers_does(tiny_model_dir, ti
         assert got.tolist() == pytest.approx(want, abs=1e-5), layout
 
 
+def test_model_reward_scores_chat_samples_as_the_reward_model_trained_on_them(
+    tmp_path, tiny_model_dir, tiny_tokenizer
+):
+    """Round and eval samples of a chat prompt reach `model:PATH` as messages: its score is the trained score
+    of (prompt through the chat template, the completion as the assistant's message), not the score of some
+    other text; other rewards get the prompt as the text the policy continued (with the assistant header)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from dpokit.rewards import get_reward, score_samples
+
+    config = AutoConfig.from_pretrained(str(tiny_model_dir), num_labels=1)
+    config.pad_token_id = tiny_tokenizer.pad_token_id
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(config).eval()
+    model.save_pretrained(tmp_path / "rm")
+    tiny_tokenizer.save_pretrained(tmp_path / "rm")
+    prompt = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yes?"},
+        {"role": "user", "content": "a colour"},
+    ]
+    answers = ["Blue.", "I will not say one, because colours are a matter of taste"]
+    examples = [
+        PreferenceExample(
+            prompt,
+            [{"role": "assistant", "content": a}],
+            [{"role": "assistant", "content": "x"}],
+            where="f:line 0",
+        )
+        for a in answers
+    ]
+    pairs, _ = tokenize_pairs(examples, tiny_tokenizer, 256, 128)
+    with torch.no_grad():
+        want = [float(model(torch.tensor([p.prompt_ids + p.chosen_ids])).logits[0, 0]) for p in pairs]
+    reward = get_reward(f"model:{tmp_path / 'rm'}")
+    assert score_samples(reward, [prompt, prompt], answers, tiny_tokenizer) == pytest.approx(want, abs=1e-5)
+    seen = []
+    length = get_reward("length")
+    assert score_samples(lambda p, c: seen.extend(p) or length(p, c), [prompt], ["abc"], tiny_tokenizer) == [
+        3.0
+    ]
+    assert seen == [tiny_tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)]
+
+
 def rm_settings(run_dir, **extra) -> dict:
     return {
         "data.eval_fraction": 0.25,

@@ -31,6 +31,7 @@ from dpokit.metrics import PairMetrics
 from dpokit.objective import Objective
 from dpokit.progress import Progress
 from dpokit.reference import Reference, eval_mode
+from dpokit.rewards import score_samples
 from dpokit.trained import Trained
 
 
@@ -147,17 +148,13 @@ def generation_metrics(
         with c.reference.module() as ref_model:
             reference_samples = sample(ref_model, tok, prompts, n, settings, progress, "reference samples")
     ref = [row[:n] for row in reference_samples]
-    flat_prompts = [
-        p if isinstance(p, str) else tok.apply_chat_template(p, tokenize=False)
-        for p in prompts
-        for _ in range(n)
-    ]
-    r_pol = torch.tensor(reward(flat_prompts, [s.completion for row in pol for s in row])).view(
-        len(prompts), n
-    )
-    r_ref = torch.tensor(reward(flat_prompts, [s.completion for row in ref for s in row])).view(
-        len(prompts), n
-    )
+    flat_prompts = [p for p in prompts for _ in range(n)]
+    r_pol = torch.tensor(
+        score_samples(reward, flat_prompts, [s.completion for row in pol for s in row], tok)
+    ).view(len(prompts), n)
+    r_ref = torch.tensor(
+        score_samples(reward, flat_prompts, [s.completion for row in ref for s in row], tok)
+    ).view(len(prompts), n)
     pad = tok.pad_token_id
     lp_pol = sequence_logps(c.model, pol, pad, bf16=c.bf16)
     with c.reference.module() as ref_model:

@@ -86,7 +86,8 @@ def regex(pattern: str) -> RewardFn:
 
 
 def reward_model(spec: str, batch_size: int = 16, device: str | None = None) -> RewardFn:
-    """A local sequence-classification model; scores the prompt + completion text."""
+    """A local sequence-classification model; scores prompt + completion as a reward model trains on them
+    (`trained_ids`)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -115,20 +116,60 @@ def reward_model(spec: str, batch_size: int = 16, device: str | None = None) -> 
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
 
-    eos = tokenizer.eos_token or ""
+    limit = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else None
 
     @torch.no_grad()
     def score(prompts, completions):
-        out = []
-        # as a reward model trains (dpokit train-rm, TRL's RewardTrainer): prompt + completion + EOS
-        texts = [p + c if c.endswith(eos) else p + c + eos for p, c in zip(prompts, completions, strict=True)]
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True)
-            logits = model(**{k: v.to(model.device) for k, v in enc.items()}).logits
-            out += logits[:, index].float().tolist()
+        ids = [
+            trained_ids(p, c, tokenizer)[-limit if limit else 0 :]
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # batches of like lengths: less padding
+        out = [0.0] * len(ids)
+        for start in range(0, len(ids), batch_size):
+            rows = order[start : start + batch_size]
+            chunk = [ids[i] for i in rows]
+            width = max(map(len, chunk))
+            input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in chunk])
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk])
+            logits = model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device)).logits
+            for i, value in zip(rows, logits[:, index].float().tolist(), strict=True):
+                out[i] = value
         return out
 
+    score.reads_messages = True
     return score
+
+
+def trained_ids(prompt, completion: str, tokenizer) -> list[int]:
+    """The tokens a reward model scores for prompt + completion, as `dpokit train-rm` (and TRL's
+    RewardTrainer) formed them in training: a chat prompt (messages) through the chat template with the
+    completion as the assistant's message; a text prompt as prompt + completion + EOS."""
+    from dpokit.tokenize import encode_completion, encode_prompt
+
+    if isinstance(prompt, list):
+        prompt_ids = encode_prompt(prompt, tokenizer)
+        answer = [{"role": "assistant", "content": completion}]
+        return prompt_ids + encode_completion(prompt, prompt_ids, answer, tokenizer, "reward", "completion")
+    eos = tokenizer.eos_token or ""
+    return tokenizer(prompt + completion if completion.endswith(eos) else prompt + completion + eos)[
+        "input_ids"
+    ]
+
+
+def prompt_texts(prompts: list, tokenizer) -> list[str]:
+    """Prompts as text: chat messages through the policy's chat template, up to the assistant's header (the
+    text the policy continued)."""
+    from dpokit.tokenize import render
+
+    return [p if isinstance(p, str) else render(tokenizer, p, add_generation_prompt=True) for p in prompts]
+
+
+def score_samples(reward: RewardFn, prompts: list, completions: list[str], tokenizer) -> list[float]:
+    """`reward` of each completion of its prompt: a reward model (`model:PATH`) gets chat prompts as messages
+    and scores them as it was trained; any other reward gets the prompts as text (`prompt_texts`)."""
+    reads_messages = getattr(reward, "reads_messages", False)
+    return reward(prompts if reads_messages else prompt_texts(prompts, tokenizer), completions)
 
 
 def user_function(spec: str, kind: str = "reward", near: tuple = ()):
@@ -227,6 +268,8 @@ def _checked(spec: str, fn: RewardFn) -> RewardFn:
                 f"reward {spec!r} returned {len(returned)} scores for {len(completions)} completions"
             )
         return [checked_number(f"reward {spec!r}", v, i, completions[i]) for i, v in enumerate(returned)]
+
+    score.reads_messages = getattr(fn, "reads_messages", False)
 
     return score
 

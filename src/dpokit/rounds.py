@@ -39,7 +39,7 @@ from dpokit.files import read_jsonl, write_jsonl
 from dpokit.generate import Sample, SamplingSettings, sample, sequence_logps
 from dpokit.interpolation import between
 from dpokit.pairing import judge_scores, make_pairs, pair_stats, penalized
-from dpokit.rewards import as_judge, as_reward
+from dpokit.rewards import as_judge, as_reward, prompt_texts, score_samples
 from dpokit.rundir import Run, with_run_dir
 from dpokit.stopping import StopSignals
 from dpokit.trained import Trained, load_start, load_trained
@@ -164,13 +164,15 @@ class Iteration:
         done = self.run.round(r).read("scores")
         if done is not None:
             return done
-        texts = [self.prompt_text(s["prompt"]) for s in samples]
         if self.judge is not None:
+            texts = prompt_texts([s["prompt"] for s in samples], self.tokenizer)
             raw = [judge_scores(self.judge, t, s["completions"]) for t, s in zip(texts, samples, strict=True)]
         else:
-            flat = self.reward(
-                [t for t, s in zip(texts, samples, strict=True) for _ in s["completions"]],
+            flat = score_samples(
+                self.reward,
+                [s["prompt"] for s in samples for _ in s["completions"]],
                 [c for s in samples for c in s["completions"]],
+                self.tokenizer,
             )
             k = self.it.samples_per_prompt
             raw = [flat[i * k : (i + 1) * k] for i in range(len(samples))]
@@ -398,11 +400,6 @@ class Iteration:
             for a, b in zip(now["reward_policy"], before[key], strict=True)
         ]
         return sum(wins) / len(wins)
-
-    def prompt_text(self, prompt) -> str:
-        return (
-            prompt if isinstance(prompt, str) else self.tokenizer.apply_chat_template(prompt, tokenize=False)
-        )
 
     def run_round(self, r: int, stop: StopSignals | None = None) -> RoundResult:
         """Round r, or what is left of it; a stop signal ends the round after its current phase (which is
