@@ -93,11 +93,21 @@ def workspace(tmp_path_factory, tiny_model_dir, tiny_lora_run):
 def argv_of(command: str, tiny_model_dir, index: int) -> list[str]:
     argv = command.split()
     argv = argv[1:]  # `dpokit` or `.venv/bin/dpokit`
-    if argv[0] == "train" and "--help" not in argv and "--resume" not in argv:
-        argv += [f"model.name={tiny_model_dir}", *FAST_TRAIN, f"train.run_dir=runs/doc-{index}"]
+    if argv[0] in ("train", "train-rm") and "--help" not in argv and "--resume" not in argv:
+        argv += [f"model.name={tiny_model_dir}", *FAST_TRAIN]
+        if not named_run_dir(argv):  # a config that names its run dir keeps it: later commands read it
+            argv.append(f"train.run_dir=runs/doc-{index}")
     if argv[0] == "iterate" and "--help" not in argv and "--resume" not in argv:
         argv += [f"model.name={tiny_model_dir}", *TINY_ITERATE]  # the command's own run dir: --resume uses it
     return argv
+
+
+def named_run_dir(argv: list[str]) -> bool:
+    import yaml
+
+    config = ROOT / argv[1] if argv[1].endswith(".yaml") else None
+    named = config and (yaml.safe_load(config.read_text()).get("train") or {}).get("run_dir")
+    return bool(named) or any(a.startswith("train.run_dir=") for a in argv)
 
 
 def shown_lines_appear(shown: list[str], printed: str) -> None:
@@ -138,7 +148,8 @@ def test_every_doc_command_is_collected():
     """The collector sees the examples (a broken fence would silently skip them all)."""
     names = [c for _, c, _ in COMMANDS]
     assert any(c.startswith(".venv/bin/dpokit train configs/tiny.yaml") for c in names)
-    assert sum(c.startswith("dpokit eval") for c in names) == 3  # docs/evaluation.md
+    assert sum(c.startswith("dpokit eval") and d == "evaluation.md" for d, c, _ in COMMANDS) == 4
+    assert any(c.startswith("dpokit train-rm configs/hh_rm.yaml") for c in names)  # docs/reward_models.md
     assert any(c.startswith("dpokit data check") for c in names)
 
 

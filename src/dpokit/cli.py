@@ -263,8 +263,8 @@ def add_eval_parser(sub) -> None:
         "--lambda",
         dest="lambdas",
         metavar="L1,L2,...",
-        help="also measure the policy interpolated toward where its training started, at each lambda (0 = the "
-        "start, 1 = as trained): a reward-KL curve from one run",
+        help="measure the policy interpolated toward where its training started at each of these lambdas (0 = "
+        "the start, 1 = as trained; list 1 to include the run itself): a reward-KL curve from one run",
     )
     docs, hints = field_docs(api.EvalSettings), typing.get_type_hints(api.EvalSettings)
     for f in dataclasses.fields(api.EvalSettings):
