@@ -191,6 +191,7 @@ def report(tool: str, result: dict, figures: dict) -> None:
         "reward/reference",
         "reward/gain_length_controlled",
         "win_rate",
+        "win_rate/initial",
         "kl/sequence",
         "length/policy",
         "finished/policy",
