@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 
@@ -57,3 +58,32 @@ def tiny_lora_run(tiny_model_dir, tmp_path_factory):
     return train(
         load_cfg(tiny_model_dir, out, "train.save_final=true", "train.lr=5e-3", "train.checkpoint_every=1")
     )
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's chromium, headless, driven through chromedriver (selenium); its console log is kept."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(
+                "CI=true but chromium / chromedriver are missing (make test installs Debian's chromium)"
+            )
+        pytest.skip("Debian's chromium and chromium-driver are not installed (`make browser`)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+    ):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    drv = webdriver.Chrome(service=Service(driver), options=options)
+    yield drv
+    drv.quit()

@@ -4,8 +4,6 @@ agreeing with dpokit.losses. Also: the log-ratio samples of held-out pairs and t
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -131,34 +129,6 @@ def test_report_cli_and_errors(run_dir, tmp_path, capsys):
     assert main(["report", str(run_dir), "--out", str(out)]) == 0 and out.is_file()
     assert main(["report", str(tmp_path)]) == 2
     assert "nothing to report" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def browser():
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(
-                "CI=true but chromium / chromedriver are missing (make test installs Debian's chromium)"
-            )
-        pytest.skip("Debian's chromium and chromium-driver are not installed (`make browser`)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1400,1000",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    drv = webdriver.Chrome(service=Service(driver), options=options)
-    yield drv
-    drv.quit()
 
 
 def _set_slider(drv, element_id: str, value: float) -> None:

@@ -11,6 +11,7 @@ See docs/python.md. Importing dpokit loads no model code (torch is imported when
 
 from importlib import metadata as _metadata
 
+from dpokit import labels
 from dpokit.api import (
     EvalSettings,
     Evaluation,
@@ -67,6 +68,7 @@ __all__ = [
     "export",
     "filter",
     "iterate",
+    "labels",
     "load",
     "precompute_ref",
     "split",

@@ -13,6 +13,7 @@ import typing
 from dpokit import api, launch
 from dpokit.config import ConfigError, DataConfig, field_docs, help_text, parse_overrides
 from dpokit.errors import DataError, DpokitError, Interrupted
+from dpokit.labels.cli import add_label_parser, cmd_label
 from dpokit.modelcard import version
 from dpokit.validation import DEDUPLICATE
 
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parsers(sub)
     add_demo_parser(sub)
     add_eval_parser(sub)
+    add_label_parser(sub)
     ex = sub.add_parser(
         "export",
         help="merge a run's policy into a plain Hugging Face folder; optionally a GGUF + Ollama Modelfile",
@@ -496,6 +498,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "report": cmd_report,
     "export": cmd_export,
+    "label": cmd_label,
 }
 
 

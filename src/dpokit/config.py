@@ -270,7 +270,14 @@ class IterateConfig:
     (rewards.py). With a judge, it scores the held-out evaluation only."""
     judge: str = ""
     """Pairwise judge `module:function(prompt, a, b) -> P(a better than b)` in [0, 1]; a sample's score is
-    its mean win probability against the prompt's other samples."""
+    its mean win probability against the prompt's other samples. `human`: people choose on the labeling page
+    (`dpokit label`), which the round serves while it waits for their votes."""
+    label_overlap: int = 1
+    """iterate.judge=human: annotators who label each comparison."""
+    label_host: str = "127.0.0.1"
+    """iterate.judge=human: the labeling page's address (others than loopback need $DPOKIT_LABEL_TOKEN)."""
+    label_port: int = 8765
+    """iterate.judge=human: the labeling page's port (0 = any free one; the log says which)."""
     pairing: str = "best_worst"
     """best_worst: one pair per prompt, the best against the worst sample; all_pairs: every pair of samples
     whose scores differ by more than min_score_gap."""

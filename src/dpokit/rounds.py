@@ -38,6 +38,8 @@ from dpokit.evaluation import generation_metrics
 from dpokit.files import read_jsonl, write_jsonl
 from dpokit.generate import Sample, SamplingSettings, sample, sequence_logps
 from dpokit.interpolation import between
+from dpokit.labels.judge import HUMAN, add_round, human_scores, wait_for_labels
+from dpokit.labels.store import Store
 from dpokit.pairing import judge_scores, make_pairs, pair_stats, penalized
 from dpokit.rewards import as_judge, as_reward, prompt_texts, score_samples
 from dpokit.rundir import Run, with_run_dir
@@ -97,13 +99,15 @@ class Iteration:
             else []
         )
         # `near`: where a module:function may lie besides sys.path (the config file's folder)
-        self.judge = as_judge(judge or it.judge, near) if (judge or it.judge) else None
+        self.human = judge is None and it.judge == HUMAN
+        self.judge = as_judge(judge or it.judge, near) if (judge or it.judge) and not self.human else None
         self.reward = as_reward(reward or it.reward, near) if (reward or it.reward) else None
         self.model_path = models.resolve_model_path(cfg.model.name)
         self.tokenizer = models.load_tokenizer(
             self.model_path, cfg.model.trust_remote_code, cfg.data.chat_template
         )
         self.callbacks: list = []
+        self.stop: StopSignals | None = None
         """Called with every step record of every round's training (the API's callbacks)."""
 
     def checkpoint(self, r: int) -> Path | None:
@@ -164,7 +168,9 @@ class Iteration:
         done = self.run.round(r).read("scores")
         if done is not None:
             return done
-        if self.judge is not None:
+        if self.human:
+            raw = self.human_scores(r, samples)
+        elif self.judge is not None:
             texts = prompt_texts([s["prompt"] for s in samples], self.tokenizer)
             raw = [judge_scores(self.judge, t, s["completions"]) for t, s in zip(texts, samples, strict=True)]
         else:
@@ -188,6 +194,14 @@ class Iteration:
         ]
         self.run.round(r).write("scores", records)
         return records
+
+    def human_scores(self, r: int, samples: list[dict]) -> list[list[float]]:
+        """iterate.judge=human: round r's comparisons in the run's labeling folder, served until labeled."""
+        store = Store(self.run.labels, create=True)
+        store.set_setting("overlap", self.it.label_overlap)
+        add_round(store, r, samples)
+        wait_for_labels(store, r, self.it, self.stop, self.resume_hint())
+        return human_scores(store, r, samples)
 
     def pair_round(self, r: int, samples: list[dict], scores: list[dict]) -> dict:
         done = self.run.round(r).read("pair_stats")
@@ -408,6 +422,7 @@ class Iteration:
         if round_.done:
             return RoundResult(r, round_.path, round_.summary)
         round_.path.mkdir(parents=True, exist_ok=True)
+        self.stop = stop
         between = (lambda phase: self.stop_after(phase, r, stop)) if stop else (lambda phase: None)
         samples = self.sample_round(r)
         between("sampling")

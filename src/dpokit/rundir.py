@@ -416,6 +416,11 @@ class Run:
         return Round(self, r)
 
     @property
+    def labels(self) -> Path:
+        """The folder of an iterate run's labeling database (iterate.judge=human; labels/store.py)."""
+        return self.path / "labels"
+
+    @property
     def iterate_summary(self) -> dict | None:
         """iterate.json: every finished round's summary."""
         return read_json(self.path / self.ITERATE)

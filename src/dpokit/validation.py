@@ -137,8 +137,10 @@ def _iterate_problems(cfg: Config) -> list[str]:
             "iterate.eval_prompts with a judge and no iterate.reward: the held-out evaluation scores each "
             "completion; give iterate.reward too, or leave iterate.eval_prompts empty"
         )
-    if it.judge and ":" not in it.judge:
-        p.append(f"iterate.judge={it.judge!r}: expected module:function")
+    if it.judge and ":" not in it.judge and it.judge != "human":
+        p.append(f"iterate.judge={it.judge!r}: expected module:function, or human (the labeling page)")
+    if it.label_overlap < 1:
+        p.append(f"iterate.label_overlap={it.label_overlap}: annotators per comparison, at least 1")
     if cfg.model.adapter or cfg.model.reference:
         p.append(
             "model.adapter / model.reference are set per round by `dpokit iterate` (iterate.reference chooses "

@@ -246,6 +246,9 @@ def _pair_stats(examples, tokenizer, threshold: float) -> dict:
         "length": _length_bias(examples, diffs),
     }
     out.update(_quality(examples))
+    annotators = _annotators([*examples, *ties])
+    if annotators:
+        out["annotators"] = annotators
     return out
 
 
@@ -272,6 +275,19 @@ def _length_bias(examples, diffs: list[int]) -> dict:
         "correlation": r,
         "correlation_basis": basis,
     }
+
+
+def _annotators(examples) -> dict | None:
+    """Named annotators' pairwise agreement (`dpokit label export --format votes`), ties included: for each
+    two, the share of the pairs both voted on where they voted the same (1, 2 or 0)."""
+    from dpokit.labels.results import agreement
+
+    votes = [
+        {"comparison": n, "annotator": who, "choice": str(vote)}
+        for n, e in enumerate(examples)
+        for who, vote in zip(e.meta.get("annotators") or [], e.meta.get("votes") or [], strict=False)
+    ]
+    return agreement(votes) if votes else None
 
 
 def _quality(examples) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,14 +155,21 @@ def _scores(where: str, record: dict) -> dict:
 
 
 def _votes(where: str, record: dict, weight: float) -> PreferenceExample:
-    """PandaLM style: instruction (+ input), response1, response2 and annotator votes
+    """PandaLM style: instruction (+ input) or prompt (text or chat messages: `dpokit label export
+    --format votes`), response1, response2 and annotator votes annotator1, annotator2, ...
     (1 = response1 better, 2 = response2 better, 0 = tie). The majority label over all votes decides
     ([1, 0, 0] is a tie); `agreement` is the share of annotators who voted with it. A tie (majority 0 or
     no strict majority) is a valid record with no preference: `meta["tie"]`, response1 as `chosen`; the
     filters drop it before training, counted."""
-    if not isinstance(record.get("instruction"), str):
-        raise DataError(where, "expected a string", "instruction")
-    vote_keys = sorted(k for k in record if k.startswith("annotator"))
+    if "prompt" in record:  # dpokit label's export: the prompt as text or chat messages
+        prompt = record["prompt"]
+        if isinstance(prompt, list):
+            prompt = msgs.messages(where, record, "prompt")
+        elif not (isinstance(prompt, str) and prompt.strip()):
+            raise DataError(where, "expected text or a list of chat messages", "prompt")
+    elif not isinstance(record.get("instruction"), str):
+        raise DataError(where, "expected a string (or a prompt field)", "instruction")
+    vote_keys = sorted(k for k in record if re.fullmatch(r"annotator\d+", k))
     if not vote_keys:
         raise DataError(
             where, "response1/response2 records need annotator votes (annotator1, ...)", "annotator1"
@@ -174,17 +182,32 @@ def _votes(where: str, record: dict, weight: float) -> PreferenceExample:
     counts = sorted(((votes.count(v), v) for v in (0, 1, 2)), reverse=True)
     (top, label), (second, _) = counts[0], counts[1]
     tie = label == 0 or top == second
-    text = record["instruction"]
-    if isinstance(record.get("input"), str) and record["input"].strip():
-        text += "\n\n" + record["input"]
+    if "prompt" in record:
+        text = prompt
+    else:
+        text = record["instruction"]
+        if isinstance(record.get("input"), str) and record["input"].strip():
+            text += "\n\n" + record["input"]
     # some responses are JSON booleans (`true`): take their text
     responses = [str(record[k]) if record[k] is not None else "" for k in ("response1", "response2")]
     better, worse = (1, 0) if label == 2 and not tie else (0, 1)
     for i in (better, worse):
         _need_nonempty(where, responses[i], f"response{i + 1}")
     meta = {"agreement": top / len(votes), "votes": votes, **({"tie": True} if tie else {})}
+    names = record.get("annotator_names")
+    if names is not None:
+        index = [int(k.removeprefix("annotator")) - 1 for k in vote_keys]
+        if not (
+            isinstance(names, list)
+            and all(isinstance(n, str) for n in names)
+            and sorted(index) == list(range(len(names)))
+        ):
+            raise DataError(
+                where, f"expected {len(votes)} names, the Nth for the annotatorN field", "annotator_names"
+            )
+        meta["annotators"] = [names[i] for i in index]
     return PreferenceExample(
-        [{"role": "user", "content": text}],
+        text if isinstance(text, list) else [{"role": "user", "content": text}],
         [{"role": "assistant", "content": responses[better]}],
         [{"role": "assistant", "content": responses[worse]}],
         weight,

@@ -71,6 +71,10 @@ def render(report: dict, console) -> None:
                 "annotator agreement",
                 ", ".join(f"{k}: {v}" for k, v in ag["distribution"].items()) + f" (mean {ag['mean']:.3f})",
             )
+        for who, ag in (report.get("annotators") or {}).get("annotators", {}).items():
+            t.add_row(
+                f"  {who}", f"agrees with the others on {ag['agreement']:.3f} of {ag['shared']} shared votes"
+            )
         if "score_gap" in report:
             sg = report["score_gap"]
             t.add_row(
