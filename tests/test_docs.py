@@ -23,6 +23,12 @@ NOT_RUN = {
     "python -m torch.distributed.run --nnodes 2 --node-rank 0 --nproc-per-node 1 --master-addr 10.0.0.1 --master-port 29500 -m dpokit.cli train configs/hh_lora.yaml": "needs a second machine; run as 2 nodes x 1 process on 127.0.0.1 in tests/test_distributed.py",
     "accelerate launch --config_file configs/accelerate/ddp.yaml --num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1 --main_process_port 29500 -m dpokit.cli train configs/hh_lora.yaml": "GPUs on two machines; the same launch through torch.distributed.run runs in tests/test_distributed.py",
 }
+NOT_RUN[
+    "dpokit iterate configs/iterate.yaml iterate.judge=human iterate.samples_per_prompt=2 iterate.eval_prompts="
+] = (
+    "waits for people: tests/test_label_browser.py runs iterate.judge=human on the tiny model, votes cast "
+    "through the page's API, stopped and resumed"
+)
 FAST_TRAIN = ("train.max_steps=2", "data.limit=24", "train.progress=false", "eval.batch_size=8")
 
 
@@ -85,6 +91,13 @@ def workspace(tmp_path_factory, tiny_model_dir, tiny_lora_run):
             work / "path" / "to" / "reward-model"
         )
     tokenizer.save_pretrained(work / "path" / "to" / "reward-model")
+    write_jsonl(
+        work / "samples.jsonl",
+        [
+            {"prompt": f"Question {i}?", "completions": [f"yes {i}", f"no {i}", f"maybe {i}"]}
+            for i in range(4)
+        ],
+    )
     for run in ("my-run", "20261127-071002"):  # the shared tiny LoRA run: step checkpoints and a final one
         copy_run(tiny_lora_run, work / "runs" / run)
     return work
@@ -100,6 +113,51 @@ def argv_of(command: str, tiny_model_dir, index: int) -> list[str]:
     if argv[0] == "iterate" and "--help" not in argv and "--resume" not in argv:
         argv += [f"model.name={tiny_model_dir}", *TINY_ITERATE]  # the command's own run dir: --resume uses it
     return argv
+
+
+def serve_and_label(argv: list[str], tiny_model_dir) -> None:
+    """A `dpokit label serve` command: run as a process (the embedded model swapped for the tiny one, any free
+    port), the printed link opened, every comparison labeled through the page's API (the longer completion
+    wins), then stopped with Ctrl-C: it exits 0 and prints the annotators."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    argv = [str(tiny_model_dir) if a == "smollm2-135m-instruct" else a for a in argv] + ["--port", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dpokit.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = next(m.group(1) for line in proc.stdout if (m := re.search(r"open (http://\S+)", line)))
+        token = url.partition("?token=")[2]
+
+        def call(path, body=None):
+            req = urllib.request.Request(
+                url.split("?")[0] + path, None if body is None else json.dumps(body).encode()
+            )
+            req.add_header("X-Dpokit-Token", token)
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return json.loads(resp.read())
+
+        assert urllib.request.urlopen(url, timeout=30).status == 200
+        assert call("api/stats")["comparisons"] > 0
+        shown = call("api/next?annotator=docs")  # nothing left when an earlier command labeled the folder
+        while shown["comparison"] is not None:
+            c = shown["comparison"]
+            choice = "left" if len(c["left"]) >= len(c["right"]) else "right"
+            shown = call(
+                "api/vote", {"annotator": "docs", "comparison": c["id"], "choice": choice, "comment": ""}
+            )
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=30)[0]
+        assert proc.returncode == 0 and "docs:" in out and "Traceback" not in out, out
+    finally:
+        proc.kill()
 
 
 def named_run_dir(argv: list[str]) -> bool:
@@ -137,6 +195,9 @@ def test_documented_command_runs_as_written(
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 0
+        return
+    if argv[:2] == ["label", "serve"]:
+        serve_and_label(argv, tiny_model_dir)
         return
     expect_error = any("error:" in line for line in shown)
     assert main(argv) == (2 if expect_error else 0), capsys.readouterr().err

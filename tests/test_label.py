@@ -117,7 +117,10 @@ def test_exports_read_back_as_dpokit_data(tmp_path, capsys):
     examples, stats = load_examples(str(tmp_path / "votes.jsonl"))
     kept = {e.prompt[0]["content"]: e for e in examples}
     ties = {p for p, e in kept.items() if e.meta.get("tie")}
-    assert ties == {"prompt 1", "prompt 3"}  # the split and the tie carry no preference: dropped before training
+    assert ties == {
+        "prompt 1",
+        "prompt 3",
+    }  # the split and the tie carry no preference: dropped before training
     assert kept["prompt 2"].meta["votes"] == [2, 2] and kept["prompt 2"].meta["annotators"] == ["ann", "bob"]
     assert main(["data", "check", str(tmp_path / "votes.jsonl"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
