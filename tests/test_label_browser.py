@@ -283,8 +283,12 @@ def test_people_judge_a_round_stopped_and_resumed(tmp_path, tiny_model_dir):
     assert proc.wait(timeout=60) == 130, out
     assert "5 of 9 comparisons wait for labels" in out and "dpokit iterate --resume" in out
     assert not (stopped / "rounds" / "1" / "scores.jsonl").exists()
+    proc, url = start(["label", "serve", str(stopped), "--port", "0"])  # labels come in while the run is stopped
+    assert vote_longer(url, limit=2) == 2
+    proc.kill()
+    proc.wait()
     proc, url = start(["iterate", "--resume", str(stopped)])
-    assert vote_longer(url) == 5
+    assert vote_longer(url) == 3
     assert proc.wait(timeout=300) == 0, proc.stdout.read()
 
     for name in ("samples.jsonl", "scores.jsonl", "pairs.jsonl", "pair_stats.json"):
