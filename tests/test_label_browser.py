@@ -283,7 +283,9 @@ def test_people_judge_a_round_stopped_and_resumed(tmp_path, tiny_model_dir):
     assert proc.wait(timeout=60) == 130, out
     assert "5 of 9 comparisons wait for labels" in out and "dpokit iterate --resume" in out
     assert not (stopped / "rounds" / "1" / "scores.jsonl").exists()
-    proc, url = start(["label", "serve", str(stopped), "--port", "0"])  # labels come in while the run is stopped
+    proc, url = start(
+        ["label", "serve", str(stopped), "--port", "0"]
+    )  # labels come in while the run is stopped
     assert vote_longer(url, limit=2) == 2
     proc.kill()
     proc.wait()
