@@ -65,20 +65,10 @@ def cmd_label(args, flags) -> None:
     token = args.token if args.token is not None else os.environ.get(labels.TOKEN_ENV, "")
     from dpokit.labels.app import bind
 
-    bind(
-        args.host, args.port, token
-    ).close()  # a busy port or a missing token: said before anything is written
-    added = labels.prepare(
-        args.folder,
-        data=args.data,
-        model=args.model,
-        prompts=args.prompts,
-        samples=args.samples,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-        num_prompts=args.num_prompts,
-        overlap=args.overlap,
-    )
+    # a busy port or a missing token is said before anything is written
+    bind(args.host, args.port, token).close()
+    given = ("data", "model", "prompts", "samples", "max_new_tokens", "seed", "num_prompts", "overlap")
+    added = labels.prepare(args.folder, **{name: getattr(args, name) for name in given})
     print(
         f"{added['folder']}: {added['comparisons']} comparisons ({added['new']} new; {added['identical']} pairs of "
         f"identical texts left out)"
