@@ -312,14 +312,14 @@ class Iteration:
             )
             log.warning(
                 "round %d: held-out KL %.2f nats is over iterate.kl_budget=%g: pulled back to lambda=%.4g between "
-                "round %d and its training (KL %.2f); round %d continues from there (%s)",
+                "round %d and its training (KL %.2f); %s from there (%s)",
                 r,
                 record["kl_before"],
                 budget,
                 lam,
                 r - 1,
                 record["kl"],
-                r + 1,
+                f"round {r + 1} continues" if r < self.it.rounds else "the run ends",
                 round_.pulled_path,
             )
         _fault("kl_budget", r)
