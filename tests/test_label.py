@@ -218,6 +218,16 @@ def test_api_votes_and_errors(served):
         with pytest.raises(urllib.error.HTTPError) as err:
             http(base + "api/vote", bad)
         assert err.value.code == status and "error" in json.loads(err.value.read())
+    form = urllib.request.Request(
+        base + "api/vote", data=b'{"annotator": "ann"}', headers={"Content-Type": "text/plain"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:  # what another site's page could send unasked
+        urllib.request.urlopen(form, timeout=30)
+    assert err.value.code == 400
+    rebound = urllib.request.Request(base + "api/stats", headers={"Host": f"evil.example:{server.port}"})
+    with pytest.raises(urllib.error.HTTPError) as err:  # DNS rebinding: another name for this address
+        urllib.request.urlopen(rebound, timeout=30)
+    assert err.value.code == 400
     page = urllib.request.urlopen(base, timeout=30).read().decode()
     assert "answer 0.0" not in page and "textContent" in page  # texts reach the page as JSON only
 

@@ -38,6 +38,7 @@ from dpokit.evaluation import generation_metrics
 from dpokit.files import read_jsonl, write_jsonl
 from dpokit.generate import Sample, SamplingSettings, sample, sequence_logps
 from dpokit.interpolation import between
+from dpokit.labels import TOKEN_ENV
 from dpokit.labels.judge import HUMAN, add_round, human_scores, wait_for_labels
 from dpokit.labels.store import Store
 from dpokit.pairing import judge_scores, make_pairs, pair_stats, penalized
@@ -100,6 +101,10 @@ class Iteration:
         )
         # `near`: where a module:function may lie besides sys.path (the config file's folder)
         self.human = judge is None and it.judge == HUMAN
+        if self.human:  # a busy port or a missing token: said now, not after a round's sampling
+            from dpokit.labels.app import bind
+
+            bind(it.label_host, it.label_port, os.environ.get(TOKEN_ENV, "")).close()
         self.judge = as_judge(judge or it.judge, near) if (judge or it.judge) and not self.human else None
         self.reward = as_reward(reward or it.reward, near) if (reward or it.reward) else None
         self.model_path = models.resolve_model_path(cfg.model.name)

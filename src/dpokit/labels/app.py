@@ -9,7 +9,8 @@
 
 The app holds no state: the database does (store.py). It opens no path a client names. Bound to a
 non-loopback address it needs an access token, sent as the `token` query parameter (the page's link) or the
-X-Dpokit-Token header (the page's requests).
+X-Dpokit-Token header (the page's requests). On loopback, a request must name a loopback host, and a POST
+must be JSON: another site's page can neither rebind a name to it nor send it a form.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ SIDES = {"left", "right", "tie", "both_bad", "skip"}
 MAX_NAME, MAX_COMMENT = 64, 2000
 
 
-def create_app(store: Store, token: str = "") -> Starlette:
+def create_app(store: Store, token: str = "", host: str = "127.0.0.1") -> Starlette:
+    """The app over `store`; `token`: required of every request when set; `host`: the address served (on
+    loopback, requests must name a loopback host: a page on another site cannot reach it by DNS rebinding)."""
     page = resources.files("dpokit").joinpath("assets/label.html").read_text(encoding="utf-8")
 
     async def index(request: Request) -> Response:
@@ -68,6 +71,8 @@ def create_app(store: Store, token: str = "") -> Starlette:
         Route("/api/stats", get_stats),
     ]
     middleware = [Middleware(_TokenCheck, token=token)] if token else []
+    if host in LOOPBACK:
+        middleware.insert(0, Middleware(_LoopbackHost))
     return Starlette(
         routes=routes,
         middleware=middleware,
@@ -88,6 +93,10 @@ async def _refused(request: Request, err: Exception) -> Response:
 
 
 async def _json(request: Request) -> dict:
+    # JSON only: a form or text/plain POST from another site's page (which a browser sends without asking
+    # this server first) is refused, so no other page can vote in an annotator's name
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        raise _Bad("expected Content-Type: application/json")
     try:
         body = await request.json()
     except ValueError:
@@ -134,6 +143,17 @@ def _vote(store: Store, who: str, cid: int, side: str, comment: str) -> dict:
     choice = {"left": left, "right": "b" if left == "a" else "a"}.get(side, side)
     stored = store.vote(who, cid, choice, comment)
     return {"stored": stored, **_next(store, who)}
+
+
+class _LoopbackHost(BaseHTTPMiddleware):
+    async def dispatch(self, request: Request, call_next):
+        host = request.headers.get("host", "")
+        name = host[: host.find("]") + 1] if host.startswith("[") else host.split(":")[0]
+        if name not in ("127.0.0.1", "localhost", "[::1]"):
+            return JSONResponse(
+                {"error": f"host {host!r}: this server answers on loopback only"}, status_code=400
+            )
+        return await call_next(request)
 
 
 class _TokenCheck(BaseHTTPMiddleware):

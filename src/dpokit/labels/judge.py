@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 
 from dpokit.errors import Interrupted
+from dpokit.labels import TOKEN_ENV
 from dpokit.labels.store import Store, pairs_of
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def wait_for_labels(store: Store, r: int, it, stop, resume_hint: str) -> None:
     left, total = store.open_count(r), len(store.comparisons(r))
     if not left:
         return
-    server = Server(store, it.label_host, it.label_port, os.environ.get("DPOKIT_LABEL_TOKEN", "")).start()
+    server = Server(store, it.label_host, it.label_port, os.environ.get(TOKEN_ENV, "")).start()
     try:
         log.info(
             "round %d: waiting for %d of %d comparisons to be labeled (%d annotator(s) each): open %s",

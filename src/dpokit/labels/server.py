@@ -22,7 +22,7 @@ class Server:
         self.host, self.port = host, self.sock.getsockname()[1]
         self.token = token
         config = uvicorn.Config(
-            create_app(store, token), log_level="warning", lifespan="off", access_log=False
+            create_app(store, token, host), log_level="warning", lifespan="off", access_log=False
         )
         self.server = uvicorn.Server(config)
         self.thread: threading.Thread | None = None
