@@ -80,6 +80,8 @@ def test_demo_pipeline_with_sweep(tmp_path, tiny_model_dir):
         ("Iterative DPO", "round 1"),
         ("Iterative DPO", "round 2"),
         ("Iterative DPO", "round 3"),
+        ("Iterative DPO", "round 3 x 0.4"),
+        ("Iterative DPO", "round 3 x 0.6"),
         ("Best-of-N", "N=1"),
         ("Best-of-N", "N=2"),
         ("Best-of-N", "N=4"),
@@ -88,6 +90,9 @@ def test_demo_pipeline_with_sweep(tmp_path, tiny_model_dir):
     rounds = json.loads((out / "sweep" / "iterative" / "iterate.json").read_text())["rounds"]
     assert sum(r["data"]["samples"] for r in rounds) == 2 * 12
     assert sum(r["data"]["pairs"] for r in rounds) <= 12
+    # the last round interpolated toward the initial model: lambda 0 would be the reference exactly
+    liti = json.loads((out / "sweep/iterative/rounds/3/frontier-lambda-0.4/eval.json").read_text())
+    assert liti["lambda"] == 0.4 and liti["generation"]["kl/sequence"] == result.frontier[6]["kl"]
     bon = [p for p in result.frontier if p["method"] == "Best-of-N"]
     assert bon[0]["kl"] == 0.0 and bon[1]["kl"] == pytest.approx(0.1931, abs=1e-4)
     assert bon[0]["reward"] <= bon[1]["reward"] <= bon[2]["reward"]  # the max over more samples never drops

@@ -54,6 +54,9 @@ class DemoSettings:
     reward: str = "vader"
     sweep_betas: list[float] = field(default_factory=lambda: [0.05, 0.25, 1.0])
     best_of: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    interpolate: list[float] = field(default_factory=lambda: [0.4, 0.6])
+    """The iterative run's last round, interpolated toward the initial model at these lambdas (LITI): more
+    points of its reward-KL curve for the price of sampling."""
     seed: int = 0
 
 
@@ -321,6 +324,22 @@ def iterative_points(bench: Bench, run: Run, rounds: int = 3) -> list[dict]:
         )
         run.round(r.round).frontier.write_eval({"reward": ds.reward, "generation": gen}, records)
         label = f"round {r.round}: {r.summary['data']['pairs']} pairs"
+        points.append(_point("Iterative DPO", label, gen, beta=cfg.loss.beta))
+    # the iterate run itself (its last round) interpolates toward the initial model, not the round's start
+    last = load_trained(run.path, reference="base" if cfg.lora.enabled else cfg.model.name)
+    for lam in ds.interpolate:
+        gen, records = generation_metrics(
+            last.interpolate(lam),
+            bench.eval_prompts,
+            bench.reward,
+            ds.eval_samples,
+            bench.sampling,
+            reference_samples=bench.eval_samples,
+        )
+        run.round(results[-1].round).frontier_at(lam).write_eval(
+            {"reward": ds.reward, "generation": gen, "lambda": lam}, records
+        )
+        label = f"round {results[-1].round} x {lam:g}: interpolated"
         points.append(_point("Iterative DPO", label, gen, beta=cfg.loss.beta))
     return points
 

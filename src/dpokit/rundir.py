@@ -486,6 +486,10 @@ class Round:
         """The demo sweep's held-out measure of this round's policy (RUN/rounds/R/frontier: eval results)."""
         return Run(self.path / "frontier")
 
+    def frontier_at(self, lam: float) -> Run:
+        """The demo sweep's held-out measure of this round's policy interpolated at `lam` toward its start."""
+        return Run(self.path / f"frontier-lambda-{lam:g}")
+
     @property
     def pairs_path(self) -> Path:
         """The round's pairs, a preference file its training reads."""
