@@ -99,6 +99,11 @@ def child_trl(out: Path) -> dict:
         report_to=[],
         bf16=True,
         use_cpu=True,
+        # OnlineDPOConfig defaults to gradient checkpointing, which also turns the KV cache off while it
+        # samples (online_dpo_trainer.py: use_cache=not gradient_checkpointing): every new token recomputes
+        # the whole sequence. With it the first of 16 steps had not finished after 50 min here; dpokit keeps
+        # its cache, so TRL keeps its too
+        gradient_checkpointing=False,
         seed=0,
     )
     trainer = OnlineDPOTrainer(
