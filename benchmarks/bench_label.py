@@ -25,6 +25,7 @@ from pathlib import Path
 
 def call(url: str, body: dict | None = None) -> dict:
     req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode())
+    req.add_header("Content-Type", "application/json")
     with urllib.request.urlopen(req, timeout=60) as resp:
         return json.loads(resp.read())
 
@@ -38,6 +39,14 @@ def annotate(base: str, who: str) -> list[float]:
         shown = call(base + "api/vote", body)
         times.append(time.perf_counter() - started)
     return times
+
+
+def run_annotators(base: str, n: int) -> tuple[float, list[float], dict]:
+    """n annotators at once until nothing is left: wall seconds, every vote's latency, the final stats."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        times = [t for ts in pool.map(lambda i: annotate(base, f"annotator-{i}"), range(n)) for t in ts]
+    return time.perf_counter() - started, times, call(base + "api/stats")
 
 
 def main() -> None:
@@ -73,18 +82,13 @@ def main() -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
-    base = next(m.group(1) for line in server.stdout if (m := re.search(r"open (http://\S+)", line)))
-    started = time.perf_counter()
-    with ThreadPoolExecutor(args.annotators) as pool:
-        times = [
-            t
-            for ts in pool.map(lambda i: annotate(base, f"annotator-{i}"), range(args.annotators))
-            for t in ts
-        ]
-    wall = time.perf_counter() - started
-    stats = call(base + "api/stats")
-    server.terminate()
-    server.wait()
+    try:
+        base = next(m.group(1) for line in server.stdout if (m := re.search(r"open (http://\S+)", line)))
+        wall, times, stats = run_annotators(base, args.annotators)
+    finally:
+        server.terminate()
+        server.wait()
+
     from dpokit.labels.store import Store
 
     votes = Store(folder).votes()

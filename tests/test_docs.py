@@ -141,6 +141,7 @@ def serve_and_label(argv: list[str], tiny_model_dir) -> None:
                 url.split("?")[0] + path, None if body is None else json.dumps(body).encode()
             )
             req.add_header("X-Dpokit-Token", token)
+            req.add_header("Content-Type", "application/json")
             with urllib.request.urlopen(req, timeout=30) as resp:
                 return json.loads(resp.read())
 

@@ -235,6 +235,7 @@ def vote_longer(url: str, who: str = "tester", limit: int | None = None) -> int:
         req = urllib.request.Request(
             url.rstrip("/") + path, data=None if body is None else json.dumps(body).encode()
         )
+        req.add_header("Content-Type", "application/json")
         with urllib.request.urlopen(req, timeout=30) as resp:
             return json.loads(resp.read())
 
