@@ -140,6 +140,19 @@ def test_reference_initial_or_previous_decides_round_2s_starting_loss(two_rounds
     iterate(tiny_model_dir, prev, "iterate.reference=previous")
     assert step1_loss(prev, 2) == pytest.approx(ln2, abs=1e-6)  # pi_ref = the policy round 2 starts from
     assert load_config(prev / "rounds" / "2" / "train" / "config.yaml").model.reference == ""
+    # the run, as `dpokit eval RUN` loads it, is measured against the initial model, as its rounds are;
+    # its last round's own run dir against that round's reference (the policy it started from)
+    from dpokit.trained import load_trained
+
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+
+    def ref_logits(target, reference):
+        with load_trained(target, reference=reference).reference.module() as ref:
+            return ref(input_ids=ids).logits
+
+    run_ref, base = ref_logits(prev, True), ref_logits(prev, "base")
+    assert torch.equal(run_ref, base)
+    assert not torch.allclose(ref_logits(prev / "rounds" / "2" / "train", True), base)
 
 
 def assert_same_runs(a: Path, b: Path) -> None:

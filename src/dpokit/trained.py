@@ -129,6 +129,11 @@ def load_trained(
     origin = target if isinstance(target, Run) else Run(target)
     trained.start_config = origin.config if origin.exists and origin.is_iterate else trained.config
     trained.model = trained.model.to(device).eval().requires_grad_(False)
+    if reference is True and origin.exists and origin.is_iterate:
+        # an iterate run is measured as its rounds are: against the initial model, also where each round
+        # trained against the previous one (iterate.reference=previous)
+        start = origin.config
+        reference = "base" if start.lora.enabled else start.model.name
     if reference:
         trained.reference = _reference(trained, reference, device)
     from dpokit.batching import layout_for
