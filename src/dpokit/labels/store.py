@@ -186,27 +186,35 @@ class Store:
         return _comparison(row), left
 
     def vote(self, annotator: str, cid: int, choice: str, comment: str = "") -> bool:
-        """Store `annotator`'s answer to comparison `cid` (a choice of CHOICES, about the texts a and b, not
-        the sides) and release its claim. Returns False when this very vote was already stored (a resent
-        request); raises VoteRefused when the comparison was not shown to them or was answered otherwise."""
-        if choice not in CHOICES:
-            raise VoteRefused(f"choice {choice!r}: expected one of {', '.join(CHOICES)}")
+        """Store `annotator`'s answer to comparison `cid` and release its claim, in one transaction. `choice`:
+        one of CHOICES (about the texts a and b), or `left` / `right` (the side as shown: read from the
+        claim, or from the stored vote of a resent request). Returns False when this very vote was already
+        stored (a resent request); raises VoteRefused when the comparison was not shown to them or was
+        answered otherwise."""
+        if choice not in CHOICES and choice not in ("left", "right"):
+            raise VoteRefused(f"choice {choice!r}: expected one of {', '.join(CHOICES)}, left, right")
         with self._tx() as db:
             done = db.execute(
-                "SELECT choice, comment FROM votes WHERE comparison = ? AND annotator = ?", (cid, annotator)
+                "SELECT choice, comment, left_side FROM votes WHERE comparison = ? AND annotator = ?",
+                (cid, annotator),
             ).fetchone()
+            claim = (
+                done
+                or db.execute(
+                    "SELECT left_side FROM claims WHERE comparison = ? AND annotator = ?", (cid, annotator)
+                ).fetchone()
+            )
+            if claim is None:
+                raise VoteRefused(f"comparison {cid} is not the one shown to {annotator!r}")
+            left = claim["left_side"]
+            choice = {"left": left, "right": "b" if left == "a" else "a"}.get(choice, choice)
             if done is not None:
                 if (done["choice"], done["comment"]) == (choice, comment):
                     return False
                 raise VoteRefused(f"comparison {cid} was already answered by {annotator!r}: undo it first")
-            claim = db.execute(
-                "SELECT left_side FROM claims WHERE comparison = ? AND annotator = ?", (cid, annotator)
-            ).fetchone()
-            if claim is None:
-                raise VoteRefused(f"comparison {cid} is not the one shown to {annotator!r}")
             db.execute(
                 "INSERT INTO votes (comparison, annotator, choice, left_side, comment, at) VALUES (?, ?, ?, ?, ?, ?)",
-                (cid, annotator, choice, claim["left_side"], comment, time.time()),
+                (cid, annotator, choice, left, comment, time.time()),
             )
             db.execute("DELETE FROM claims WHERE comparison = ? AND annotator = ?", (cid, annotator))
             return True
@@ -237,15 +245,6 @@ class Store:
         return (
             self._db().execute("SELECT COUNT(*) FROM votes WHERE annotator = ?", (annotator,)).fetchone()[0]
         )
-
-    def answered_side(self, annotator: str, cid: int) -> str | None:
-        """The side `a` was shown on when `annotator` answered comparison `cid` (None: not answered)."""
-        row = (
-            self._db()
-            .execute("SELECT left_side FROM votes WHERE comparison = ? AND annotator = ?", (cid, annotator))
-            .fetchone()
-        )
-        return row[0] if row else None
 
     def open_count(self, where_round: int | None = None) -> int:
         """Comparisons that still need an annotator (fewer than `overlap` votes)."""
