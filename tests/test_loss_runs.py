@@ -16,7 +16,8 @@ from dpokit.objective import ld_token_weights, wpo_weights
 from dpokit.tokenize import TokenizedPair
 from helpers import KTO_DEMO, cli_args
 
-PAIRED = sorted(n for n, s in LOSSES.items() if not (s.unpaired or s.reward_model))
+PAIRED = sorted(n for n, s in LOSSES.items() if not (s.unpaired or s.reward_model or s.needs_scores))
+"""The paired losses that train on any pairs (builtin:demo has no scores: REBEL has its own test)."""
 LN2 = math.log(2)
 BETA, EPS = 0.1, 0.1
 STEP1 = {
@@ -138,6 +139,62 @@ def test_each_paired_loss_starts_at_its_closed_form_and_learns(tmp_path, tiny_mo
         assert last["rewards/margins"] < first["rewards/margins"] == 0
     else:
         assert last["rewards/margins"] > first["rewards/margins"], (first, last)
+
+
+def scored_demo(path, n: int = 16):
+    """builtin:demo's first n pairs with reward scores: the chosen scored 1 + i/n, the rejected 0."""
+    from dpokit.data import load_examples
+
+    examples, _ = load_examples("builtin:demo")
+    rows = [
+        {
+            "prompt": e.prompt,
+            "chosen": e.chosen,
+            "rejected": e.rejected,
+            "score_chosen": 1 + i / n,
+            "score_rejected": 0.0,
+        }
+        for i, e in enumerate(examples[:n])
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [1 + i / n for i in range(n)]
+
+
+@pytest.mark.slow
+def test_rebel_starts_at_the_squared_score_gaps_and_learns(tmp_path, tiny_model_dir):
+    """REBEL through the CLI on 16 scored pairs, each step the whole set: step 1's loss is the mean squared
+    score gap (the policy is the reference: beta h = 0), then the loss falls and the margin grows."""
+    gaps = scored_demo(tmp_path / "scored.jsonl")
+    records = cli_run(
+        tmp_path,
+        tiny_model_dir,
+        tmp_path / "scored.jsonl",
+        "loss.type=rebel",
+        "data.eval_fraction=0",
+        "train.batch_size=16",
+        "train.max_steps=3",
+        "train.lr=2e-3",
+    )
+    first, last = records[0], records[-1]
+    assert first["loss"] == pytest.approx(sum(g * g for g in gaps) / len(gaps), abs=1e-6)
+    assert first["rewards/margins"] == 0
+    assert last["loss"] < first["loss"] and last["rewards/margins"] > 0
+
+
+def test_rebel_refuses_pairs_without_scores(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "half.jsonl"
+    scored_demo(data, 4)
+    lines = data.read_text().splitlines()
+    lines[2] = json.dumps({k: v for k, v in json.loads(lines[2]).items() if k != "score_rejected"})
+    data.write_text("\n".join(lines) + "\n")
+    run = tmp_path / "r"
+    assert main(cli_args(tiny_model_dir, run, f"data.train={data}", "loss.type=rebel")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"dpokit train: error: {data}:line 3: score_rejected: missing: loss.type rebel regresses on each pair's "
+        "score gap (score_chosen - score_rejected); rated lists and dpokit iterate's pairs carry both"
+    ]
+    assert not run.exists()
 
 
 @pytest.mark.slow

@@ -17,7 +17,8 @@ D = torch.float64
 
 def std_pair(requires_grad=False) -> PairLogps:
     t = lambda v: torch.tensor([v], dtype=D, requires_grad=requires_grad)  # noqa: E731
-    return PairLogps(t(-1.0), t(-3.0), t(-2.0), t(-2.0), torch.tensor([2]), torch.tensor([4]))
+    gap = torch.tensor([1.5], dtype=D)  # score_chosen - score_rejected (REBEL)
+    return PairLogps(t(-1.0), t(-3.0), t(-2.0), t(-2.0), torch.tensor([2]), torch.tensor([4]), gap)
 
 
 PARAMS = {
@@ -53,6 +54,8 @@ CLOSED_FORM = [
     ("exo_pair", {"label_smoothing": 0.1}, 0.11408210766749785),
     # ipo: averaged ratios c/2 = 0.5, r/4 = -0.25 -> (0.75 - 1/(2*0.5))^2 = 0.0625
     ("ipo", {}, 0.0625),
+    # rebel: (beta h - (s_w - s_l))^2 = (0.5 * 2 - 1.5)^2
+    ("rebel", {}, 0.25),
     # length-normalized DPO: -log sigma(0.5 * 0.75)
     ("sigmoid_norm", {}, 0.52312326413984),
     # nca: -log sigma(0.5) - 0.5 log sigma(-0.5) - 0.5 log sigma(0.5)
@@ -176,6 +179,38 @@ def test_ipo_at_zero_margin(beta):
     assert loss_of("ipo", x, beta=beta).losses.item() == pytest.approx((1 / (2 * beta)) ** 2)
 
 
+def test_rebel_minimum_is_the_kl_regularized_optimum():
+    """On a toy space of 5 whole completions with free logits, REBEL over every pair of them (scores s)
+    descends to pi_ref exp(s / beta) / Z, the maximizer of E[s] - beta KL(pi || pi_ref); DPO's loss on the
+    same pairs (each pair's better-scored side as chosen) still falls there: hard labels ask for more."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(5, generator=g, dtype=D).log_softmax(0)
+    s = torch.tensor([0.9, -0.3, 0.4, 0.0, -0.8], dtype=D)
+    beta = 0.5
+    i, j = zip(*[(a, b) if s[a] > s[b] else (b, a) for a in range(5) for b in range(a + 1, 5)], strict=True)
+    i, j = list(i), list(j)
+    theta = ref.clone().requires_grad_(True)
+
+    def pairs(logits):
+        logp = logits.log_softmax(0)
+        return PairLogps(logp[i], logp[j], ref[i], ref[j], score_gap=s[i] - s[j])
+
+    opt = torch.optim.LBFGS([theta], max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of("rebel", pairs(theta), beta=beta).losses.sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    want = (ref + s / beta).log_softmax(0)
+    assert torch.allclose(theta.detach().log_softmax(0), want, atol=1e-8)
+    at_optimum = theta.detach().clone().requires_grad_(True)
+    loss_of("sigmoid", pairs(at_optimum), beta=beta).losses.sum().backward()
+    assert at_optimum.grad.abs().max() > 1e-2
+
+
 def test_sigmoid_without_smoothing_is_plain_dpo_and_robust_at_zero_too():
     g = torch.Generator().manual_seed(0)
     x = PairLogps(*(torch.randn(16, generator=g, dtype=D) * 5 for _ in range(4)))
@@ -207,7 +242,8 @@ DIRECTIONS.update(apo_down=(0, 1), sft=(-1, 0), discopop=(1, -1))
 @pytest.mark.parametrize("name", sorted(DIRECTIONS))
 def test_gradient_direction(name):
     t = lambda v: torch.tensor([v], dtype=D, requires_grad=True)  # noqa: E731
-    x = PairLogps(t(-4.0), t(-4.0), t(-4.0), t(-4.0), torch.tensor([2]), torch.tensor([2]))
+    gap = torch.tensor([1.0], dtype=D)  # the chosen scored higher (REBEL)
+    x = PairLogps(t(-4.0), t(-4.0), t(-4.0), t(-4.0), torch.tensor([2]), torch.tensor([2]), gap)
     params = {**PARAMS, "label_smoothing": 0.1, "simpo_gamma": 0.0}
     compute_loss(name, x, params).losses.sum().backward()
     grads = [0.0 if g.grad is None else g.grad.item() for g in (x.policy_chosen, x.policy_rejected)]

@@ -16,13 +16,16 @@ TIMING = {"tokens_per_s", "step_time_s"}
 
 def test_a_hit_is_exactly_what_tokenization_gives(tmp_path, tiny_tokenizer, monkeypatch):
     examples, _ = load_examples("builtin:demo")
+    for i, e in enumerate(examples[::2]):  # half the pairs scored (REBEL's score gap), half not
+        e.meta.update(score_chosen=0.5 + i, score_rejected=-0.25)
     fresh, fresh_stats = tokenize.tokenize_pairs(examples, tiny_tokenizer, 64, 32)
     first, _ = tokenize_pairs_cached(examples, tiny_tokenizer, 64, 32, False, root=tmp_path)
     calls = []
     real = tokenize.tokenize_pairs
     monkeypatch.setattr(tokenize, "tokenize_pairs", lambda *a, **k: calls.append(1) or real(*a, **k))
     hit, hit_stats = tokenize_pairs_cached(examples, tiny_tokenizer, 64, 32, False, root=tmp_path)
-    assert not calls and hit == first == fresh  # dataclass equality: every id, weight and location
+    assert not calls and hit == first == fresh  # dataclass equality: every id, weight, location, score gap
+    assert [p.score_gap for p in hit[:4]] == [0.75, None, 1.75, None]
     assert hit_stats.to_dict() == fresh_stats.to_dict() and fresh_stats.prompts_truncated > 0
 
 
@@ -37,6 +40,9 @@ def test_every_input_of_tokenization_keys_the_cache(tiny_tokenizer):
     assert base != cache_key(examples, tiny_tokenizer, 64, 32, False, "all")
     assert base != cache_key(examples[1:], tiny_tokenizer, 64, 32, False, "assistant")
     assert base != cache_key(examples[::-1], tiny_tokenizer, 64, 32, False, "assistant")
+    examples[0].meta["score_chosen"] = 1.0  # a pair's scores are tokenized data too (its score gap)
+    assert base != cache_key(examples, tiny_tokenizer, 64, 32, False, "assistant")
+    del examples[0].meta["score_chosen"]
     tiny_tokenizer.chat_template, saved = "{{ messages }}", tiny_tokenizer.chat_template
     try:
         assert base != cache_key(examples, tiny_tokenizer, 64, 32, False, "assistant")

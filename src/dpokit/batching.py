@@ -73,6 +73,8 @@ class Batch:
     EOS, the token before an appended EOS)."""
     margins: torch.Tensor | None = None
     """(P,) per-pair margin a reward model's chosen score must win by (a `margin` column; 0 without)."""
+    score_gaps: torch.Tensor | None = None
+    """(P,) score_chosen - score_rejected of each pair; None unless every pair of the batch has both."""
 
     @property
     def num_pairs(self) -> int:
@@ -357,6 +359,8 @@ class Layout:
         batch.seq_map = seq_map
         batch.example_ids = None if ids is None else torch.tensor(ids, dtype=torch.long)
         batch.margins = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+        if all(p.score_gap is not None for p in pairs):
+            batch.score_gaps = torch.tensor([p.score_gap for p in pairs], dtype=torch.float32)
         return batch
 
     def unpaired(

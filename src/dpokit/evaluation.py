@@ -107,9 +107,11 @@ def preference_metrics(
 ) -> dict:
     """Accuracy, margins, log-ratios and per-token KL of the chosen completions on preference pairs (a file
     or data.InMemory)."""
+    from dpokit.data.prepare import check_scores
     from dpokit.tokenize import tokenize_pairs
 
     examples, _ = load_examples(data, key="--data")
+    check_scores(c.loss.type, examples)
     pairs, stats = tokenize_pairs(examples, c.tokenizer, max_length, max_prompt_length)
     if not pairs:
         where = data.name if hasattr(data, "records") else data

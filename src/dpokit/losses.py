@@ -34,6 +34,9 @@ class PairLogps:
     chosen_lengths: Tensor | None = None
     """(P,) completion token counts."""
     rejected_lengths: Tensor | None = None
+    score_gap: Tensor | None = None
+    """(P,) score_chosen - score_rejected of each pair (the data's reward scores), for losses that regress
+    on them (`needs_scores`); None when the data has none."""
 
 
 @dataclass
@@ -86,6 +89,8 @@ class LossSpec:
     """The smallest micro-batch the loss is defined on (KTO's KL baseline needs another example)."""
     reward_model: bool = False
     """Trains a reward model (`dpokit train-rm`): a scalar per completion, no policy log-probs."""
+    needs_scores: bool = False
+    """Reads each pair's score_chosen and score_rejected (PairLogps.score_gap): every pair must have both."""
 
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -193,6 +198,19 @@ def ipo(x: PairLogps, *, beta: float):
     c, r = _ratios(x)
     ca, ra = _per_token(c, x.chosen_lengths), _per_token(r, x.rejected_lengths)
     return LossOutput((ca - ra - 1 / (2 * beta)) ** 2, *_beta_rewards(ca, ra, beta))
+
+
+def rebel(x: PairLogps, *, beta: float):
+    """REBEL (arXiv:2404.16767, the least-squares step of Algorithm 1): regress the implicit reward gap on
+    the pair's reward-score gap, s_w - s_l (score_chosen - score_rejected):
+
+        L = (beta h - (s_w - s_l))^2        (= (s_w - s_l)^2 at initialization)
+    Its minimum over all policies is pi_ref exp(s / beta) / Z, the policy that maximizes the mean score minus
+    beta KL(pi || pi_ref): unlike DPO's hard labels, which reward a larger margin without end, the gap it
+    asks for is finite, so training stops spending KL once the scores are matched.
+    """
+    c, r = _ratios(x)
+    return LossOutput((beta * (c - r) - x.score_gap) ** 2, *_beta_rewards(c, r, beta))
 
 
 def sigmoid_norm(x: PairLogps, *, beta: float, label_smoothing: float = 0.0):
@@ -398,6 +416,7 @@ LOSSES: dict[str, LossSpec] = {
         exo_pair, ("beta", "label_smoothing", *_F), f_divergence=True, needs_label_smoothing=True
     ),
     "ipo": LossSpec(ipo, ("beta",)),
+    "rebel": LossSpec(rebel, ("beta",), needs_scores=True),
     "sigmoid_norm": LossSpec(sigmoid_norm, ("beta", "label_smoothing")),
     "nca_pair": LossSpec(nca_pair, ("beta",)),
     "bco_pair": LossSpec(bco_pair, ("beta", "bco_delta")),

@@ -112,6 +112,7 @@ class Objective:
             ref_rejected=None if ref is None else ref[P:],
             chosen_lengths=lengths[:P],
             rejected_lengths=lengths[P:],
+            score_gap=None if batch.score_gaps is None else batch.score_gaps.to(seq),
         )
         params = self.params
         if self.bco is not None:

@@ -41,6 +41,8 @@ class TokenizedPair:
     rejected_targets: tuple[bool, ...] | None = None
     margin: float = 0.0
     """A reward model's required margin for this pair (a `margin` column)."""
+    score_gap: float | None = None
+    """score_chosen - score_rejected when the pair has both (losses that regress on scores: REBEL)."""
 
 
 @dataclass
@@ -339,11 +341,19 @@ def tokenize_pairs(
             masks[0],
             masks[1],
             ex.meta.get("margin", 0.0),
+            score_gap(ex.meta),
         )
 
     return _tokenize_all(
         examples, item, build, tokenizer, max_length, max_prompt_length, skip_invalid, targets
     )
+
+
+def score_gap(meta: dict) -> float | None:
+    """A pair's score_chosen - score_rejected; None unless it has both."""
+    if "score_chosen" in meta and "score_rejected" in meta:
+        return float(meta["score_chosen"]) - float(meta["score_rejected"])
+    return None
 
 
 def tokenize_unpaired(

@@ -14,6 +14,7 @@ from dpokit.data import DataError, InMemory, load_examples, split_by_prompt
 from dpokit.data.check import weight_stats
 from dpokit.data.filters import filter_pairs
 from dpokit.data.tokcache import tokenize_pairs_cached
+from dpokit.losses import LOSSES
 from dpokit.tokenize import TokenizeStats, tokenize_pairs, tokenize_unpaired
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,23 @@ def read_splits(cfg: Config, unpaired: bool = False, given: dict[str, InMemory] 
         stats["eval_file"] = eval_stats.to_dict()
     else:
         examples, eval_examples = split_by_prompt(examples, d.eval_fraction, cfg.train.seed)
+    if not unpaired:
+        check_scores(cfg.loss.type, examples + eval_examples)
     return Splits(examples, eval_examples, stats)
+
+
+def check_scores(loss_types: list[str], examples: list) -> None:
+    """A loss that regresses on reward scores (REBEL) needs score_chosen and score_rejected on every pair."""
+    needs = [n for n in loss_types if n in LOSSES and LOSSES[n].needs_scores]
+    for e in examples if needs else []:
+        for key in ("score_chosen", "score_rejected"):
+            if key not in e.meta:
+                raise DataError(
+                    e.where,
+                    f"missing: loss.type {needs[0]} regresses on each pair's score gap (score_chosen - "
+                    "score_rejected); rated lists and dpokit iterate's pairs carry both",
+                    key,
+                )
 
 
 def prepare_data(

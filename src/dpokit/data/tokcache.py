@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import itertools
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def cache_key(
     h.update(tokenizer_fingerprint(tokenizer).encode())
     h.update(inspect.getsource(tokenize).encode())
     for e in examples:
-        h.update(repr((e.prompt, e.chosen, e.rejected, e.weight, e.where, e.tools)).encode())
+        scores = tuple(e.meta.get(k) for k in ("margin", "score_chosen", "score_rejected"))
+        h.update(repr((e.prompt, e.chosen, e.rejected, e.weight, e.where, e.tools, scores)).encode())
     return h.hexdigest()[:24]
 
 
@@ -56,11 +58,12 @@ def load(folder: Path) -> tuple[list[TokenizedPair], TokenizeStats] | None:
     where = json.loads((folder / "where.json").read_text())
     ids, lengths, weights = arrays["ids"], arrays["lengths"].tolist(), arrays["weights"].tolist()
     margins = arrays["margins"].tolist() if "margins" in arrays else [0.0] * len(lengths)
+    gaps = arrays["score_gaps"].tolist() if "score_gaps" in arrays else [math.nan] * len(lengths)
     scored = json.loads((folder / "targets.json").read_text()) if (folder / "targets.json").is_file() else {}
     pairs, start = [], 0
     # each pair's slices of the int32 array to lists: no list of every id at once (100K HH pairs: 1.8 s and
     # 0.81 GiB peak against 2.3-2.6 s and 0.89 GiB)
-    for (p, c, r), w, loc, margin in zip(lengths, weights, where, margins, strict=True):
+    for (p, c, r), w, loc, margin, gap in zip(lengths, weights, where, margins, gaps, strict=True):
         a, b, e = start + p, start + p + c, start + p + c + r
         masks = scored.get(str(len(pairs)), [None, None])
         pairs.append(
@@ -72,6 +75,7 @@ def load(folder: Path) -> tuple[list[TokenizedPair], TokenizeStats] | None:
                 loc,
                 *(None if m is None else tuple(bool(x) for x in m) for m in masks),
                 margin,
+                None if math.isnan(gap) else gap,  # NaN stands for a pair without scores
             )
         )
         start = e
@@ -98,6 +102,9 @@ def save(folder: Path, pairs: list[TokenizedPair], stats: TokenizeStats) -> None
             lengths=np.asarray(lengths, dtype=np.int32).reshape(-1, 3),
             weights=np.asarray([p.weight for p in pairs], dtype=np.float64),
             margins=np.asarray([p.margin for p in pairs], dtype=np.float64),
+            score_gaps=np.asarray(
+                [math.nan if p.score_gap is None else p.score_gap for p in pairs], dtype=np.float64
+            ),
         )
         (tmp / "where.json").write_text(json.dumps([p.where for p in pairs]))
         scored = {  # the trained-token masks of completions of several turns (most pairs have none)
