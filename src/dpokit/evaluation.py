@@ -157,11 +157,7 @@ def generation_metrics(
     r_ref = torch.tensor(
         score_samples(reward, flat_prompts, [s.completion for row in ref for s in row], tok)
     ).view(len(prompts), n)
-    pad = tok.pad_token_id
-    lp_pol = sequence_logps(c.model, pol, pad, bf16=c.bf16)
-    with c.reference.module() as ref_model:
-        lp_ref = sequence_logps(ref_model, pol, pad, bf16=c.bf16)
-    kl_seq = (lp_pol - lp_ref).double()
+    kl_seq = sampled_kl(c, pol)
     len_pol = torch.tensor([[len(s.completion_ids) for s in row] for row in pol], dtype=torch.float64)
     len_ref = torch.tensor([[len(s.completion_ids) for s in row] for row in ref], dtype=torch.float64)
     wins = (r_pol > r_ref).double() + 0.5 * (r_pol == r_ref).double()
@@ -198,6 +194,16 @@ def generation_metrics(
         for i in range(len(prompts))
     ]
     return metrics, records
+
+
+def sampled_kl(c: Trained, drawn: list[list[Sample]]) -> torch.Tensor:
+    """(prompts, samples) float64 log pi(y|x) - log pi_ref(y|x) of completions drawn from the policy: their
+    mean estimates KL(policy || reference) in nats per completion."""
+    pad = c.tokenizer.pad_token_id
+    lp_pol = sequence_logps(c.model, drawn, pad, bf16=c.bf16)
+    with c.reference.module() as ref_model:
+        lp_ref = sequence_logps(ref_model, drawn, pad, bf16=c.bf16)
+    return (lp_pol - lp_ref).double()
 
 
 def length_controlled(r_pol, r_ref, len_pol, len_ref) -> dict:

@@ -34,9 +34,9 @@ from dpokit.config import Config, ConfigError, dump_yaml
 from dpokit.data.prompts import load_prompts
 from dpokit.data.readers import InMemory
 from dpokit.errors import Interrupted, UsageError
-from dpokit.evaluation import generation_metrics
+from dpokit.evaluation import generation_metrics, sampled_kl
 from dpokit.files import read_jsonl, write_jsonl
-from dpokit.generate import Sample, SamplingSettings, sample, sequence_logps
+from dpokit.generate import Sample, SamplingSettings, sample
 from dpokit.interpolation import between
 from dpokit.labels import TOKEN_ENV
 from dpokit.labels.judge import HUMAN, add_round, human_scores, wait_for_labels
@@ -358,11 +358,7 @@ class Iteration:
             self.cfg.train.progress,
             "kl_budget: held-out samples",
         )
-        pad = self.tokenizer.pad_token_id
-        lp_pol = sequence_logps(trained.model, drawn, pad, bf16=trained.bf16)
-        with trained.reference.module() as ref_model:
-            lp_ref = sequence_logps(ref_model, drawn, pad, bf16=trained.bf16)
-        return float((lp_pol - lp_ref).double().mean())
+        return float(sampled_kl(trained, drawn).mean())
 
     def initial_eval_samples(self) -> list[list[Sample]]:
         done = self.run.initial_samples
