@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from dpokit.data import DataError, PreferenceExample, UnpairedExample
+from dpokit.data.formats import score_gap
 
 
 @dataclass(frozen=True)
@@ -347,13 +348,6 @@ def tokenize_pairs(
     return _tokenize_all(
         examples, item, build, tokenizer, max_length, max_prompt_length, skip_invalid, targets
     )
-
-
-def score_gap(meta: dict) -> float | None:
-    """A pair's score_chosen - score_rejected; None unless it has both."""
-    if "score_chosen" in meta and "score_rejected" in meta:
-        return float(meta["score_chosen"]) - float(meta["score_rejected"])
-    return None
 
 
 def tokenize_unpaired(

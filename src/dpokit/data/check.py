@@ -25,6 +25,7 @@ import time
 from collections import Counter
 
 from dpokit.data import foreign_format_hint, normalize_records, resolve_data_path
+from dpokit.data.formats import score_gap
 from dpokit.data.readers import DataError, InMemory, read_records
 
 WORD = re.compile(r"\w+|[^\w\s]")
@@ -256,11 +257,7 @@ def _length_bias(examples, diffs: list[int]) -> dict:
     n = len(diffs)
     if n == 0:
         return {}
-    gaps = [
-        e.meta["score_chosen"] - e.meta["score_rejected"]
-        for e in examples
-        if "score_chosen" in e.meta and "score_rejected" in e.meta
-    ]
+    gaps = [g for g in map(score_gap, (e.meta for e in examples)) if g is not None]
     if len(gaps) == n and n > 2 and statistics.pstdev(gaps) > 0 and statistics.pstdev(diffs) > 0:
         r, basis = statistics.correlation(diffs, gaps), "Pearson r(length difference, score gap)"
     else:
@@ -298,11 +295,7 @@ def _quality(examples) -> dict:
             "distribution": {f"{a:.3f}": c for a, c in sorted(Counter(agreement).items())},
             "mean": sum(agreement) / len(agreement),
         }
-    gaps = [
-        e.meta["score_chosen"] - e.meta["score_rejected"]
-        for e in examples
-        if "score_chosen" in e.meta and "score_rejected" in e.meta
-    ]
+    gaps = [g for g in map(score_gap, (e.meta for e in examples)) if g is not None]
     if gaps:
         out["score_gap"] = {"quantiles": _quantiles(gaps), "non_positive": sum(1 for g in gaps if g <= 0)}
     conf = [e.meta["confidence"] for e in examples if "confidence" in e.meta]

@@ -141,6 +141,13 @@ SCORE_FIELDS = ("score_chosen", "score_rejected", "confidence", "margin")
 """Optional numbers of a pair: scores and confidence (filters), the margin a reward model must win by."""
 
 
+def score_gap(meta: dict) -> float | None:
+    """A pair's score_chosen - score_rejected; None unless it has both."""
+    if "score_chosen" in meta and "score_rejected" in meta:
+        return meta["score_chosen"] - meta["score_rejected"]
+    return None
+
+
 def _scores(where: str, record: dict) -> dict:
     """Optional numeric quality fields carried into `meta` (for confidence filtering)."""
     meta = {}

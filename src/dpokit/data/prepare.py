@@ -13,6 +13,7 @@ from dpokit.config import Config
 from dpokit.data import DataError, InMemory, load_examples, split_by_prompt
 from dpokit.data.check import weight_stats
 from dpokit.data.filters import filter_pairs
+from dpokit.data.formats import score_gap
 from dpokit.data.tokcache import tokenize_pairs_cached
 from dpokit.losses import LOSSES
 from dpokit.tokenize import TokenizeStats, tokenize_pairs, tokenize_unpaired
@@ -69,14 +70,13 @@ def check_scores(loss_types: list[str], examples: list) -> None:
     """A loss that regresses on reward scores (REBEL) needs score_chosen and score_rejected on every pair."""
     needs = [n for n in loss_types if n in LOSSES and LOSSES[n].needs_scores]
     for e in examples if needs else []:
-        for key in ("score_chosen", "score_rejected"):
-            if key not in e.meta:
-                raise DataError(
-                    e.where,
-                    f"missing: loss.type {needs[0]} regresses on each pair's score gap (score_chosen - "
-                    "score_rejected); rated lists and dpokit iterate's pairs carry both",
-                    key,
-                )
+        if score_gap(e.meta) is None:
+            raise DataError(
+                e.where,
+                f"missing: loss.type {needs[0]} regresses on each pair's score gap (score_chosen - "
+                "score_rejected); rated lists and dpokit iterate's pairs carry both",
+                "score_chosen" if "score_chosen" not in e.meta else "score_rejected",
+            )
 
 
 def prepare_data(
